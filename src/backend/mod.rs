@@ -1,0 +1,173 @@
+//! Where secrets come from and where write-backs go: the [`Backend`] trait, its errors and
+//! the retry policy shared by every caller.
+//!
+//! Two implementations: [`op::OpCli`] runs the real 1Password CLI (production) and
+//! [`file::FileVault`] reads a JSON vault file (development, demos, CI). Errors are classified
+//! as permanent (not found, invalid reference, authentication: never retried) or transient
+//! (network, 5xx, 429, timeout: retried with backoff and jitter, honouring a stated delay).
+
+pub mod file;
+pub mod op;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use zeroize::Zeroizing;
+
+use crate::reference::SecretRef;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A secret value on its way between a backend and the store; zeroized on drop.
+pub type Value = Zeroizing<Vec<u8>>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The vault, item or field does not exist.
+    NotFound,
+    /// The reference or request is malformed.
+    Invalid,
+    /// The token is missing, invalid or lacks access.
+    Auth,
+    /// 429 Too Many Requests, with the delay 1Password asked for when it said one.
+    RateLimited(Option<Duration>),
+    /// The CLI did not answer in time and was killed.
+    Timeout,
+    /// Network trouble, 5xx, or anything unrecognised.
+    Transient,
+}
+
+impl ErrorKind {
+    /// Permanent failures are never retried.
+    pub fn is_permanent(self) -> bool {
+        matches!(self, ErrorKind::NotFound | ErrorKind::Invalid | ErrorKind::Auth)
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::NotFound => "not found",
+            ErrorKind::Invalid => "invalid",
+            ErrorKind::Auth => "auth",
+            ErrorKind::RateLimited(_) => "rate limited",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Transient => "transient",
+        }
+    }
+}
+
+/// A backend failure. The message comes from the backend's own error text and never holds a
+/// secret value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct BackendError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl BackendError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> BackendError {
+        BackendError { kind, message: message.into() }
+    }
+}
+
+/// How a write-back target should be treated when the item or field is missing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// Create the item when it does not exist (fields are always created when missing).
+    pub create_item: bool,
+}
+
+pub trait Backend: Send + Sync {
+    /// Resolves every reference; one result per input, in order. Implementations retry
+    /// transient failures themselves and never fetch the same item twice in one call where
+    /// they can avoid it.
+    fn resolve<'a>(&'a self, refs: &'a [SecretRef]) -> BoxFuture<'a, Vec<Result<Value, BackendError>>>;
+
+    /// Stores `value` at `reference` (one attempt; the write-back queue owns retrying).
+    fn write<'a>(
+        &'a self,
+        reference: &'a SecretRef,
+        value: &'a [u8],
+        options: WriteOptions,
+    ) -> BoxFuture<'a, Result<(), BackendError>>;
+
+    /// A short description for logs and STATUS ("op CLI /usr/bin/op", "file vault.json").
+    fn describe(&self) -> String;
+}
+
+/// Exponential backoff with jitter; a stated 429 delay wins.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Total attempts for one operation (1 = no retry).
+    pub attempts: u32,
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> RetryPolicy {
+        RetryPolicy { attempts: 4, base: Duration::from_millis(250), max: Duration::from_secs(30) }
+    }
+}
+
+impl RetryPolicy {
+    /// The pause before retry number `attempt` (1-based) after `kind`: "equal jitter" (half
+    /// fixed, half random) so concurrent callers spread out but never retry immediately.
+    pub fn delay(&self, attempt: u32, kind: ErrorKind) -> Duration {
+        if let ErrorKind::RateLimited(Some(stated)) = kind {
+            // 1Password said when; add up to 10% so a crowd of clients does not return at once.
+            return stated + stated.mul_f64(fastrand::f64() * 0.1);
+        }
+        let exp = self.base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16)).min(self.max);
+        exp / 2 + exp.mul_f64(fastrand::f64() * 0.5)
+    }
+}
+
+/// Parses a delay like "retry in 3 minutes" / "try again in 10 seconds" out of a 429 message.
+pub fn parse_retry_after(message: &str) -> Option<Duration> {
+    let lower = message.to_ascii_lowercase();
+    let at = lower.find("retry in ").map(|i| i + 9).or_else(|| lower.find("try again in ").map(|i| i + 13))?;
+    let rest = &lower[at..];
+    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    let amount: u64 = digits.parse().ok()?;
+    let unit = rest[digits.len()..].trim_start();
+    let seconds = if unit.starts_with("ms") || unit.starts_with("millisecond") {
+        return Some(Duration::from_millis(amount));
+    } else if unit.starts_with('s') {
+        amount
+    } else if unit.starts_with('m') {
+        amount * 60
+    } else if unit.starts_with('h') {
+        amount * 3600
+    } else {
+        return None;
+    };
+    Some(Duration::from_secs(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_read_from_429_messages() {
+        let m = "(429) Too Many Requests: You've reached the maximum number of requests. Please retry in 2 minutes.";
+        assert_eq!(parse_retry_after(m), Some(Duration::from_secs(120)));
+        assert_eq!(parse_retry_after("retry in 3 seconds"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_retry_after("Try again in 1 hour"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_retry_after("(429) Too Many Requests"), None);
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_honours_stated_delay() {
+        let policy = RetryPolicy { attempts: 5, base: Duration::from_millis(100), max: Duration::from_secs(1) };
+        for attempt in 1..8 {
+            let d = policy.delay(attempt, ErrorKind::Transient);
+            let exp = Duration::from_millis(100 * (1u64 << (attempt - 1))).min(Duration::from_secs(1));
+            assert!(d >= exp / 2 && d <= exp, "attempt {attempt}: {d:?} vs {exp:?}");
+        }
+        let d = policy.delay(1, ErrorKind::RateLimited(Some(Duration::from_secs(2))));
+        assert!(d >= Duration::from_secs(2) && d <= Duration::from_millis(2200));
+    }
+}

@@ -1,0 +1,249 @@
+//! The command line (clap derive). Every broker option also reads an `OP_BRIDGE_*`
+//! environment variable so a Dockerfile can set it.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::builder::BoolishValueParser;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// The default socket path, shared with existing deployments.
+pub const DEFAULT_SOCKET: &str = "/tmp/op-bridge.sock";
+
+#[derive(Debug, Parser)]
+#[command(name = "op-bridge", version, about = "1Password secret broker and container init for AI agents")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Resolve secrets, serve them, and supervise CMD as the container's init.
+    Run(RunArgs),
+    /// Resolve secrets and serve them on the socket (no child).
+    Daemon(DaemonArgs),
+    /// Print a secret's value (no trailing newline); without NAME, answer an OpenClaw
+    /// exec-provider request read from stdin.
+    Get(GetArgs),
+    /// Store a value in 1Password and in the broker (value from stdin when omitted or '-').
+    Set(SetArgs),
+    /// Forget a secret in the broker's memory (1Password is not touched).
+    Delete(NameArgs),
+    /// List the names the broker holds.
+    List(ClientArgs),
+    /// Check that the broker answers.
+    Ping(ClientArgs),
+    /// Ask the broker to re-resolve every secret.
+    Refresh(RefreshArgs),
+    /// Show the broker's state (names, ages, staleness; never values).
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Socket of the broker.
+    #[arg(long, env = "OP_BRIDGE_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// How long to wait for the broker's answer.
+    #[arg(long, env = "OP_BRIDGE_CLIENT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Secret name or op:// reference. Omit it to speak OpenClaw's exec-provider protocol.
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SetArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub name: String,
+    /// An op:// reference (default: the one registered for NAME), then the value. A second
+    /// argument that does not start with op:// is the value. Prefer stdin: argv is visible.
+    #[arg(num_args = 0..=2, value_names = ["URI", "VALUE"])]
+    pub rest: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct NameArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RefreshArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Fallback when the socket is unreachable: send SIGHUP to the pid in this file.
+    #[arg(long, env = "OP_BRIDGE_PID_FILE")]
+    pub pid_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Print the raw JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BrokerArgs {
+    /// Socket to serve on.
+    #[arg(long, env = "OP_BRIDGE_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Reference discovery: variables named {prefix}NAME{suffix} holding op://… become NAME.
+    #[arg(long, env = "OP_BRIDGE_PREFIX", default_value = "OP_")]
+    pub prefix: String,
+    #[arg(long, env = "OP_BRIDGE_SUFFIX", default_value = "_REF")]
+    pub suffix: String,
+    /// Watch a credential file and write its changes back: PATH=[NAME=]op://vault/item/[section/]field
+    /// (repeatable; in the environment, comma-separated).
+    #[arg(long = "watch", env = "OP_BRIDGE_WATCH", value_delimiter = ',', value_name = "SPEC")]
+    pub watch: Vec<String>,
+    /// Where secrets come from: `op` (the 1Password CLI) or `file:PATH` (a JSON vault file).
+    #[arg(long, env = "OP_BRIDGE_BACKEND", default_value = "op")]
+    pub backend: String,
+    /// Path of the op CLI (default: found on PATH).
+    #[arg(long, env = "OP_BRIDGE_OP_PATH")]
+    pub op_path: Option<PathBuf>,
+    /// Timeout of one op call; a hung op is killed.
+    #[arg(long, env = "OP_BRIDGE_OP_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub op_timeout: Duration,
+    /// Most op processes running at once.
+    #[arg(long, env = "OP_BRIDGE_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub concurrency: u16,
+    /// Attempts for an op call that fails transiently (network, 5xx, 429).
+    #[arg(long, env = "OP_BRIDGE_RETRIES", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub retries: u32,
+    /// Start even when some secrets cannot be resolved (they are reported and left out).
+    #[arg(long, env = "OP_BRIDGE_ALLOW_MISSING", value_parser = BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub allow_missing: bool,
+    /// error, warn, info, debug or trace.
+    #[arg(long, env = "OP_BRIDGE_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    #[arg(long, env = "OP_BRIDGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Append one JSON line per request to this file ('-' for stderr).
+    #[arg(long, env = "OP_BRIDGE_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
+    /// Another uid allowed to connect (op-bridge's own uid and root always are). Repeatable.
+    #[arg(long = "allow-uid", env = "OP_BRIDGE_ALLOW_UID", value_delimiter = ',', value_name = "UID")]
+    pub allow_uid: Vec<u32>,
+    /// Refuse SET and DELETE.
+    #[arg(long, env = "OP_BRIDGE_READ_ONLY", value_parser = BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub read_only: bool,
+    /// Let SET write to any reference, not only the one registered for the name.
+    #[arg(long, env = "OP_BRIDGE_ALLOW_SET_ANY", value_parser = BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub allow_set_any: bool,
+    /// Let writes create a missing 1Password item (fields are always created).
+    #[arg(long, env = "OP_BRIDGE_CREATE_ITEMS", value_parser = BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub create_items: bool,
+    /// Write op-bridge's pid here (removed at exit).
+    #[arg(long, env = "OP_BRIDGE_PID_FILE")]
+    pub pid_file: Option<PathBuf>,
+    /// Most simultaneous client connections.
+    #[arg(long, env = "OP_BRIDGE_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Close a connection idle this long.
+    #[arg(long, env = "OP_BRIDGE_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// A request must be complete this long after its first byte.
+    #[arg(long, env = "OP_BRIDGE_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HupMode {
+    /// Re-resolve every secret (what `docker kill -s HUP` means to op-bridge users).
+    Refresh,
+    /// Forward SIGHUP to the child.
+    Forward,
+    Both,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Put secret NAME in the child's environment as VAR (default NAME). Repeatable.
+    #[arg(long = "export", env = "OP_BRIDGE_EXPORT", value_delimiter = ',', value_name = "NAME[=VAR]")]
+    pub export: Vec<String>,
+    /// Put every secret in the child's environment under its name.
+    #[arg(long, env = "OP_BRIDGE_EXPORT_ALL", value_parser = BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub export_all: bool,
+    /// Leave OP_SERVICE_ACCOUNT_TOKEN, OP_CONNECT_TOKEN and the OP_*_REF variables in the
+    /// child's environment.
+    #[arg(long, env = "OP_BRIDGE_KEEP_TOKEN", value_parser = BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub keep_token: bool,
+    /// Time between the stop signal and SIGKILL.
+    #[arg(long, env = "OP_BRIDGE_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub grace: Duration,
+    /// What a refresh that changes an exported value does to the child: none, restart or
+    /// signal:SIG (e.g. signal:USR1).
+    #[arg(long, env = "OP_BRIDGE_ON_CHANGE", default_value = "none")]
+    pub on_change: String,
+    /// SIGHUP: refresh secrets, forward to the child, or both.
+    #[arg(long, env = "OP_BRIDGE_HUP", value_enum, default_value_t = HupMode::Refresh)]
+    pub hup: HupMode,
+    /// The command to supervise.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<OsString>,
+}
+
+/// Parses `500ms`, `10s`, `2m`, `1h` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().map_err(|_| format!("invalid duration '{text}' (e.g. 500ms, 10s, 2m)"))?;
+    let seconds = match unit.trim() {
+        "ms" => number / 1000.0,
+        "" | "s" => number,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        _ => return Err(format!("invalid duration unit in '{text}' (use ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("duration '{text}' is out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+}

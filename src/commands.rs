@@ -1,0 +1,206 @@
+//! The client commands (`get`, `set`, `delete`, `list`, `ping`, `refresh`, `status`) and the
+//! translation of broker options into a [`BrokerConfig`].
+
+use std::io::{Read, Write};
+
+use zeroize::Zeroizing;
+
+use crate::backend::RetryPolicy;
+use crate::cli::{BrokerArgs, ClientArgs, RefreshArgs, SetArgs, StatusArgs};
+use crate::client::{Client, ClientError};
+use crate::daemon::broker::BrokerPolicy;
+use crate::daemon::connection::Limits;
+use crate::daemon::listener::ServeOptions;
+use crate::daemon::{BackendSpec, BrokerConfig};
+use crate::locked::extend_zeroizing;
+use crate::protocol::{MAX_VALUE, Request};
+
+/// A client command's failure.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+impl CommandError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CommandError::Client(err) => err.exit_code(),
+            CommandError::Usage(_) => crate::exit::USAGE,
+            CommandError::Io(_) => crate::exit::ERR,
+        }
+    }
+}
+
+/// Turns the broker options into configuration (errors are usage errors).
+pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
+    let backend = match args.backend.as_str() {
+        "op" => BackendSpec::Op {
+            path: args.op_path.clone(),
+            timeout: args.op_timeout,
+            concurrency: usize::from(args.concurrency),
+            retry: RetryPolicy { attempts: args.retries, ..RetryPolicy::default() },
+        },
+        other => match other.strip_prefix("file:") {
+            Some(path) if !path.is_empty() => BackendSpec::File(path.into()),
+            _ => return Err(format!("unknown backend '{other}' (use 'op' or 'file:PATH')")),
+        },
+    };
+    if args.prefix.is_empty() && args.suffix.is_empty() {
+        return Err("--prefix and --suffix cannot both be empty".into());
+    }
+    Ok(BrokerConfig {
+        socket: args.socket.clone(),
+        prefix: args.prefix.clone(),
+        suffix: args.suffix.clone(),
+        backend,
+        policy: BrokerPolicy {
+            read_only: args.read_only,
+            allow_set_any: args.allow_set_any,
+            create_items: args.create_items,
+            write_retry: RetryPolicy { attempts: args.retries, ..RetryPolicy::default() },
+        },
+        serve: ServeOptions {
+            allow_uids: args.allow_uid.clone(),
+            max_connections: args.max_connections.max(1),
+            limits: Limits { idle: args.idle_timeout, request: args.request_timeout },
+            drain: std::time::Duration::from_secs(2),
+        },
+        audit_log: args.audit_log.clone(),
+        pid_file: args.pid_file.clone(),
+        allow_missing: args.allow_missing,
+    })
+}
+
+async fn connect(args: &ClientArgs) -> Result<Client, CommandError> {
+    Ok(Client::connect(&args.socket, args.timeout).await?)
+}
+
+/// `get NAME`: the raw value on stdout, byte-exact, no newline added.
+pub async fn get(args: &ClientArgs, name: &str) -> Result<(), CommandError> {
+    let value = connect(args).await?.get(name).await?;
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(&value)
+        .and_then(|()| stdout.flush())
+        .map_err(|e| CommandError::Io(format!("cannot write to stdout: {e}")))
+}
+
+/// `set NAME [URI] [VALUE]`.
+pub async fn set(args: &SetArgs) -> Result<(), CommandError> {
+    let (uri, value_arg) = match args.rest.as_slice() {
+        [] => (None, None),
+        [one] if one.starts_with("op://") => (Some(one.clone()), None),
+        [one] => (None, Some(one.as_str())),
+        [uri, value] => (Some(uri.clone()), Some(value.as_str())),
+        _ => return Err(CommandError::Usage("usage: op-bridge set NAME [URI] [VALUE]".into())),
+    };
+    let value = match value_arg {
+        Some("-") | None => read_stdin_value()?,
+        Some(text) => Zeroizing::new(text.as_bytes().to_vec()),
+    };
+    let name = crate::protocol::normalize_name(&args.name).map_err(|e| CommandError::Usage(e.to_string()))?;
+    connect(&args.client).await?.simple(Request::Set { name, uri, value }).await?;
+    Ok(())
+}
+
+fn read_stdin_value() -> Result<Zeroizing<Vec<u8>>, CommandError> {
+    let mut value = Zeroizing::new(Vec::new());
+    let mut chunk = Zeroizing::new([0u8; 8192]);
+    let mut stdin = std::io::stdin().lock();
+    loop {
+        match stdin.read(&mut chunk[..]) {
+            Ok(0) => break,
+            Ok(n) => {
+                if value.len() + n > MAX_VALUE {
+                    return Err(CommandError::Usage(format!("value on stdin is larger than {MAX_VALUE} bytes")));
+                }
+                extend_zeroizing(&mut value, &chunk[..n]);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(CommandError::Io(format!("cannot read stdin: {e}"))),
+        }
+    }
+    Ok(value)
+}
+
+pub async fn delete(args: &ClientArgs, name: &str) -> Result<(), CommandError> {
+    let name = crate::protocol::normalize_name(name).map_err(|e| CommandError::Usage(e.to_string()))?;
+    connect(args).await?.simple(Request::Delete(name)).await?;
+    Ok(())
+}
+
+/// `list`: one name per line.
+pub async fn list(args: &ClientArgs) -> Result<(), CommandError> {
+    let names = connect(args).await?.simple(Request::List).await?;
+    for name in names.split(',').filter(|n| !n.is_empty()) {
+        println!("{name}");
+    }
+    Ok(())
+}
+
+pub async fn ping(args: &ClientArgs) -> Result<(), CommandError> {
+    let answer = connect(args).await?.simple(Request::Ping).await?;
+    println!("{answer}");
+    Ok(())
+}
+
+/// `refresh`: over the socket, or SIGHUP to the pid file's process when the socket is gone.
+pub async fn refresh(args: &RefreshArgs) -> Result<(), CommandError> {
+    let mut client_args = args.client.clone();
+    // A refresh re-reads every secret; give it more time than a GET.
+    client_args.timeout = client_args.timeout.max(std::time::Duration::from_secs(120));
+    match connect(&client_args).await {
+        Ok(mut client) => {
+            let answer = client.simple(Request::Refresh).await?;
+            println!("{answer}");
+            Ok(())
+        }
+        Err(CommandError::Client(err @ ClientError::Unreachable { .. })) => {
+            let Some(pid_file) = &args.pid_file else { return Err(err.into()) };
+            let pid = std::fs::read_to_string(pid_file)
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok())
+                .ok_or_else(|| CommandError::Client(err))?;
+            crate::supervise::send_hangup(pid)
+                .map_err(|e| CommandError::Io(format!("cannot signal pid {pid}: {e}")))?;
+            println!("sent SIGHUP to {pid}");
+            Ok(())
+        }
+        Err(other) => Err(other),
+    }
+}
+
+/// `status`: a table, or the JSON object with `--json`.
+pub async fn status(args: &StatusArgs) -> Result<(), CommandError> {
+    let text = connect(&args.client).await?.simple(Request::Status).await?;
+    if args.json {
+        println!("{text}");
+        return Ok(());
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| CommandError::Io(format!("STATUS is not JSON: {e}")))?;
+    println!(
+        "op-bridge {} pid {} backend {} up {}s",
+        json["version"].as_str().unwrap_or("?"),
+        json["pid"],
+        json["backend"].as_str().unwrap_or("?"),
+        json["uptime_s"]
+    );
+    println!("{:<32} {:<8} {:>8}  {}", "NAME", "STATE", "AGE(s)", "REFERENCE / ERROR");
+    for secret in json["secrets"].as_array().into_iter().flatten() {
+        let detail = secret["error"].as_str().or(secret["ref"].as_str()).unwrap_or("");
+        println!(
+            "{:<32} {:<8} {:>8}  {}",
+            secret["name"].as_str().unwrap_or("?"),
+            secret["state"].as_str().unwrap_or("?"),
+            secret["age_s"].as_u64().map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+            detail
+        );
+    }
+    Ok(())
+}

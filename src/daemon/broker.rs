@@ -1,0 +1,233 @@
+//! The broker: the store, the backend and the rules that connect them (resolution, refresh,
+//! SET and DELETE policy, STATUS). Socket connections and the init both drive it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::json;
+use tokio::sync::{Mutex, broadcast};
+
+use crate::backend::{Backend, BackendError, ErrorKind, RetryPolicy, Value, WriteOptions};
+use crate::locked::lock_stats;
+use crate::reference::SecretRef;
+use crate::store::{SecretStore, Source, State};
+
+/// Policy switches of the broker.
+#[derive(Debug, Clone, Default)]
+pub struct BrokerPolicy {
+    /// Refuse SET and DELETE.
+    pub read_only: bool,
+    /// Let SET target any reference, including names not registered at start.
+    pub allow_set_any: bool,
+    /// Let a write create a missing item.
+    pub create_items: bool,
+    /// Retries of a SET's write to the backend.
+    pub write_retry: RetryPolicy,
+}
+
+/// What one resolution pass did.
+#[derive(Debug, Default)]
+pub struct ResolveReport {
+    pub total: usize,
+    pub resolved: usize,
+    /// Names whose value changed (first resolution counts as a change).
+    pub changed: Vec<String>,
+    /// Names dropped because 1Password no longer has them.
+    pub dropped: Vec<String>,
+    /// Names that could not be resolved, with the reason (value kept if there was one).
+    pub failed: Vec<(String, BackendError)>,
+    pub elapsed: Duration,
+}
+
+impl ResolveReport {
+    /// One line naming every failure, for errors and replies (no values, only names).
+    pub fn failure_summary(&self) -> String {
+        self.failed
+            .iter()
+            .map(|(name, err)| format!("{name} ({}: {})", err.kind.label(), err.message))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+pub struct Broker {
+    pub store: SecretStore,
+    backend: Arc<dyn Backend>,
+    policy: BrokerPolicy,
+    /// One resolution pass at a time (SIGHUP and REFRESH may overlap).
+    refresh_lock: Mutex<()>,
+    started: Instant,
+    last_refresh: std::sync::Mutex<Option<(SystemTime, String)>>,
+    /// Names whose values changed in a resolution pass (for `run --on-change`).
+    changes_tx: broadcast::Sender<Vec<String>>,
+}
+
+impl Broker {
+    pub fn new(backend: Arc<dyn Backend>, policy: BrokerPolicy) -> Broker {
+        Broker {
+            store: SecretStore::new(),
+            backend,
+            policy,
+            refresh_lock: Mutex::new(()),
+            started: Instant::now(),
+            last_refresh: std::sync::Mutex::new(None),
+            changes_tx: broadcast::channel(16).0,
+        }
+    }
+
+    pub fn policy(&self) -> &BrokerPolicy {
+        &self.policy
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// Resolves every registered reference once (concurrency and retries are the backend's).
+    /// Not-found drops a value; other failures keep the last good value and mark it stale.
+    pub async fn resolve_all(&self) -> ResolveReport {
+        let _guard = self.refresh_lock.lock().await;
+        let started = Instant::now();
+        let registered = self.store.references();
+        let refs: Vec<SecretRef> = registered.iter().map(|(_, r)| r.clone()).collect();
+        let results = self.backend.resolve(&refs).await;
+        let mut report = ResolveReport { total: refs.len(), ..ResolveReport::default() };
+        for ((name, _), result) in registered.into_iter().zip(results) {
+            match result {
+                Ok(value) => {
+                    report.resolved += 1;
+                    if self.store.set_value(&name, &value) {
+                        report.changed.push(name);
+                    }
+                }
+                Err(err) if err.kind == ErrorKind::NotFound => {
+                    if self.store.drop_value(&name, format!("not found: {}", err.message)) {
+                        report.dropped.push(name.clone());
+                    }
+                    report.failed.push((name, err));
+                }
+                Err(err) => {
+                    self.store.mark_failed(&name, format!("{}: {}", err.kind.label(), err.message));
+                    report.failed.push((name, err));
+                }
+            }
+        }
+        report.elapsed = started.elapsed();
+        let summary =
+            format!("resolved {}/{} secrets in {:.2}s", report.resolved, report.total, report.elapsed.as_secs_f64());
+        *self.last_refresh.lock().unwrap_or_else(|e| e.into_inner()) = Some((SystemTime::now(), summary));
+        if !report.changed.is_empty() || !report.dropped.is_empty() {
+            let mut names = report.changed.clone();
+            names.extend(report.dropped.iter().cloned());
+            // Nobody listening (daemon mode) is fine.
+            let _ = self.changes_tx.send(names);
+        }
+        report
+    }
+
+    /// Notifications of names whose values changed in a resolution pass.
+    pub fn subscribe_changes(&self) -> broadcast::Receiver<Vec<String>> {
+        self.changes_tx.subscribe()
+    }
+
+    /// GET: the value of a name, or of the name registered for an `op://` reference.
+    pub fn lookup<R>(&self, target: &str, f: impl FnOnce(&[u8]) -> R) -> Result<R, String> {
+        let name = if target.starts_with("op://") {
+            let reference = SecretRef::parse(target).map_err(|e| e.to_string())?;
+            self.store.name_for_reference(&reference).ok_or_else(|| format!("unknown ref: {target}"))?
+        } else {
+            target.to_string()
+        };
+        if let Some(out) = self.store.with_value(&name, f) {
+            return Ok(out);
+        }
+        match self.store.missing_reason(&name) {
+            Some(reason) => Err(format!("unknown ref: {name} (not available: {reason})")),
+            None => Err(format!("unknown ref: {name}")),
+        }
+    }
+
+    /// SET: writes to the backend first and to memory second, so memory never holds a value
+    /// 1Password does not have.
+    pub async fn set(&self, name: &str, uri: Option<&str>, value: Value) -> Result<(), String> {
+        if self.policy.read_only {
+            return Err("read-only: SET is refused (--read-only)".into());
+        }
+        if value.is_empty() {
+            return Err("refusing to store an empty value".into());
+        }
+        let registered = self.store.reference(name);
+        let given = uri.map(SecretRef::parse).transpose().map_err(|e| e.to_string())?;
+        let target = match (registered, given) {
+            (Some(reg), Some(given)) if reg != given && !self.policy.allow_set_any => {
+                return Err(format!(
+                    "{name} is registered to {reg}; refusing to write to {given} (see --allow-set-any)"
+                ));
+            }
+            (_, Some(given)) if !self.store.contains(name) && !self.policy.allow_set_any => {
+                return Err(format!(
+                    "{name} is not a registered secret; refusing to write to {given} (see --allow-set-any)"
+                ));
+            }
+            (_, Some(given)) => given,
+            (Some(reg), None) => reg,
+            (None, None) => return Err(format!("{name} has no registered reference; give one")),
+        };
+        self.write_backend(&target, &value).await.map_err(|e| format!("write to {target} failed: {e}"))?;
+        if !self.store.contains(name) {
+            self.store.register(name, Some(target.clone()), Source::Set);
+        }
+        self.store.set_value(name, &value);
+        tracing::info!(name, reference = %target, "stored new value");
+        Ok(())
+    }
+
+    async fn write_backend(&self, target: &SecretRef, value: &[u8]) -> Result<(), BackendError> {
+        let options = WriteOptions { create_item: self.policy.create_items };
+        let retry = self.policy.write_retry;
+        let mut attempt = 1;
+        loop {
+            match self.backend.write(target, value, options).await {
+                Ok(()) => return Ok(()),
+                Err(err) if err.kind.is_permanent() || attempt >= retry.attempts => return Err(err),
+                Err(err) => {
+                    let pause = retry.delay(attempt, err.kind);
+                    tracing::warn!(reference = %target, "write failed: {err}; retrying in {:.1}s", pause.as_secs_f64());
+                    tokio::time::sleep(pause).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// DELETE: forgets a name in memory only; 1Password is never touched.
+    pub fn delete(&self, name: &str) -> Result<(), String> {
+        if self.policy.read_only {
+            return Err("read-only: DELETE is refused (--read-only)".into());
+        }
+        if self.store.remove(name) { Ok(()) } else { Err(format!("unknown ref: {name}")) }
+    }
+
+    /// STATUS: names, states, ages and errors as one JSON object; never a value.
+    pub fn status(&self) -> serde_json::Value {
+        let slots = self.store.status();
+        let count = |state| slots.iter().filter(|s| s.state == state).count();
+        let locks = lock_stats();
+        let last = self.last_refresh.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "protocol": crate::protocol::LATEST_VERSION.number(),
+            "pid": std::process::id(),
+            "uptime_s": self.started.elapsed().as_secs(),
+            "backend": self.backend.describe(),
+            "read_only": self.policy.read_only,
+            "counts": { "total": slots.len(), "ok": count(State::Ok), "stale": count(State::Stale), "missing": count(State::Missing) },
+            "secrets": slots,
+            "memory": { "locked_bytes": locks.locked_bytes, "unlocked_bytes": locks.unlocked_bytes },
+            "last_refresh": last.map(|(at, summary)| json!({
+                "age_s": SystemTime::now().duration_since(at).map(|d| d.as_secs()).unwrap_or(0),
+                "summary": summary,
+            })),
+        })
+    }
+}

@@ -1,0 +1,231 @@
+//! One client connection: reads requests, answers them, enforces the per-connection limits.
+//!
+//! Replies are built in a zeroizing buffer and written when no further request is already
+//! buffered, so pipelined requests cost one write. A protocol error becomes an `ERR` reply;
+//! a fatal one (oversized line or frame, a request cut off, a timeout mid-request) also
+//! closes the connection. Nothing here can take the server down.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_util::sync::CancellationToken;
+use zeroize::{Zeroize, Zeroizing};
+
+use super::audit::AuditLog;
+use super::broker::Broker;
+use crate::protocol::{self, ProtocolError, Request, Response, Version};
+
+/// Bytes of replies buffered before they are written even mid-pipeline.
+const FLUSH_AT: usize = 64 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// A connection with no request for this long is closed.
+    pub idle: Duration,
+    /// Once a request has started, it must be complete within this long.
+    pub request: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits { idle: Duration::from_secs(300), request: Duration::from_secs(10) }
+    }
+}
+
+/// Who is on the other end (SO_PEERCRED), for the uid check and the audit log.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub pid: Option<i32>,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Peer {
+    pub fn of(stream: &UnixStream) -> std::io::Result<Peer> {
+        let cred = stream.peer_cred()?;
+        Ok(Peer { pid: cred.pid(), uid: cred.uid(), gid: cred.gid() })
+    }
+}
+
+pub struct Connection {
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    peer: Peer,
+    broker: Arc<Broker>,
+    audit: Option<Arc<AuditLog>>,
+    limits: Limits,
+    version: Version,
+}
+
+enum Step {
+    Continue,
+    Close,
+}
+
+impl Connection {
+    pub fn new(
+        stream: UnixStream,
+        peer: Peer,
+        broker: Arc<Broker>,
+        audit: Option<Arc<AuditLog>>,
+        limits: Limits,
+    ) -> Self {
+        let (read, writer) = stream.into_split();
+        Connection {
+            reader: BufReader::with_capacity(16 * 1024, read),
+            writer,
+            peer,
+            broker,
+            audit,
+            limits,
+            version: Version::V1,
+        }
+    }
+
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut line = Zeroizing::new(Vec::new());
+        let mut out = Zeroizing::new(Vec::with_capacity(4096));
+        loop {
+            if self.reader.buffer().is_empty() {
+                if self.flush(&mut out).await.is_err() {
+                    return;
+                }
+                // Wait for the first byte of the next request: idle timeout or shutdown end it.
+                let ready = tokio::select! {
+                    ready = tokio::time::timeout(self.limits.idle, self.reader.fill_buf()) => ready,
+                    _ = shutdown.cancelled() => return,
+                };
+                match ready {
+                    Ok(Ok(buf)) if !buf.is_empty() => {}
+                    Ok(_) => return,
+                    Err(_) => {
+                        protocol::encode_response(&mut out, &Response::Err("idle timeout".into()), self.version);
+                        let _ = self.flush(&mut out).await;
+                        return;
+                    }
+                }
+            }
+            let read = tokio::time::timeout(
+                self.limits.request,
+                protocol::read_request(&mut self.reader, self.version, &mut line),
+            )
+            .await;
+            let step = match read {
+                Err(_) => {
+                    self.reply_error(&mut out, None, &ProtocolError::Malformed("request timed out".into()));
+                    Step::Close
+                }
+                Ok(Ok(None)) => Step::Close,
+                Ok(Ok(Some(request))) => {
+                    let step = self.dispatch(request, &mut out).await;
+                    wipe(&mut line);
+                    step
+                }
+                Ok(Err(err)) => {
+                    wipe(&mut line);
+                    self.reply_error(&mut out, None, &err);
+                    if err.is_fatal() { Step::Close } else { Step::Continue }
+                }
+            };
+            if matches!(step, Step::Close) {
+                let _ = self.flush(&mut out).await;
+                return;
+            }
+            if out.len() >= FLUSH_AT && self.flush(&mut out).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn reply_error(&self, out: &mut Vec<u8>, command: Option<&str>, err: &ProtocolError) {
+        if let ProtocolError::Io(_) = err {
+            return;
+        }
+        tracing::debug!(pid = self.peer.pid, "bad request: {err}");
+        self.audit_record(command.unwrap_or("INVALID"), None, "error");
+        protocol::encode_response(out, &Response::Err(err.to_string()), self.version);
+    }
+
+    fn audit_record(&self, command: &str, name: Option<&str>, result: &str) {
+        if let Some(audit) = &self.audit {
+            audit.record(&self.peer, command, name, result);
+        }
+    }
+
+    async fn dispatch(&mut self, request: Request, out: &mut Vec<u8>) -> Step {
+        let command = request.command();
+        let name = request.name().map(str::to_string);
+        tracing::trace!(pid = self.peer.pid, command, name = name.as_deref(), "request");
+        let broker = &self.broker;
+        let ok = |out: &mut Vec<u8>, r: Response<'_>, version| protocol::encode_response(out, &r, version);
+        let result: Result<(), String> = match request {
+            Request::Hello(v) if v == 1 || v == 2 => {
+                self.version = if v == 2 { Version::V2 } else { Version::V1 };
+                ok(out, Response::Text(v.to_string()), self.version);
+                Ok(())
+            }
+            Request::Hello(v) => Err(format!("unsupported protocol version {v} (supported: 1, 2)")),
+            Request::Ping => {
+                ok(out, Response::Text("pong".into()), self.version);
+                Ok(())
+            }
+            Request::List => {
+                ok(out, Response::Text(broker.store.names().join(",")), self.version);
+                Ok(())
+            }
+            Request::Status => {
+                ok(out, Response::Text(broker.status().to_string()), self.version);
+                Ok(())
+            }
+            Request::Get(target) => {
+                let version = self.version;
+                broker.lookup(&target, |value| ok(out, Response::Value(value), version))
+            }
+            Request::Delete(name) => broker.delete(&name).map(|()| ok(out, Response::Ok, self.version)),
+            Request::Set { name, uri, value } => {
+                broker.set(&name, uri.as_deref(), value).await.map(|()| ok(out, Response::Ok, self.version))
+            }
+            Request::Refresh => {
+                let report = broker.resolve_all().await;
+                if report.failed.iter().all(|(_, e)| e.kind == crate::backend::ErrorKind::NotFound) {
+                    ok(out, Response::Text(format!("refreshed {}", report.resolved)), self.version);
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "refreshed {} of {}; kept last values for: {}",
+                        report.resolved,
+                        report.total,
+                        report.failure_summary()
+                    ))
+                }
+            }
+        };
+        match result {
+            Ok(()) => self.audit_record(command, name.as_deref(), "ok"),
+            Err(message) => {
+                self.audit_record(command, name.as_deref(), "error");
+                tracing::debug!(pid = self.peer.pid, command, "request refused: {message}");
+                protocol::encode_response(out, &Response::Err(message), self.version);
+            }
+        }
+        Step::Continue
+    }
+
+    async fn flush(&mut self, out: &mut Zeroizing<Vec<u8>>) -> std::io::Result<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        let written = self.writer.write_all(out).await;
+        wipe(out);
+        written
+    }
+}
+
+/// Zeroizes the used part of a buffer and empties it, keeping its capacity for reuse.
+fn wipe(buf: &mut Zeroizing<Vec<u8>>) {
+    buf.as_mut_slice().zeroize();
+    buf.clear();
+}

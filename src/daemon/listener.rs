@@ -1,0 +1,182 @@
+//! The Unix socket: safe binding, the peer check, and the accept loop with its limits.
+//!
+//! Binding refuses to replace a live socket (another daemon answers on it), a symlink or any
+//! non-socket file, and removes a stale socket left by a killed daemon. The socket is created
+//! owner-only. Every connection's peer uid (SO_PEERCRED) must be allowed; connections beyond
+//! the limit get `ERR busy` and are closed, so a flood never stalls the accept loop.
+
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::audit::AuditLog;
+use super::broker::Broker;
+use super::connection::{Connection, Limits, Peer};
+
+/// Longest path a `sockaddr_un` holds.
+const MAX_SOCKET_PATH: usize = 107;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("another op-bridge is already serving on {0}; stop it or choose another --socket")]
+    AlreadyServing(PathBuf),
+    #[error("refusing to replace {path}: it is {kind}, not a socket")]
+    NotASocket { path: PathBuf, kind: &'static str },
+    #[error("socket path {0} is longer than {MAX_SOCKET_PATH} bytes")]
+    PathTooLong(PathBuf),
+    #[error("cannot {action} {path}: {source}")]
+    Io { action: &'static str, path: PathBuf, source: io::Error },
+}
+
+/// A bound socket that removes its file on drop, if the file is still this socket.
+pub struct BoundSocket {
+    pub listener: UnixListener,
+    path: PathBuf,
+    identity: (u64, u64),
+}
+
+impl BoundSocket {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for BoundSocket {
+    fn drop(&mut self) {
+        // Only remove the file if it is still ours (not a socket another daemon put there).
+        if let Ok(meta) = std::fs::symlink_metadata(&self.path)
+            && (meta.dev(), meta.ino()) == self.identity
+        {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    let t = meta.file_type();
+    if t.is_symlink() {
+        "a symlink"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_file() {
+        "a regular file"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else {
+        "a special file"
+    }
+}
+
+/// Binds `path` owner-only, after checking what is there now.
+pub fn bind(path: &Path) -> Result<BoundSocket, BindError> {
+    let io_err = |action, source| BindError::Io { action, path: path.to_path_buf(), source };
+    if path.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(BindError::PathTooLong(path.to_path_buf()));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => return Err(BindError::AlreadyServing(path.to_path_buf())),
+            Err(err) if err.kind() == io::ErrorKind::ConnectionRefused => {
+                tracing::info!(path = %path.display(), "removing stale socket");
+                std::fs::remove_file(path).map_err(|e| io_err("remove stale socket", e))?;
+            }
+            Err(err) => return Err(io_err("probe existing socket", err)),
+        },
+        Ok(meta) => return Err(BindError::NotASocket { path: path.to_path_buf(), kind: file_kind(&meta) }),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+        Err(err) => return Err(io_err("inspect", err)),
+    }
+    // The umask makes the socket owner-only from the moment it exists; chmod afterwards
+    // would leave a window where any local user could connect.
+    let old_mask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    nix::sys::stat::umask(old_mask);
+    let listener = bound.map_err(|e| io_err("bind", e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| io_err("chmod", e))?;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| io_err("inspect", e))?;
+    Ok(BoundSocket { listener, path: path.to_path_buf(), identity: (meta.dev(), meta.ino()) })
+}
+
+/// Settings of the accept loop.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Uids allowed to connect besides op-bridge's own uid and root.
+    pub allow_uids: Vec<u32>,
+    pub max_connections: usize,
+    pub limits: Limits,
+    /// How long shutdown waits for open connections to finish.
+    pub drain: Duration,
+}
+
+/// Accepts connections until `shutdown`, then drains them (bounded by `drain`).
+pub async fn serve(
+    listener: &UnixListener,
+    broker: Arc<Broker>,
+    audit: Option<Arc<AuditLog>>,
+    options: ServeOptions,
+    shutdown: CancellationToken,
+) {
+    let own_uid = nix::unistd::getuid().as_raw();
+    let permits = Arc::new(Semaphore::new(options.max_connections));
+    let tracker = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.cancelled() => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!("accept failed: {err}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let peer = match Peer::of(&stream) {
+            Ok(peer) => peer,
+            Err(err) => {
+                tracing::warn!("cannot read peer credentials: {err}");
+                continue;
+            }
+        };
+        if peer.uid != own_uid && peer.uid != 0 && !options.allow_uids.contains(&peer.uid) {
+            tracing::warn!(uid = peer.uid, pid = peer.pid, "refused connection from a uid that is not allowed");
+            if let Some(audit) = &audit {
+                audit.record(&peer, "CONNECT", None, "denied");
+            }
+            refuse(stream, format!("ERR permission denied: uid {} is not allowed\n", peer.uid));
+            continue;
+        }
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(max = options.max_connections, "connection limit reached; refusing a connection");
+            refuse(stream, "ERR busy: too many connections\n".to_string());
+            continue;
+        };
+        let connection = Connection::new(stream, peer, broker.clone(), audit.clone(), options.limits.clone());
+        let cancel = shutdown.clone();
+        tracker.spawn(async move {
+            connection.run(cancel).await;
+            drop(permit);
+        });
+    }
+    tracker.close();
+    if tokio::time::timeout(options.drain, tracker.wait()).await.is_err() {
+        tracing::warn!(open = tracker.len(), "connections still open after the drain period; closing them");
+    }
+}
+
+/// Answers a refused connection without letting a slow peer hold the accept loop.
+fn refuse(mut stream: UnixStream, message: String) {
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(message.as_bytes())).await;
+    });
+}

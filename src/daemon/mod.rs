@@ -1,0 +1,260 @@
+//! The broker service shared by `op-bridge daemon` and `op-bridge run`: reference discovery,
+//! start-up resolution, the socket server, and the daemon's own signal loop.
+//!
+//! Start-up order matters: the socket is bound first (so a second daemon fails before it
+//! spends a single `op` call), then every reference is resolved, then the server accepts.
+//! Clients that connect in between simply wait for their first answer.
+
+pub mod audit;
+pub mod broker;
+pub mod connection;
+pub mod listener;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::file::FileVault;
+use crate::backend::op::{OpCli, OpOptions};
+use crate::backend::{Backend, RetryPolicy};
+use crate::protocol::normalize_name;
+use crate::reference::SecretRef;
+use crate::store::Source;
+use crate::supervise::Reaper;
+use audit::AuditLog;
+use broker::{Broker, BrokerPolicy, ResolveReport};
+use listener::{BindError, BoundSocket, ServeOptions};
+
+/// Which backend to use.
+#[derive(Debug, Clone)]
+pub enum BackendSpec {
+    /// The 1Password CLI; `path` None means `which op`.
+    Op {
+        path: Option<PathBuf>,
+        timeout: Duration,
+        concurrency: usize,
+        retry: RetryPolicy,
+    },
+    File(PathBuf),
+}
+
+/// Everything the broker needs to start.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub socket: PathBuf,
+    pub prefix: String,
+    pub suffix: String,
+    pub backend: BackendSpec,
+    pub policy: BrokerPolicy,
+    pub serve: ServeOptions,
+    pub audit_log: Option<PathBuf>,
+    pub pid_file: Option<PathBuf>,
+    /// Start even when some references cannot be resolved.
+    pub allow_missing: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error("cannot find the 1Password CLI: {0} (install op or pass --op-path)")]
+    OpNotFound(String),
+    #[error("{0}")]
+    Config(String),
+    #[error("required secrets could not be resolved: {0}")]
+    SecretsUnavailable(String),
+    #[error("cannot {action}: {source}")]
+    Io { action: String, source: std::io::Error },
+}
+
+/// Finds `{prefix}{NAME}{suffix}=op://…` variables. Returns (NAME, reference text).
+pub fn discover(env: impl IntoIterator<Item = (String, String)>, prefix: &str, suffix: &str) -> Vec<(String, String)> {
+    let mut found: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(key, value)| {
+            key.len() > prefix.len() + suffix.len()
+                && key.starts_with(prefix)
+                && key.ends_with(suffix)
+                && value.starts_with("op://")
+        })
+        .map(|(key, value)| (key[prefix.len()..key.len() - suffix.len()].to_ascii_uppercase(), value))
+        .collect();
+    found.sort();
+    found
+}
+
+fn build_backend(spec: &BackendSpec, reaper: &Reaper) -> Result<Arc<dyn Backend>, StartError> {
+    Ok(match spec {
+        BackendSpec::File(path) => Arc::new(FileVault::new(path.clone())),
+        BackendSpec::Op { path, timeout, concurrency, retry } => {
+            let path = match path {
+                Some(path) => path.clone(),
+                None => which::which("op").map_err(|e| StartError::OpNotFound(e.to_string()))?,
+            };
+            let options = OpOptions { path, timeout: *timeout, concurrency: *concurrency, retry: *retry };
+            Arc::new(OpCli::new(options, reaper.clone()))
+        }
+    })
+}
+
+/// A started broker: secrets resolved, socket bound, ready to serve.
+pub struct Service {
+    pub broker: Arc<Broker>,
+    socket: BoundSocket,
+    audit: Option<Arc<AuditLog>>,
+    serve: ServeOptions,
+    pid_file: Option<PathBuf>,
+}
+
+impl Service {
+    /// Binds, discovers and resolves. `env` is the environment to discover references in.
+    pub async fn start(
+        config: &BrokerConfig,
+        reaper: &Reaper,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Service, StartError> {
+        let socket = listener::bind(&config.socket)?;
+        let audit =
+            match &config.audit_log {
+                Some(path) => Some(Arc::new(AuditLog::open(path).map_err(|source| StartError::Io {
+                    action: format!("open audit log {}", path.display()),
+                    source,
+                })?)),
+                None => None,
+            };
+        let backend = build_backend(&config.backend, reaper)?;
+        let broker = Arc::new(Broker::new(backend, config.policy.clone()));
+
+        let mut invalid = Vec::new();
+        for (name, text) in discover(env, &config.prefix, &config.suffix) {
+            let registered = normalize_name(&name)
+                .map_err(|e| e.to_string())
+                .and_then(|name| SecretRef::parse(&text).map(|r| (name, r)).map_err(|e| e.to_string()));
+            match registered {
+                Ok((name, reference)) => {
+                    broker.store.register(&name, Some(reference), Source::Env);
+                }
+                Err(err) => invalid.push(format!("{name} ({err})")),
+            }
+        }
+        if !invalid.is_empty() && !config.allow_missing {
+            return Err(StartError::SecretsUnavailable(invalid.join("; ")));
+        }
+        for bad in &invalid {
+            tracing::warn!("skipping invalid reference: {bad}");
+        }
+
+        let report = broker.resolve_all().await;
+        log_report("start-up", &report);
+        if !report.failed.is_empty() && !config.allow_missing {
+            return Err(StartError::SecretsUnavailable(report.failure_summary()));
+        }
+        if let Some(path) = &config.pid_file {
+            std::fs::write(path, format!("{}\n", std::process::id()))
+                .map_err(|source| StartError::Io { action: format!("write pid file {}", path.display()), source })?;
+        }
+        crate::hardening::report_memlock();
+        Ok(Service { broker, socket, audit, serve: config.serve.clone(), pid_file: config.pid_file.clone() })
+    }
+
+    pub fn socket_path(&self) -> &Path {
+        self.socket.path()
+    }
+
+    /// Serves until `shutdown` is cancelled and open connections have drained.
+    pub async fn serve(&self, shutdown: CancellationToken) {
+        tracing::info!(socket = %self.socket.path().display(), "serving");
+        listener::serve(&self.socket.listener, self.broker.clone(), self.audit.clone(), self.serve.clone(), shutdown)
+            .await;
+    }
+
+    /// Re-resolves everything (SIGHUP, REFRESH fallback) and logs what happened.
+    pub async fn refresh(&self) -> ResolveReport {
+        let report = self.broker.resolve_all().await;
+        log_report("refresh", &report);
+        report
+    }
+
+    /// Zeroizes every secret and removes the pid file; the socket file goes with `self`.
+    pub fn close(self) {
+        self.broker.store.clear();
+        if let Some(path) = &self.pid_file {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Logs a resolution pass: the summary line, then each failure by name (never a value).
+pub fn log_report(what: &str, report: &ResolveReport) {
+    let line = format!("resolved {}/{} secrets in {:.2}s", report.resolved, report.total, report.elapsed.as_secs_f64());
+    if report.failed.is_empty() {
+        tracing::info!("{what}: {line}");
+    } else {
+        tracing::warn!("{what}: {line}");
+    }
+    for (name, err) in &report.failed {
+        tracing::warn!(name, kind = err.kind.label(), "{what}: {name} not resolved: {}", err.message);
+    }
+    for name in &report.dropped {
+        tracing::warn!(name, "{what}: {name} no longer exists in the backend; dropped");
+    }
+}
+
+/// `op-bridge daemon`: serve until SIGTERM/SIGINT; SIGHUP re-resolves.
+pub async fn run_daemon(config: BrokerConfig) -> Result<(), StartError> {
+    let reaper =
+        Reaper::start().map_err(|source| StartError::Io { action: "install SIGCHLD handler".into(), source })?;
+    let signal_err = |source| StartError::Io { action: "install signal handlers".into(), source };
+    let mut hup = signal(SignalKind::hangup()).map_err(signal_err)?;
+    let mut term = signal(SignalKind::terminate()).map_err(signal_err)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(signal_err)?;
+
+    let service = Arc::new(Service::start(&config, &reaper, std::env::vars()).await?);
+    let shutdown = CancellationToken::new();
+    let server = {
+        let service = service.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { service.serve(shutdown).await })
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                let service = service.clone();
+                tokio::spawn(async move { service.refresh().await });
+            }
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+        }
+    }
+    shutdown.cancel();
+    let _ = server.await;
+    match Arc::try_unwrap(service) {
+        Ok(service) => service.close(),
+        Err(service) => service.broker.store.clear(),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn discovery_uses_prefix_suffix_and_op_scheme() {
+        let env = [
+            ("OP_API_KEY_REF", "op://v/i/f"),
+            ("OP_lower_REF", "op://v/i/g"),
+            ("OP_PLAIN_REF", "not-a-ref"),
+            ("OP__REF", "op://v/i/h"),
+            ("OTHER_REF", "op://v/i/x"),
+            ("OP_SERVICE_ACCOUNT_TOKEN", "ops_x"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let found = discover(env, "OP_", "_REF");
+        assert_eq!(found, vec![("API_KEY".into(), "op://v/i/f".into()), ("LOWER".into(), "op://v/i/g".into())]);
+    }
+}

@@ -1,0 +1,116 @@
+//! The `op-bridge` binary: parse the command line, set up logging, call the library, and
+//! decide the exit code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use op_bridge::cli::{BrokerArgs, Cli, Command, LogFormat};
+use op_bridge::daemon::StartError;
+use op_bridge::{commands, exit};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Daemon(args) => {
+            broker_main(
+                &args.broker,
+                |config| async move { op_bridge::daemon::run_daemon(config).await.map(|()| exit::OK) },
+            )
+        }
+        Command::Run(args) => {
+            broker_main(
+                &args.broker.clone(),
+                |config| async move { op_bridge::supervise::run::run(config, args).await },
+            )
+        }
+        client => client_main(client),
+    }
+}
+
+fn init_logging(args: &BrokerArgs) -> Result<(), String> {
+    let level: tracing::Level = args
+        .log_level
+        .parse()
+        .map_err(|_| format!("invalid --log-level '{}' (error, warn, info, debug, trace)", args.log_level))?;
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false);
+    match args.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    Ok(())
+}
+
+/// Runs `daemon` or `run` on a multi-threaded runtime and maps start-up errors to exit codes.
+fn broker_main<F, Fut>(args: &BrokerArgs, body: F) -> ExitCode
+where
+    F: FnOnce(op_bridge::daemon::BrokerConfig) -> Fut,
+    Fut: std::future::Future<Output = Result<u8, StartError>>,
+{
+    if let Err(message) = init_logging(args) {
+        eprintln!("op-bridge: {message}");
+        return ExitCode::from(exit::USAGE);
+    }
+    // Before any secret is read or any child exists.
+    op_bridge::hardening::harden_process();
+    let config = match commands::broker_config(args) {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("op-bridge: {message}");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("op-bridge: cannot start the runtime: {err}");
+            return ExitCode::from(exit::START_FAILED);
+        }
+    };
+    match runtime.block_on(body(config)) {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            tracing::error!("{err}");
+            ExitCode::from(match err {
+                StartError::SecretsUnavailable(_) => exit::SECRETS_UNAVAILABLE,
+                _ => exit::START_FAILED,
+            })
+        }
+    }
+}
+
+/// Runs a client command on a single-threaded runtime (they are short-lived).
+fn client_main(command: Command) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("op-bridge: cannot start the runtime: {err}");
+            return ExitCode::from(exit::UNREACHABLE);
+        }
+    };
+    let result = runtime.block_on(async {
+        match &command {
+            Command::Get(args) => match &args.name {
+                Some(name) => commands::get(&args.client, name).await,
+                None => op_bridge::exec_provider::serve_stdin(&args.client).await,
+            },
+            Command::Set(args) => commands::set(args).await,
+            Command::Delete(args) => commands::delete(&args.client, &args.name).await,
+            Command::List(args) => commands::list(args).await,
+            Command::Ping(args) => commands::ping(args).await,
+            Command::Refresh(args) => commands::refresh(args).await,
+            Command::Status(args) => commands::status(args).await,
+            Command::Run(_) | Command::Daemon(_) => unreachable!("handled by broker_main"),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(err) => {
+            eprintln!("op-bridge: {err}");
+            ExitCode::from(err.exit_code())
+        }
+    }
+}

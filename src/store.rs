@@ -1,0 +1,225 @@
+//! The secret store: every name op-bridge knows, where it comes from, and its value in locked
+//! memory.
+//!
+//! A slot exists for every registered name (discovered from the environment, declared by
+//! `--watch`, or written with SET). Its value is a [`LockedBytes`], zeroized when replaced,
+//! removed, or when the store is cleared at exit. A failed refresh keeps the last good value
+//! and records the failure, which STATUS shows as "stale".
+
+use std::collections::BTreeMap;
+use std::sync::RwLock;
+use std::time::SystemTime;
+
+use secrecy::ExposeSecret;
+
+use crate::locked::LockedBytes;
+use crate::reference::SecretRef;
+
+/// Where a name was declared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Env,
+    Watch,
+    Set,
+}
+
+/// A slot's health, as STATUS reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Resolved by the last attempt.
+    Ok,
+    /// The last refresh failed; the previous value is still served.
+    Stale,
+    /// No value (never resolved, or dropped because 1Password no longer has it).
+    Missing,
+}
+
+struct Slot {
+    reference: Option<SecretRef>,
+    source: Source,
+    value: Option<LockedBytes>,
+    updated: Option<SystemTime>,
+    error: Option<String>,
+}
+
+/// What STATUS shows of one slot: never the value.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SlotStatus {
+    pub name: String,
+    #[serde(rename = "ref")]
+    pub reference: Option<String>,
+    pub source: Source,
+    pub state: State,
+    /// Seconds since the value was last resolved or written.
+    pub age_s: Option<u64>,
+    pub bytes: Option<usize>,
+    pub locked: Option<bool>,
+    pub error: Option<String>,
+}
+
+#[derive(Default)]
+pub struct SecretStore {
+    slots: RwLock<BTreeMap<String, Slot>>,
+}
+
+impl SecretStore {
+    pub fn new() -> SecretStore {
+        SecretStore::default()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Slot>> {
+        self.slots.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Slot>> {
+        self.slots.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Declares `name` (keeping any value it already has). Returns false when the name is
+    /// already registered to a different reference.
+    pub fn register(&self, name: &str, reference: Option<SecretRef>, source: Source) -> bool {
+        let mut slots = self.write();
+        match slots.get_mut(name) {
+            Some(slot) if slot.reference.is_some() && reference.is_some() && slot.reference != reference => false,
+            Some(slot) => {
+                if slot.reference.is_none() {
+                    slot.reference = reference;
+                }
+                true
+            }
+            None => {
+                slots.insert(name.to_string(), Slot { reference, source, value: None, updated: None, error: None });
+                true
+            }
+        }
+    }
+
+    pub fn reference(&self, name: &str) -> Option<SecretRef> {
+        self.read().get(name).and_then(|s| s.reference.clone())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.read().contains_key(name)
+    }
+
+    /// Stores a new value; returns whether it differs from the previous one. The old value is
+    /// zeroized as it is dropped.
+    pub fn set_value(&self, name: &str, value: &[u8]) -> bool {
+        let mut slots = self.write();
+        let slot = slots.entry(name.to_string()).or_insert_with(|| Slot {
+            reference: None,
+            source: Source::Set,
+            value: None,
+            updated: None,
+            error: None,
+        });
+        let changed = slot.value.as_ref().is_none_or(|old| old.expose_secret() != value);
+        slot.value = Some(LockedBytes::new(value));
+        slot.updated = Some(SystemTime::now());
+        slot.error = None;
+        changed
+    }
+
+    /// Records a failed resolution; the value (if any) is kept and becomes stale.
+    pub fn mark_failed(&self, name: &str, error: String) {
+        if let Some(slot) = self.write().get_mut(name) {
+            slot.error = Some(error);
+        }
+    }
+
+    /// Drops a value whose item no longer exists (the name stays registered).
+    pub fn drop_value(&self, name: &str, error: String) -> bool {
+        match self.write().get_mut(name) {
+            Some(slot) => {
+                slot.error = Some(error);
+                slot.value.take().is_some()
+            }
+            None => false,
+        }
+    }
+
+    /// Forgets a name entirely. Returns false if it was unknown.
+    pub fn remove(&self, name: &str) -> bool {
+        self.write().remove(name).is_some()
+    }
+
+    /// Runs `f` on the value of `name` under the read lock (no copy leaves the store unless
+    /// `f` makes one).
+    pub fn with_value<R>(&self, name: &str, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        self.read().get(name).and_then(|s| s.value.as_ref()).map(|v| f(v.expose_secret()))
+    }
+
+    /// The name registered for a reference, if any.
+    pub fn name_for_reference(&self, reference: &SecretRef) -> Option<String> {
+        self.read().iter().find(|(_, s)| s.reference.as_ref() == Some(reference)).map(|(n, _)| n.clone())
+    }
+
+    /// Why `name` has no value, when it is registered without one.
+    pub fn missing_reason(&self, name: &str) -> Option<String> {
+        self.read()
+            .get(name)
+            .filter(|s| s.value.is_none())
+            .map(|s| s.error.clone().unwrap_or_else(|| "not resolved yet".into()))
+    }
+
+    /// Names that currently have a value, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.read().iter().filter(|(_, s)| s.value.is_some()).map(|(n, _)| n.clone()).collect()
+    }
+
+    /// Every registered name with its reference, sorted by name.
+    pub fn references(&self) -> Vec<(String, SecretRef)> {
+        self.read().iter().filter_map(|(n, s)| s.reference.clone().map(|r| (n.clone(), r))).collect()
+    }
+
+    pub fn status(&self) -> Vec<SlotStatus> {
+        let now = SystemTime::now();
+        self.read()
+            .iter()
+            .map(|(name, slot)| SlotStatus {
+                name: name.clone(),
+                reference: slot.reference.as_ref().map(ToString::to_string),
+                source: slot.source,
+                state: match (&slot.value, &slot.error) {
+                    (None, _) => State::Missing,
+                    (Some(_), Some(_)) => State::Stale,
+                    (Some(_), None) => State::Ok,
+                },
+                age_s: slot.updated.and_then(|t| now.duration_since(t).ok()).map(|d| d.as_secs()),
+                bytes: slot.value.as_ref().map(LockedBytes::len),
+                locked: slot.value.as_ref().map(LockedBytes::is_locked),
+                error: slot.error.clone(),
+            })
+            .collect()
+    }
+
+    /// Zeroizes and drops every value (at exit).
+    pub fn clear(&self) {
+        self.write().clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_replace_report_change_and_go_stale() {
+        let store = SecretStore::new();
+        assert!(store.register("A", Some(SecretRef::parse("op://v/i/a").unwrap()), Source::Env));
+        assert!(!store.register("A", Some(SecretRef::parse("op://v/i/b").unwrap()), Source::Env));
+        assert_eq!(store.names(), Vec::<String>::new());
+        assert!(store.set_value("A", b"one"));
+        assert!(!store.set_value("A", b"one"));
+        assert!(store.set_value("A", b"s3cr3t-v2"));
+        store.mark_failed("A", "network".into());
+        let status = store.status();
+        assert_eq!(status[0].state, State::Stale);
+        assert_eq!(store.with_value("A", |v| v.to_vec()), Some(b"s3cr3t-v2".to_vec()));
+        assert!(store.drop_value("A", "not found".into()));
+        assert_eq!(store.status()[0].state, State::Missing);
+        assert!(format!("{status:?}").find("s3cr3t").is_none());
+    }
+}
