@@ -156,6 +156,12 @@ pub struct BrokerArgs {
     /// Write op-bridge's pid here (removed at exit).
     #[arg(long, env = "OP_BRIDGE_PID_FILE")]
     pub pid_file: Option<PathBuf>,
+    /// Quiet period after a watched file changes before it is captured.
+    #[arg(long, env = "OP_BRIDGE_DEBOUNCE", default_value = "300ms", value_parser = parse_duration)]
+    pub debounce: Duration,
+    /// Write a missing watched file from 1Password at start (mode 0600).
+    #[arg(long, env = "OP_BRIDGE_MATERIALIZE", value_parser = BoolishValueParser::new(), default_value_t = true, num_args = 0..=1, default_missing_value = "true")]
+    pub materialize: bool,
     /// Most simultaneous client connections.
     #[arg(long, env = "OP_BRIDGE_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
@@ -171,6 +177,9 @@ pub struct BrokerArgs {
 pub struct DaemonArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
+    /// At shutdown, how long pending write-backs may take to reach 1Password.
+    #[arg(long, env = "OP_BRIDGE_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub grace: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -196,7 +205,7 @@ pub struct RunArgs {
     /// child's environment.
     #[arg(long, env = "OP_BRIDGE_KEEP_TOKEN", value_parser = BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
     pub keep_token: bool,
-    /// Time between the stop signal and SIGKILL.
+    /// Time between the stop signal and SIGKILL; also bounds the final write-back flush.
     #[arg(long, env = "OP_BRIDGE_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub grace: Duration,
     /// What a refresh that changes an exported value does to the child: none, restart or

@@ -14,6 +14,7 @@ use crate::daemon::listener::ServeOptions;
 use crate::daemon::{BackendSpec, BrokerConfig};
 use crate::locked::extend_zeroizing;
 use crate::protocol::{MAX_VALUE, Request};
+use crate::watch::{WatchOptions, WatchSpec};
 
 /// A client command's failure.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +51,7 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
             _ => return Err(format!("unknown backend '{other}' (use 'op' or 'file:PATH')")),
         },
     };
+    let watches = args.watch.iter().map(|spec| WatchSpec::parse(spec)).collect::<Result<Vec<_>, _>>()?;
     if args.prefix.is_empty() && args.suffix.is_empty() {
         return Err("--prefix and --suffix cannot both be empty".into());
     }
@@ -62,7 +64,6 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
             read_only: args.read_only,
             allow_set_any: args.allow_set_any,
             create_items: args.create_items,
-            write_retry: RetryPolicy { attempts: args.retries, ..RetryPolicy::default() },
         },
         serve: ServeOptions {
             allow_uids: args.allow_uid.clone(),
@@ -73,6 +74,8 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
         audit_log: args.audit_log.clone(),
         pid_file: args.pid_file.clone(),
         allow_missing: args.allow_missing,
+        watches,
+        watch: WatchOptions { debounce: args.debounce, materialize: args.materialize },
     })
 }
 

@@ -18,6 +18,8 @@
 //!   the audit log, and `op-bridge daemon`.
 //! - [`supervise`]: the reaper (the only `waitpid`), spawning and signal forwarding, and
 //!   `op-bridge run`.
+//! - [`watch`]: credential-file watching (capture, debounce, materialization);
+//!   [`writeback`]: the per-target write-back queue that never drops a rotation.
 //! - [`hardening`]: no dumps, not dumpable, memlock reporting.
 
 pub mod backend;
@@ -32,6 +34,8 @@ pub mod protocol;
 pub mod reference;
 pub mod store;
 pub mod supervise;
+pub mod watch;
+pub mod writeback;
 
 /// Exit codes of op-bridge itself (DESIGN §2). `run` otherwise exits with its child's status.
 pub mod exit {

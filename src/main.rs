@@ -12,10 +12,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Daemon(args) => {
-            broker_main(
-                &args.broker,
-                |config| async move { op_bridge::daemon::run_daemon(config).await.map(|()| exit::OK) },
-            )
+            let grace = args.grace;
+            broker_main(&args.broker, |config| async move { op_bridge::daemon::run_daemon(config, grace).await })
         }
         Command::Run(args) => {
             broker_main(

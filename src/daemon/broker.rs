@@ -7,10 +7,15 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::json;
 use tokio::sync::{Mutex, broadcast};
 
-use crate::backend::{Backend, BackendError, ErrorKind, RetryPolicy, Value, WriteOptions};
+use crate::backend::{Backend, BackendError, ErrorKind, Value, WriteOptions};
 use crate::locked::lock_stats;
 use crate::reference::SecretRef;
 use crate::store::{SecretStore, Source, State};
+use crate::writeback::{Origin, WriteBack};
+
+/// How long a SET waits for its write to reach the backend before answering that it is
+/// still being retried (below the client's default 10 s timeout).
+const SET_WAIT: Duration = Duration::from_secs(8);
 
 /// Policy switches of the broker.
 #[derive(Debug, Clone, Default)]
@@ -21,8 +26,6 @@ pub struct BrokerPolicy {
     pub allow_set_any: bool,
     /// Let a write create a missing item.
     pub create_items: bool,
-    /// Retries of a SET's write to the backend.
-    pub write_retry: RetryPolicy,
 }
 
 /// What one resolution pass did.
@@ -51,7 +54,8 @@ impl ResolveReport {
 }
 
 pub struct Broker {
-    pub store: SecretStore,
+    pub store: Arc<SecretStore>,
+    pub writeback: Arc<WriteBack>,
     backend: Arc<dyn Backend>,
     policy: BrokerPolicy,
     /// One resolution pass at a time (SIGHUP and REFRESH may overlap).
@@ -64,14 +68,19 @@ pub struct Broker {
 
 impl Broker {
     pub fn new(backend: Arc<dyn Backend>, policy: BrokerPolicy) -> Broker {
+        let store = Arc::new(SecretStore::new());
+        let changes_tx = broadcast::channel(16).0;
+        let options = WriteOptions { create_item: policy.create_items };
+        let writeback = WriteBack::new(backend.clone(), store.clone(), options, changes_tx.clone());
         Broker {
-            store: SecretStore::new(),
+            store,
+            writeback,
             backend,
             policy,
             refresh_lock: Mutex::new(()),
             started: Instant::now(),
             last_refresh: std::sync::Mutex::new(None),
-            changes_tx: broadcast::channel(16).0,
+            changes_tx,
         }
     }
 
@@ -93,6 +102,12 @@ impl Broker {
         let results = self.backend.resolve(&refs).await;
         let mut report = ResolveReport { total: refs.len(), ..ResolveReport::default() };
         for ((name, _), result) in registered.into_iter().zip(results) {
+            if self.writeback.is_pending(&name) {
+                // A newer local value is on its way to 1Password; what 1Password holds now
+                // is older and must not replace it.
+                report.resolved += 1;
+                continue;
+            }
             match result {
                 Ok(value) => {
                     report.resolved += 1;
@@ -147,8 +162,8 @@ impl Broker {
         }
     }
 
-    /// SET: writes to the backend first and to memory second, so memory never holds a value
-    /// 1Password does not have.
+    /// SET: the value goes through the write-back queue to the backend first; memory is
+    /// updated when the backend has it, so memory never holds a value 1Password lacks.
     pub async fn set(&self, name: &str, uri: Option<&str>, value: Value) -> Result<(), String> {
         if self.policy.read_only {
             return Err("read-only: SET is refused (--read-only)".into());
@@ -164,7 +179,7 @@ impl Broker {
                     "{name} is registered to {reg}; refusing to write to {given} (see --allow-set-any)"
                 ));
             }
-            (_, Some(given)) if !self.store.contains(name) && !self.policy.allow_set_any => {
+            (None, Some(given)) if !self.policy.allow_set_any => {
                 return Err(format!(
                     "{name} is not a registered secret; refusing to write to {given} (see --allow-set-any)"
                 ));
@@ -173,31 +188,19 @@ impl Broker {
             (Some(reg), None) => reg,
             (None, None) => return Err(format!("{name} has no registered reference; give one")),
         };
-        self.write_backend(&target, &value).await.map_err(|e| format!("write to {target} failed: {e}"))?;
-        if !self.store.contains(name) {
+        if !self.store.register(name, Some(target.clone()), Source::Set) {
+            // Registered to another reference, and --allow-set-any let the SET through:
+            // the name now follows the reference it was written to.
+            self.store.remove(name);
             self.store.register(name, Some(target.clone()), Source::Set);
         }
-        self.store.set_value(name, &value);
+        let generation = self.writeback.submit(name, &target, &value, Origin::Set);
+        self.writeback
+            .wait_stored(&target, generation, SET_WAIT)
+            .await
+            .map_err(|e| format!("write to {target} failed: {e}"))?;
         tracing::info!(name, reference = %target, "stored new value");
         Ok(())
-    }
-
-    async fn write_backend(&self, target: &SecretRef, value: &[u8]) -> Result<(), BackendError> {
-        let options = WriteOptions { create_item: self.policy.create_items };
-        let retry = self.policy.write_retry;
-        let mut attempt = 1;
-        loop {
-            match self.backend.write(target, value, options).await {
-                Ok(()) => return Ok(()),
-                Err(err) if err.kind.is_permanent() || attempt >= retry.attempts => return Err(err),
-                Err(err) => {
-                    let pause = retry.delay(attempt, err.kind);
-                    tracing::warn!(reference = %target, "write failed: {err}; retrying in {:.1}s", pause.as_secs_f64());
-                    tokio::time::sleep(pause).await;
-                    attempt += 1;
-                }
-            }
-        }
     }
 
     /// DELETE: forgets a name in memory only; 1Password is never touched.
@@ -224,6 +227,7 @@ impl Broker {
             "counts": { "total": slots.len(), "ok": count(State::Ok), "stale": count(State::Stale), "missing": count(State::Missing) },
             "secrets": slots,
             "memory": { "locked_bytes": locks.locked_bytes, "unlocked_bytes": locks.unlocked_bytes },
+            "writeback": self.writeback.status(),
             "last_refresh": last.map(|(at, summary)| json!({
                 "age_s": SystemTime::now().duration_since(at).map(|d| d.as_secs()).unwrap_or(0),
                 "summary": summary,

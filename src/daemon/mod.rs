@@ -19,11 +19,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::file::FileVault;
 use crate::backend::op::{OpCli, OpOptions};
-use crate::backend::{Backend, RetryPolicy};
+use crate::backend::{Backend, ErrorKind, RetryPolicy};
 use crate::protocol::normalize_name;
 use crate::reference::SecretRef;
 use crate::store::Source;
 use crate::supervise::Reaper;
+use crate::watch::{WatchHandle, WatchOptions, WatchSpec};
+use crate::writeback::Unwritten;
 use audit::AuditLog;
 use broker::{Broker, BrokerPolicy, ResolveReport};
 use listener::{BindError, BoundSocket, ServeOptions};
@@ -54,6 +56,9 @@ pub struct BrokerConfig {
     pub pid_file: Option<PathBuf>,
     /// Start even when some references cannot be resolved.
     pub allow_missing: bool,
+    /// Credential files to watch and write back.
+    pub watches: Vec<WatchSpec>,
+    pub watch: WatchOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +112,7 @@ pub struct Service {
     audit: Option<Arc<AuditLog>>,
     serve: ServeOptions,
     pid_file: Option<PathBuf>,
+    watcher: std::sync::Mutex<Option<WatchHandle>>,
 }
 
 impl Service {
@@ -146,18 +152,40 @@ impl Service {
         for bad in &invalid {
             tracing::warn!("skipping invalid reference: {bad}");
         }
+        for watch in &config.watches {
+            if !broker.store.register(&watch.name, Some(watch.reference.clone()), Source::Watch) {
+                return Err(StartError::Config(format!(
+                    "--watch names {} for {}, but {} is already registered to another reference",
+                    watch.name, watch.reference, watch.name
+                )));
+            }
+        }
 
-        let report = broker.resolve_all().await;
+        let mut report = broker.resolve_all().await;
         log_report("start-up", &report);
+        // A watched credential that 1Password does not have yet is not an error: its first
+        // write-back creates it.
+        report
+            .failed
+            .retain(|(name, err)| !(err.kind == ErrorKind::NotFound && config.watches.iter().any(|w| &w.name == name)));
         if !report.failed.is_empty() && !config.allow_missing {
             return Err(StartError::SecretsUnavailable(report.failure_summary()));
         }
+        let watcher =
+            crate::watch::start(&config.watches, broker.clone(), config.watch.clone()).map_err(StartError::Config)?;
         if let Some(path) = &config.pid_file {
             std::fs::write(path, format!("{}\n", std::process::id()))
                 .map_err(|source| StartError::Io { action: format!("write pid file {}", path.display()), source })?;
         }
         crate::hardening::report_memlock();
-        Ok(Service { broker, socket, audit, serve: config.serve.clone(), pid_file: config.pid_file.clone() })
+        Ok(Service {
+            broker,
+            socket,
+            audit,
+            serve: config.serve.clone(),
+            pid_file: config.pid_file.clone(),
+            watcher: std::sync::Mutex::new(watcher),
+        })
     }
 
     pub fn socket_path(&self) -> &Path {
@@ -178,7 +206,30 @@ impl Service {
         report
     }
 
-    /// Zeroizes every secret and removes the pid file; the socket file goes with `self`.
+    /// Shutdown, part one: captures what the watched files still hold, then gives pending
+    /// write-backs until `grace` to reach the backend. Returns (and logs, loudly, by name and
+    /// target) what could not be stored.
+    pub async fn flush(&self, grace: Duration) -> Vec<Unwritten> {
+        let watcher = self.watcher.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(watcher) = watcher {
+            watcher.stop().await;
+        }
+        let unwritten = self.broker.writeback.flush(tokio::time::Instant::now() + grace).await;
+        for lost in &unwritten {
+            tracing::error!(
+                name = %lost.name,
+                reference = %lost.reference,
+                "write-back NOT stored before exit: {} -> {} ({})",
+                lost.name,
+                lost.reference,
+                lost.reason
+            );
+        }
+        unwritten
+    }
+
+    /// Shutdown, part two: zeroizes every secret and removes the pid file; the socket file
+    /// goes with `self`.
     pub fn close(self) {
         self.broker.store.clear();
         if let Some(path) = &self.pid_file {
@@ -204,7 +255,7 @@ pub fn log_report(what: &str, report: &ResolveReport) {
 }
 
 /// `op-bridge daemon`: serve until SIGTERM/SIGINT; SIGHUP re-resolves.
-pub async fn run_daemon(config: BrokerConfig) -> Result<(), StartError> {
+pub async fn run_daemon(config: BrokerConfig, grace: Duration) -> Result<u8, StartError> {
     let reaper =
         Reaper::start().map_err(|source| StartError::Io { action: "install SIGCHLD handler".into(), source })?;
     let signal_err = |source| StartError::Io { action: "install signal handlers".into(), source };
@@ -231,12 +282,13 @@ pub async fn run_daemon(config: BrokerConfig) -> Result<(), StartError> {
     }
     shutdown.cancel();
     let _ = server.await;
+    let unwritten = service.flush(grace).await;
     match Arc::try_unwrap(service) {
         Ok(service) => service.close(),
         Err(service) => service.broker.store.clear(),
     }
     tracing::info!("stopped");
-    Ok(())
+    Ok(if unwritten.is_empty() { crate::exit::OK } else { crate::exit::WRITEBACK_LOST })
 }
 
 #[cfg(test)]

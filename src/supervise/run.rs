@@ -329,6 +329,8 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
 
     shutdown.cancel();
     let _ = server.await;
+    // The command's status is kept even when write-backs are lost; the log names them.
+    service.flush(args.grace).await;
     let code = match outcome {
         Ok(Ok(exit)) => exit_code(exit),
         Ok(Err(spawn_err)) => spawn_err.exit_code(),

@@ -1,0 +1,409 @@
+//! Credential-file watching: turns rewrites of a watched file into write-backs.
+//!
+//! The parent directory is watched (inotify via `notify`), so atomic rename, truncate+write,
+//! in-place writes, and delete-then-create are all seen. A change is captured only when the
+//! file is complete and stable: after the writer closed it or renamed it into place, a quiet
+//! period (the debounce) has passed, no process still has it open for writing, and its size,
+//! mtime and inode did not move while it was read. It is read whole and byte-exact. Bursts
+//! are capped: a file rewritten continuously is still captured every [`MAX_DELAY`].
+//!
+//! At start a missing file is materialized from 1Password (mode 0600, atomically), and a
+//! file that differs from 1Password is treated as the newer value and written back. Every
+//! write op-bridge makes itself (materialization, a refresh or SET that changed the value) is
+//! remembered as the last seen content, so it is never echoed back as a change.
+
+use std::collections::{BTreeSet, HashMap};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RenameMode};
+use notify::{RecursiveMode, Watcher as _};
+use secrecy::ExposeSecret;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use zeroize::Zeroizing;
+
+use crate::backend::file::write_atomic;
+use crate::daemon::broker::Broker;
+use crate::locked::{LockedBytes, extend_zeroizing};
+use crate::protocol::{MAX_VALUE, normalize_name};
+use crate::reference::SecretRef;
+use crate::writeback::Origin;
+
+/// Longest a continuously rewritten file waits before it is captured anyway.
+pub const MAX_DELAY: Duration = Duration::from_secs(2);
+/// Longest a capture waits for a writer that keeps the file open.
+const MAX_OPEN_WAIT: Duration = Duration::from_secs(30);
+
+/// `--watch PATH=[NAME=]op://vault/item/[section/]field`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchSpec {
+    pub path: PathBuf,
+    pub name: String,
+    pub reference: SecretRef,
+}
+
+impl WatchSpec {
+    pub fn parse(spec: &str) -> Result<WatchSpec, String> {
+        let bad = |why: &str| format!("--watch {spec}: {why} (expected PATH=[NAME=]op://vault/item/[section/]field)");
+        let at = spec.find("=op://").ok_or_else(|| bad("no op:// reference"))?;
+        let (head, uri) = (&spec[..at], &spec[at + 1..]);
+        let reference = SecretRef::parse(uri).map_err(|e| bad(&e.to_string()))?;
+        // PATH=NAME=op://… when the part after the last '=' is a valid name.
+        let (path, name) = match head.rsplit_once('=') {
+            Some((path, name)) if !path.is_empty() && normalize_name(name).is_ok() => (path, normalize_name(name).ok()),
+            _ => (head, None),
+        };
+        if path.is_empty() {
+            return Err(bad("empty path"));
+        }
+        let path = PathBuf::from(path);
+        let name = match name {
+            Some(name) => name,
+            None => name_from_path(&path)
+                .ok_or_else(|| bad("cannot derive a name from the file name; give PATH=NAME=op://…"))?,
+        };
+        Ok(WatchSpec { path, name, reference })
+    }
+}
+
+/// `credentials.json` → `CREDENTIALS`, `oauth-token` → `OAUTH_TOKEN`.
+fn name_from_path(path: &Path) -> Option<String> {
+    let stem = path.file_stem()?.to_str()?.trim_start_matches('.');
+    let name: String =
+        stem.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
+    normalize_name(&name).ok()
+}
+
+#[derive(Debug, Clone)]
+pub struct WatchOptions {
+    /// Quiet period after the last change before a capture.
+    pub debounce: Duration,
+    /// Write a missing watched file from 1Password at start.
+    pub materialize: bool,
+}
+
+struct FileState {
+    spec: WatchSpec,
+    /// What the file held when op-bridge last read or wrote it.
+    last_seen: Option<LockedBytes>,
+    /// When the next capture is due.
+    due: Option<Instant>,
+    /// First change of the current burst (for [`MAX_DELAY`]).
+    burst_start: Option<Instant>,
+    /// A write was seen without the matching close: a writer may still be at work.
+    writer_open: bool,
+}
+
+impl FileState {
+    fn seen(&self, content: &[u8]) -> bool {
+        self.last_seen.as_ref().is_some_and(|v| v.expose_secret() == content)
+    }
+}
+
+/// The running watcher; [`WatchHandle::stop`] captures what is due and ends it.
+pub struct WatchHandle {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl WatchHandle {
+    /// Captures pending changes immediately (shutdown), then stops watching.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Reads the whole file if it is stable; `Ok(None)` when it does not exist.
+fn read_stable(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>, String> {
+    let identity = |m: &std::fs::Metadata| (m.len(), m.mtime(), m.mtime_nsec(), m.ino());
+    let before = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(format!("cannot stat {}: {err}", path.display())),
+    };
+    if before.len() > MAX_VALUE as u64 {
+        return Err(format!("{} is larger than {MAX_VALUE} bytes; not written back", path.display()));
+    }
+    let mut content = Zeroizing::new(Vec::with_capacity(before.len() as usize));
+    let mut file = std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let mut chunk = Zeroizing::new([0u8; 16 * 1024]);
+    loop {
+        match std::io::Read::read(&mut file, &mut chunk[..]) {
+            Ok(0) => break,
+            Ok(n) if content.len() + n <= MAX_VALUE => extend_zeroizing(&mut content, &chunk[..n]),
+            Ok(_) => return Err(format!("{} grew past {MAX_VALUE} bytes; not written back", path.display())),
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(format!("cannot read {}: {err}", path.display())),
+        }
+    }
+    let after = std::fs::metadata(path).map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
+    if identity(&before) != identity(&after) || content.len() as u64 != after.len() {
+        return Err("changed while being read".into());
+    }
+    Ok(Some(content))
+}
+
+/// Whether any process has `path` open for writing (scans `/proc/*/fd`; processes we may
+/// not inspect are skipped).
+fn open_for_writing(path: &Path) -> bool {
+    let Ok(procs) = std::fs::read_dir("/proc") else { return false };
+    for proc in procs.flatten() {
+        if !proc.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(proc.path().join("fd")) else { continue };
+        for fd in fds.flatten() {
+            if std::fs::read_link(fd.path()).ok().as_deref() != Some(path) {
+                continue;
+            }
+            let info = std::fs::read_to_string(proc.path().join("fdinfo").join(fd.file_name())).unwrap_or_default();
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+                .unwrap_or(0);
+            if flags & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32 {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// The absolute path of a watched file with its parent directory resolved (events carry
+/// the watched directory's path).
+fn canonical_target(path: &Path) -> Result<PathBuf, String> {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    let parent = parent.canonicalize().map_err(|e| format!("cannot resolve {}: {e}", parent.display()))?;
+    let name = path.file_name().ok_or_else(|| format!("{} has no file name", path.display()))?;
+    Ok(parent.join(name))
+}
+
+/// Syncs each watched file with the store (materialize or write back), then watches them.
+pub fn start(specs: &[WatchSpec], broker: Arc<Broker>, options: WatchOptions) -> Result<Option<WatchHandle>, String> {
+    if specs.is_empty() {
+        return Ok(None);
+    }
+    let mut states = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let mut spec = spec.clone();
+        spec.path = canonical_target(&spec.path)?;
+        states.push(initial_sync(spec, &broker, &options)?);
+    }
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event| {
+        let _ = events_tx.send(event);
+    })
+    .map_err(|e| format!("cannot start the file watcher: {e}"))?;
+    let dirs: BTreeSet<PathBuf> = states.iter().filter_map(|s| s.spec.path.parent().map(Path::to_path_buf)).collect();
+    for dir in &dirs {
+        watcher.watch(dir, RecursiveMode::NonRecursive).map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
+    }
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(event_loop(states, watcher, events_rx, broker, options, stop.clone()));
+    Ok(Some(WatchHandle { stop, task }))
+}
+
+fn initial_sync(spec: WatchSpec, broker: &Broker, options: &WatchOptions) -> Result<FileState, String> {
+    let resolved = broker.store.with_value(&spec.name, |v| Zeroizing::new(v.to_vec()));
+    let mut state = FileState { spec, last_seen: None, due: None, burst_start: None, writer_open: false };
+    let (name, path) = (state.spec.name.clone(), state.spec.path.clone());
+    match read_stable(&path) {
+        Ok(None) => match resolved {
+            Some(value) if options.materialize && !value.is_empty() => {
+                write_atomic(&path, &value, Some(0o600))
+                    .map_err(|e| format!("cannot materialize {}: {e}", path.display()))?;
+                tracing::info!(name, path = %path.display(), "materialized watched file from the backend");
+                state.last_seen = Some(LockedBytes::new(&value));
+            }
+            _ => tracing::info!(name, path = %path.display(), "watched file does not exist yet"),
+        },
+        Ok(Some(content)) if content.is_empty() => {
+            tracing::warn!(name, path = %path.display(), "watched file is empty; not written back");
+        }
+        Ok(Some(content)) => {
+            if resolved.as_ref().map(|v| &v[..]) != Some(&content[..]) {
+                tracing::info!(name, path = %path.display(), "watched file differs from the backend; writing it back");
+                broker.store.set_value(&name, &content);
+                broker.writeback.submit(&name, &state.spec.reference, &content, Origin::Watch);
+            }
+            state.last_seen = Some(LockedBytes::new(&content));
+        }
+        Err(err) => {
+            tracing::warn!(name, "{err}; will retry on the next change");
+            state.due = Some(Instant::now() + options.debounce);
+        }
+    }
+    Ok(state)
+}
+
+async fn event_loop(
+    mut states: Vec<FileState>,
+    _watcher: notify::RecommendedWatcher,
+    mut events_rx: mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
+    broker: Arc<Broker>,
+    options: WatchOptions,
+    stop: CancellationToken,
+) {
+    let index: HashMap<PathBuf, usize> = states.iter().enumerate().map(|(i, s)| (s.spec.path.clone(), i)).collect();
+    let mut changes_rx = broker.subscribe_changes();
+    loop {
+        let next_due = states.iter().filter_map(|s| s.due).min();
+        tokio::select! {
+            event = events_rx.recv() => match event {
+                Some(Ok(event)) => on_event(&mut states, &index, &event, &options),
+                Some(Err(err)) => tracing::warn!("file watcher error: {err}"),
+                None => break,
+            },
+            _ = sleep_until_opt(next_due) => {
+                let now = Instant::now();
+                for state in states.iter_mut().filter(|s| s.due.is_some_and(|d| d <= now)) {
+                    capture(state, &broker, &options, false);
+                }
+            }
+            changed = changes_rx.recv() => {
+                if let Ok(names) = changed {
+                    for state in states.iter_mut().filter(|s| names.contains(&s.spec.name)) {
+                        rewrite_from_store(state, &broker);
+                    }
+                }
+            }
+            _ = stop.cancelled() => {
+                // Shutdown: whatever is due is captured now, writer or not (in `run` the
+                // command has exited; in `daemon` this is the last chance).
+                for state in states.iter_mut().filter(|s| s.due.is_some()) {
+                    capture(state, &broker, &options, true);
+                }
+                break;
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn on_event(states: &mut [FileState], index: &HashMap<PathBuf, usize>, event: &notify::Event, options: &WatchOptions) {
+    let now = Instant::now();
+    for (position, path) in event.paths.iter().enumerate() {
+        let Some(&i) = index.get(path) else { continue };
+        let state = &mut states[i];
+        // A rename with both ends: the first path is the source, the second the destination.
+        let renamed_away = matches!(event.kind, EventKind::Modify(ModifyKind::Name(RenameMode::From)))
+            || (matches!(event.kind, EventKind::Modify(ModifyKind::Name(RenameMode::Both))) && position == 0);
+        let complete = matches!(
+            event.kind,
+            EventKind::Access(AccessKind::Close(AccessMode::Write))
+                | EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Any))
+        ) || (matches!(event.kind, EventKind::Modify(ModifyKind::Name(RenameMode::Both)))
+            && position == 1);
+        let writing =
+            matches!(event.kind, EventKind::Create(_) | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any));
+        if renamed_away || matches!(event.kind, EventKind::Remove(_)) {
+            // Gone (or about to be replaced): nothing to capture until it comes back.
+            state.due = None;
+            state.writer_open = false;
+            state.burst_start = None;
+            continue;
+        }
+        if !(complete || writing) {
+            continue;
+        }
+        let burst_start = *state.burst_start.get_or_insert(now);
+        state.writer_open = writing && !complete;
+        let quiet = now + options.debounce;
+        state.due = Some(if complete { quiet.min(burst_start + MAX_DELAY).max(now) } else { quiet });
+    }
+}
+
+fn capture(state: &mut FileState, broker: &Broker, options: &WatchOptions, final_pass: bool) {
+    let now = Instant::now();
+    let name = state.spec.name.clone();
+    let path = state.spec.path.clone();
+    let burst_age = state.burst_start.map(|s| now - s).unwrap_or_default();
+    if !final_pass && state.writer_open && burst_age < MAX_OPEN_WAIT && open_for_writing(&path) {
+        state.due = Some(now + options.debounce);
+        return;
+    }
+    let content = match read_stable(&path) {
+        Ok(Some(content)) => content,
+        Ok(None) => {
+            state.due = None;
+            return;
+        }
+        Err(err) if !final_pass && burst_age < MAX_OPEN_WAIT => {
+            tracing::debug!(name, "{err}; capture postponed");
+            state.due = Some(now + options.debounce);
+            return;
+        }
+        Err(err) => {
+            tracing::warn!(name, "{err}");
+            state.due = None;
+            return;
+        }
+    };
+    state.due = None;
+    state.burst_start = None;
+    state.writer_open = false;
+    if content.is_empty() {
+        tracing::warn!(name, path = %path.display(), "watched file is empty; not written back");
+        return;
+    }
+    if state.seen(&content) {
+        return;
+    }
+    state.last_seen = Some(LockedBytes::new(&content));
+    broker.store.set_value(&name, &content);
+    broker.writeback.submit(&name, &state.spec.reference, &content, Origin::Watch);
+    tracing::info!(name, path = %path.display(), bytes = content.len(), "captured a change; queued for write-back");
+}
+
+/// A refresh or SET changed the value in memory: bring the file up to date (unless a local
+/// change is still on its way out, which is newer).
+fn rewrite_from_store(state: &mut FileState, broker: &Broker) {
+    let name = &state.spec.name;
+    if broker.writeback.is_pending(name) || state.due.is_some() {
+        return;
+    }
+    let Some(value) = broker.store.with_value(name, |v| Zeroizing::new(v.to_vec())) else { return };
+    if value.is_empty() || state.seen(&value) {
+        return;
+    }
+    match write_atomic(&state.spec.path, &value, Some(0o600)) {
+        Ok(()) => {
+            state.last_seen = Some(LockedBytes::new(&value));
+            tracing::info!(name, path = %state.spec.path.display(), "rewrote watched file with the new value");
+        }
+        Err(err) => tracing::warn!(name, "cannot rewrite {}: {err}", state.spec.path.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_with_and_without_name() {
+        let s = WatchSpec::parse("/data/creds.json=op://Dev/OAuth/refresh").unwrap();
+        assert_eq!((s.path.to_str().unwrap(), s.name.as_str()), ("/data/creds.json", "CREDS"));
+        let s = WatchSpec::parse("/a=b/.credentials.json=claude=op://Dev/Claude/Section/creds").unwrap();
+        assert_eq!((s.path.to_str().unwrap(), s.name.as_str()), ("/a=b/.credentials.json", "CLAUDE"));
+        assert_eq!(s.reference.section.as_deref(), Some("Section"));
+        let s = WatchSpec::parse("/x/oauth-token=op://v/i/f").unwrap();
+        assert_eq!(s.name, "OAUTH_TOKEN");
+        assert!(WatchSpec::parse("/x/y").is_err());
+        assert!(WatchSpec::parse("=op://v/i/f").is_err());
+        assert!(WatchSpec::parse("/x/y=op://v/i").is_err());
+    }
+}
