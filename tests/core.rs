@@ -1,0 +1,702 @@
+//! The "core" issue's acceptance suite: byte-exact values and protocol versions, concurrent
+//! and grouped resolution, error classification and retries, the op timeout, refresh and
+//! staleness, abuse of the socket, the peer check, socket ownership, secret leaks, shutdown,
+//! client exit codes and SET. Every test runs the real binary against the fake `op`.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value as Json, json};
+
+/// Generous bound for a client that must answer "promptly".
+const PROMPT: Duration = Duration::from_secs(5);
+
+/// Runs a client command against `socket`, killed after `limit`.
+fn client_within(socket: &Path, args: &[&str], stdin: Option<&[u8]>, limit: Duration) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(args).arg("--socket").arg(socket).env_remove("OP_BRIDGE_SOCKET");
+    run_with_input(cmd, stdin, limit)
+}
+
+/// Asserts that `get NAME` answers `expected` within [`PROMPT`].
+fn assert_get(socket: &Path, name: &str, expected: &[u8], when: &str) {
+    let started = Instant::now();
+    let out = client_within(socket, &["get", name], None, PROMPT);
+    assert!(
+        out.status.success() && out.stdout == expected,
+        "get {name} {when} (after {:?}): expected {:?}\n{}",
+        started.elapsed(),
+        String::from_utf8_lossy(expected),
+        describe(&out)
+    );
+}
+
+fn code(out: &Output) -> Option<i32> {
+    out.status.code()
+}
+
+fn stderr_text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `status --json` as JSON.
+fn status_of(broker: &Broker) -> Json {
+    let out = broker.client(&["status", "--json"], None);
+    assert!(out.status.success(), "status --json: {}", describe(&out));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("status is not JSON ({e}): {}", describe(&out)))
+}
+
+/// The state STATUS gives a name ("ok", "stale", "missing").
+fn state_of(status: &Json, name: &str) -> String {
+    status["secrets"]
+        .as_array()
+        .and_then(|all| all.iter().find(|s| s["name"] == name))
+        .and_then(|s| s["state"].as_str())
+        .unwrap_or_else(|| panic!("{name} not in STATUS: {status}"))
+        .to_string()
+}
+
+fn argv_of(call: &Json) -> Vec<String> {
+    call["argv"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect()
+}
+
+/// Calls whose argv mentions `needle` anywhere.
+fn calls_mentioning(fake: &FakeOp, needle: &str) -> Vec<Json> {
+    fake.calls().into_iter().filter(|c| argv_of(c).iter().any(|a| a.contains(needle))).collect()
+}
+
+/// A random tag for distinctive secret values.
+fn tag() -> String {
+    (0..12).map(|_| fastrand::alphanumeric()).collect()
+}
+
+/// Pids of fake `op` processes started for this test's store (found by their environment).
+fn fake_op_processes(store: &Path) -> Vec<i32> {
+    let marker = format!("FAKE_OP_STORE={}", store.display());
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmdline).contains("fake-op/op") {
+            continue;
+        }
+        let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+        if environ.split(|&b| b == 0).any(|var| var == marker.as_bytes()) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Reads until EOF, a reset, or the stream's read timeout. Returns the bytes and whether the
+/// peer closed the connection (EOF or reset, as opposed to a timeout).
+fn read_until_closed(stream: &mut UnixStream) -> (Vec<u8>, bool) {
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => return (out, true),
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return (out, false);
+            }
+            Err(_) => return (out, true),
+        }
+    }
+}
+
+fn connect(socket: &Path) -> UnixStream {
+    let stream = UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+    stream.set_read_timeout(Some(PROMPT)).unwrap();
+    stream.set_write_timeout(Some(PROMPT)).unwrap();
+    stream
+}
+
+/// The seconds in the daemon's "resolved N/M secrets in X.XXs" line.
+fn resolved_seconds(stderr: &str, counts: &str) -> Option<f64> {
+    let needle = format!("resolved {counts} secrets in ");
+    let at = stderr.find(&needle)? + needle.len();
+    let rest = &stderr[at..];
+    let end = rest.find('s')?;
+    rest[..end].parse().ok()
+}
+
+/// A directory whose `python3` is the real interpreter, to put first on the daemon's PATH: a
+/// version-manager shim (pyenv) costs more per `op` call than the fake's own work, which would
+/// drown the latency the tests set with `delay_ms`.
+fn fast_python_dir() -> Option<&'static Path> {
+    static DIR: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = Command::new("python3").args(["-c", "import sys; print(sys.executable)"]).output().ok()?;
+        let exe = std::path::PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
+        if !out.status.success() || !exe.is_absolute() {
+            return None;
+        }
+        // One shared directory (not one per run); the link is replaced atomically.
+        let dir = std::env::temp_dir().join(format!("opb-python-{}", nix_getuid()));
+        std::fs::create_dir_all(&dir).ok()?;
+        let link = dir.join("python3");
+        if std::fs::read_link(&link).ok().as_deref() != Some(exe.as_path()) {
+            let tmp = dir.join(format!("python3.{}", std::process::id()));
+            let _ = std::fs::remove_file(&tmp);
+            std::os::unix::fs::symlink(&exe, &tmp).ok()?;
+            std::fs::rename(&tmp, &link).ok()?;
+        }
+        Some(dir)
+    })
+    .as_deref()
+}
+
+/// `BrokerBuilder::fake_op`, with the fast interpreter first on PATH when there is one.
+fn with_fake(builder: BrokerBuilder, fake: &FakeOp) -> BrokerBuilder {
+    let builder = builder.fake_op(fake);
+    match fast_python_dir() {
+        Some(dir) => {
+            let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
+            builder.env("PATH", path)
+        }
+        None => builder,
+    }
+}
+
+// ---------------------------------------------------------------- 1. values and versions
+
+#[test]
+fn multiline_unicode_value_is_byte_exact_and_never_truncated_in_v1() {
+    let dir = TestDir::new("c-bytes");
+    let value = "{\n  \"token\": \"h\u{e9}llo w\u{f6}rld \u{2713} \u{1F511}\",\n  \"n\": 1\n}\n";
+    let fake = FakeOp::new(&dir, json!({"Private": {"OAuth": {"json": value}, "Pair": {"a": value, "b": "x"}}}));
+    let broker = with_fake(BrokerBuilder::new(&dir, "daemon"), &fake)
+        .env("OP_CRED_REF", "op://Private/OAuth/json")
+        .env("OP_PAIR_A_REF", "op://Private/Pair/a")
+        .env("OP_PAIR_B_REF", "op://Private/Pair/b")
+        .start();
+    // Both resolution paths: `op read` (one field of OAuth) and `op item get` (two of Pair).
+    assert_eq!(calls_mentioning(&fake, "OAuth").len(), 1, "{:?}", fake.calls());
+    assert_eq!(fake.calls_of(&["item", "get", "Pair"]).len(), 1, "{:?}", fake.calls());
+    for name in ["cred", "PAIR_A"] {
+        let out = broker.client(&["get", name], None);
+        assert!(out.status.success(), "{}", describe(&out));
+        assert_eq!(out.stdout, value.as_bytes(), "get {name}: {}", describe(&out));
+    }
+
+    let v1 = raw_exchange(&broker.socket, b"GET CRED\n", PROMPT).unwrap();
+    let text = String::from_utf8_lossy(&v1);
+    assert!(text.starts_with("ERR ") && text.contains("use HELLO 2"), "v1 GET: {text:?}");
+    assert_eq!(text.matches('\n').count(), 1, "v1 GET must answer one line: {text:?}");
+    assert!(!text.contains("token"), "v1 GET leaked part of the value: {text:?}");
+
+    let v2 = raw_exchange(&broker.socket, b"HELLO 2\nGET CRED\n", PROMPT).unwrap();
+    let mut expected = format!("OK 2\nOK {}\n", value.len()).into_bytes();
+    expected.extend_from_slice(value.as_bytes());
+    expected.push(b'\n');
+    assert_eq!(String::from_utf8_lossy(&v2), String::from_utf8_lossy(&expected));
+}
+
+// ---------------------------------------------------------------- 2. concurrency, grouping
+
+#[test]
+fn twenty_items_resolve_concurrently() {
+    let dir = TestDir::new("c-conc");
+    let items: serde_json::Map<String, Json> =
+        (0..20).map(|i| (format!("Item{i:02}"), json!({"key": format!("value-{i}")}))).collect();
+    let fake = FakeOp::new(&dir, json!({ "Private": items }));
+    fake.control(json!({"delay_ms": 100}));
+    let mut builder = with_fake(BrokerBuilder::new(&dir, "daemon"), &fake);
+    for i in 0..20 {
+        builder = builder.env(format!("OP_S{i:02}_REF"), format!("op://Private/Item{i:02}/key"));
+    }
+    let broker = builder.start();
+    let stderr = broker.stderr();
+    let seconds = resolved_seconds(&stderr, "20/20").unwrap_or_else(|| panic!("no summary line:\n{stderr}"));
+    eprintln!("20 refs resolved in {seconds}s");
+    // Serial resolution would take at least 20 × 100 ms.
+    assert!(seconds < 20.0 * 0.1, "resolution was not concurrent: {seconds}s\n{stderr}");
+    assert_eq!(fake.calls_of(&["read"]).len(), 20, "{:?}", fake.calls());
+    assert!(fake.calls_of(&["item"]).is_empty(), "{:?}", fake.calls());
+    for i in [0, 7, 19] {
+        assert_get(&broker.socket, &format!("S{i:02}"), format!("value-{i}").as_bytes(), "after start");
+    }
+}
+
+#[test]
+fn fields_of_one_item_are_fetched_with_one_item_get() {
+    let dir = TestDir::new("c-group");
+    let fake = FakeOp::new(
+        &dir,
+        json!({"Private": {"Multi": {"user": "u1", "pass": "p1", "Sec": {"otp": "s1"}}, "Single": {"key": "k1"}}}),
+    );
+    let broker = with_fake(BrokerBuilder::new(&dir, "daemon"), &fake)
+        .env("OP_U_REF", "op://Private/Multi/user")
+        .env("OP_P_REF", "op://Private/Multi/pass")
+        .env("OP_S_REF", "op://Private/Multi/Sec/otp")
+        .env("OP_K_REF", "op://Private/Single/key")
+        .start();
+    let multi = calls_mentioning(&fake, "Multi");
+    assert_eq!(multi.len(), 1, "Multi asked for more than once: {multi:?}");
+    assert_eq!(argv_of(&multi[0])[..2], ["item", "get"], "{multi:?}");
+    assert_eq!(fake.calls_of(&["read"]).len(), 1, "{:?}", fake.calls());
+    for (name, value) in [("U", "u1"), ("P", "p1"), ("S", "s1"), ("K", "k1")] {
+        assert_get(&broker.socket, name, value.as_bytes(), "after start");
+    }
+}
+
+// ---------------------------------------------------------------- 3-5. failures
+
+#[test]
+fn not_found_fails_start_without_retry_unless_allowed() {
+    let dir = TestDir::new("c-nf");
+    let fake = FakeOp::new(&dir, json!({"Private": {"Real": {"key": "k"}}}));
+    let builder = || {
+        with_fake(BrokerBuilder::new(&dir, "daemon"), &fake)
+            .env("OP_GONE_REF", "op://Private/Nope/key")
+            .env("OP_REAL_REF", "op://Private/Real/key")
+    };
+    let out = run_with_timeout(builder().command(), Duration::from_secs(30));
+    assert_eq!(code(&out), Some(69), "{}", describe(&out));
+    let err = stderr_text(&out);
+    assert!(err.contains("GONE") && err.contains("isn't an item"), "{err}");
+    let asked = calls_mentioning(&fake, "Nope");
+    assert_eq!(asked.len(), 1, "a not-found reference was retried: {asked:?}");
+
+    let broker = builder().arg("--allow-missing").start();
+    let status = status_of(&broker);
+    assert_eq!(state_of(&status, "GONE"), "missing", "{status}");
+    assert_eq!(state_of(&status, "REAL"), "ok", "{status}");
+    assert_get(&broker.socket, "REAL", b"k", "with --allow-missing");
+    let out = broker.client(&["get", "GONE"], None);
+    assert_eq!(code(&out), Some(1), "{}", describe(&out));
+}
+
+#[test]
+fn rate_limited_calls_are_retried_after_the_stated_delay() {
+    let dir = TestDir::new("c-429");
+    let fake = FakeOp::new(&dir, json!({"Private": {"Api": {"key": "k429"}}}));
+    fake.control(json!({"rate_limit": 2, "rate_limit_retry_s": 1}));
+    let broker = with_fake(BrokerBuilder::new(&dir, "daemon"), &fake).env("OP_API_REF", "op://Private/Api/key").start();
+    assert_get(&broker.socket, "API", b"k429", "after two 429s");
+    let stderr = broker.stderr();
+    assert!(stderr.contains("retry") && stderr.contains("429"), "no retry logged:\n{stderr}");
+    let reads = fake.calls_of(&["read"]);
+    assert_eq!(reads.len(), 3, "{reads:?}");
+    assert_eq!(reads.iter().filter(|c| c["exit"] == 0).count(), 1, "{reads:?}");
+}
+
+#[test]
+fn hung_op_is_killed_after_the_timeout() {
+    let dir = TestDir::new("c-hang");
+    let fake = FakeOp::new(&dir, json!({"Private": {"Api": {"key": "k"}}}));
+    fake.control(json!({"hang": true}));
+    let builder = with_fake(BrokerBuilder::new(&dir, "daemon"), &fake)
+        .env("OP_API_REF", "op://Private/Api/key")
+        .args(["--op-timeout", "1s", "--retries", "1"]);
+    let started = Instant::now();
+    let out = run_with_timeout(builder.command(), Duration::from_secs(30));
+    let elapsed = started.elapsed();
+    assert_eq!(code(&out), Some(69), "{}", describe(&out));
+    assert!(elapsed < Duration::from_secs(15), "start took {elapsed:?}: {}", describe(&out));
+    let err = stderr_text(&out).to_lowercase();
+    assert!(err.contains("timeout") || err.contains("did not answer"), "{err}");
+    assert!(err.contains("api"), "the error does not name the secret: {err}");
+    assert_eq!(fake.calls_of(&["read"]).len(), 1, "{:?}", fake.calls());
+    let left = || fake_op_processes(&fake.store);
+    assert!(eventually(Duration::from_secs(5), || left().is_empty()), "fake op still running: {:?}", left());
+}
+
+#[test]
+fn op_gets_a_null_stdin_for_reads() {
+    let dir = TestDir::new("c-stdin");
+    let fake = FakeOp::new(&dir, json!({"Private": {"One": {"a": "1"}, "Two": {"a": "2", "b": "3"}}}));
+    let broker = with_fake(BrokerBuilder::new(&dir, "daemon"), &fake)
+        .env("OP_ONE_REF", "op://Private/One/a")
+        .env("OP_TWO_A_REF", "op://Private/Two/a")
+        .env("OP_TWO_B_REF", "op://Private/Two/b")
+        .start();
+    let out = broker.client(&["refresh"], None);
+    assert!(out.status.success(), "{}", describe(&out));
+    let calls = fake.calls();
+    assert_eq!(fake.calls_of(&["read"]).len(), 2, "{calls:?}");
+    assert_eq!(fake.calls_of(&["item", "get"]).len(), 2, "{calls:?}");
+    for call in &calls {
+        assert_eq!(call["stdin_devnull"], true, "op was not given /dev/null as stdin: {call}");
+    }
+}
+
+// ---------------------------------------------------------------- 7. refresh
+
+#[test]
+fn refresh_and_sighup_pick_up_changes_serve_stale_and_drop_deleted() {
+    let dir = TestDir::new("c-refresh");
+    let mut store = json!({"Private": {"Api": {"key": "v1"}, "Other": {"key": "o1"}}});
+    let fake = FakeOp::new(&dir, store.clone());
+    let broker = with_fake(BrokerBuilder::new(&dir, "daemon"), &fake)
+        .env("OP_API_REF", "op://Private/Api/key")
+        .env("OP_OTHER_REF", "op://Private/Other/key")
+        .args(["--retries", "1"])
+        .start();
+    assert_get(&broker.socket, "API", b"v1", "at start");
+
+    store["Private"]["Api"]["key"] = json!("v2");
+    fake.write_store(&store);
+    let out = broker.client(&["refresh"], None);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_get(&broker.socket, "API", b"v2", "after REFRESH");
+
+    store["Private"]["Api"]["key"] = json!("v3");
+    fake.write_store(&store);
+    broker.signal(libc::SIGHUP);
+    let got_v3 = eventually(Duration::from_secs(10), || broker.client(&["get", "API"], None).stdout == b"v3");
+    assert!(got_v3, "SIGHUP did not re-resolve\nstderr:\n{}", broker.stderr());
+
+    fake.control(json!({"outage": true}));
+    let out = broker.client(&["refresh"], None);
+    assert_eq!(code(&out), Some(1), "refresh during an outage: {}", describe(&out));
+    let err = stderr_text(&out);
+    assert!(err.contains("API") && err.contains("OTHER"), "refresh error does not name the secrets: {err}");
+    assert_get(&broker.socket, "API", b"v3", "after a failed refresh");
+    let status = status_of(&broker);
+    assert_eq!(state_of(&status, "API"), "stale", "{status}");
+    assert_eq!(state_of(&status, "OTHER"), "stale", "{status}");
+
+    fake.control(json!({}));
+    store["Private"].as_object_mut().unwrap().remove("Api");
+    fake.write_store(&store);
+    let out = broker.client(&["refresh"], None);
+    assert!(out.status.success(), "refresh after a deletion: {}", describe(&out));
+    let out = broker.client(&["get", "API"], None);
+    assert_eq!(code(&out), Some(1), "deleted item still served: {}", describe(&out));
+    assert!(out.stdout.is_empty(), "{}", describe(&out));
+    assert_get(&broker.socket, "OTHER", b"o1", "after the other item was deleted");
+    let status = status_of(&broker);
+    assert_eq!(state_of(&status, "API"), "missing", "{status}");
+    assert_eq!(state_of(&status, "OTHER"), "ok", "{status}");
+}
+
+// ---------------------------------------------------------------- 8. abuse
+
+#[test]
+fn abusive_clients_never_stall_the_server() {
+    let dir = TestDir::new("c-abuse");
+    let fake = FakeOp::new(&dir, json!({"Private": {"Api": {"key": "abuse-ok"}}}));
+    let broker = with_fake(BrokerBuilder::new(&dir, "daemon"), &fake).env("OP_API_REF", "op://Private/Api/key").start();
+    let socket = broker.socket.clone();
+    let check = |when: &str| assert_get(&socket, "API", b"abuse-ok", when);
+
+    // 1 MiB without a newline: ERR, then the connection is closed.
+    let mut stream = connect(&socket);
+    let _ = stream.write_all(&vec![b'A'; 1024 * 1024]);
+    let (reply, closed) = read_until_closed(&mut stream);
+    let text = String::from_utf8_lossy(&reply);
+    assert!(text.starts_with("ERR "), "oversized line: {text:?}");
+    assert!(closed, "connection left open after an oversized line");
+    drop(stream);
+    check("after a 1 MiB line");
+
+    // A client that connects and never writes.
+    let silent = connect(&socket);
+    check("while a silent client is connected");
+
+    // Invalid UTF-8: ERR, and the connection stays usable.
+    let mut stream = connect(&socket);
+    stream.write_all(b"GET \xff\xfe\xfd\nPING\n").unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut first = Vec::new();
+    reader.read_until(b'\n', &mut first).unwrap();
+    assert!(first.starts_with(b"ERR "), "invalid UTF-8: {:?}", String::from_utf8_lossy(&first));
+    let mut second = Vec::new();
+    reader.read_until(b'\n', &mut second).unwrap();
+    assert_eq!(String::from_utf8_lossy(&second), "OK pong\n", "connection unusable after invalid UTF-8");
+    check("after invalid UTF-8");
+
+    // 500 connections held open.
+    let held: Vec<UnixStream> = (0..500).map(|_| connect(&socket)).collect();
+    check("while 500 connections are held open");
+    for mut conn in held.iter().step_by(50) {
+        conn.write_all(b"PING\n").unwrap();
+        let mut line = Vec::new();
+        BufReader::new(conn).read_until(b'\n', &mut line).unwrap();
+        assert_eq!(String::from_utf8_lossy(&line), "OK pong\n", "a held connection was not served");
+    }
+    drop(held);
+    drop(silent);
+    check("after the held connections closed");
+}
+
+// ---------------------------------------------------------------- 9. peer uid
+
+fn run_as_nobody(socket: &Path) -> Output {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(bin())
+        .arg("ping")
+        .arg("--socket")
+        .arg(socket);
+    run_with_timeout(cmd, Duration::from_secs(10))
+}
+
+fn open_socket_to_all(socket: &Path) {
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+}
+
+#[test]
+fn peer_uid_is_checked() {
+    if nix_getuid() != 0 {
+        eprintln!("skipped: peer_uid_is_checked needs root");
+        return;
+    }
+    let dir = TestDir::new("c-peer");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(dir.join("vault.json"), r#"{"dev":{"api":{"key":"k"}}}"#).unwrap();
+    let backend = format!("--backend=file:{}", dir.join("vault.json").display());
+    let broker = BrokerBuilder::new(&dir, "daemon").arg(&backend).env("OP_API_REF", "op://dev/api/key").start();
+    let mode = std::fs::metadata(&broker.socket).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o600, "socket mode is {mode:o}");
+
+    // The file mode alone keeps other uids out.
+    let out = run_as_nobody(&broker.socket);
+    assert_eq!(code(&out), Some(3), "uid 65534 connected through a 0600 socket: {}", describe(&out));
+
+    // With the file mode opened up, SO_PEERCRED must still refuse.
+    open_socket_to_all(&broker.socket);
+    let out = run_as_nobody(&broker.socket);
+    assert!(!out.status.success(), "uid 65534 was let in: {}", describe(&out));
+    assert!(stderr_text(&out).contains("permission denied"), "{}", describe(&out));
+    assert_get(&broker.socket, "API", b"k", "after a refused peer");
+
+    let dir2 = TestDir::new("c-peer2");
+    std::fs::set_permissions(dir2.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let allowed = BrokerBuilder::new(&dir2, "daemon")
+        .arg(&backend)
+        .args(["--allow-uid", "65534"])
+        .env("OP_API_REF", "op://dev/api/key")
+        .start();
+    open_socket_to_all(&allowed.socket);
+    let out = run_as_nobody(&allowed.socket);
+    assert!(out.status.success(), "--allow-uid 65534 did not let it in: {}", describe(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "pong");
+}
+
+fn nix_getuid() -> u32 {
+    // SAFETY: getuid(2) cannot fail.
+    unsafe { libc::getuid() }
+}
+
+// ---------------------------------------------------------------- 10. socket ownership
+
+fn file_backend(dir: &TestDir) -> String {
+    std::fs::write(dir.join("vault.json"), r#"{"dev":{"api":{"key":"k"}}}"#).unwrap();
+    format!("--backend=file:{}", dir.join("vault.json").display())
+}
+
+#[test]
+fn second_daemon_is_refused_and_stale_socket_replaced() {
+    let dir = TestDir::new("c-sock");
+    let backend = file_backend(&dir);
+    let builder = || BrokerBuilder::new(&dir, "daemon").arg(&backend).env("OP_API_REF", "op://dev/api/key");
+    let mut first = builder().start();
+    let out = run_with_timeout(builder().command(), Duration::from_secs(20));
+    assert_eq!(code(&out), Some(125), "{}", describe(&out));
+    assert!(stderr_text(&out).contains("already serving"), "{}", describe(&out));
+    assert_get(&first.socket, "API", b"k", "after a second daemon was refused");
+
+    first.signal(libc::SIGKILL);
+    first.wait(Duration::from_secs(10));
+    assert!(first.socket.exists(), "SIGKILL should leave the socket file behind");
+    let second = builder().start();
+    assert_get(&second.socket, "API", b"k", "from the daemon that replaced a stale socket");
+}
+
+#[test]
+fn regular_file_or_symlink_at_socket_path_is_left_alone() {
+    let dir = TestDir::new("c-nosock");
+    let backend = file_backend(&dir);
+    let builder = || BrokerBuilder::new(&dir, "daemon").arg(&backend).env("OP_API_REF", "op://dev/api/key");
+    let socket = builder().socket().to_path_buf();
+
+    std::fs::write(&socket, b"precious").unwrap();
+    let out = run_with_timeout(builder().command(), Duration::from_secs(20));
+    assert_eq!(code(&out), Some(125), "{}", describe(&out));
+    assert!(stderr_text(&out).contains("not a socket"), "{}", describe(&out));
+    assert_eq!(std::fs::read(&socket).unwrap(), b"precious");
+    std::fs::remove_file(&socket).unwrap();
+
+    let target = dir.join("target.txt");
+    std::fs::write(&target, b"target").unwrap();
+    std::os::unix::fs::symlink(&target, &socket).unwrap();
+    let out = run_with_timeout(builder().command(), Duration::from_secs(20));
+    assert_eq!(code(&out), Some(125), "{}", describe(&out));
+    assert!(stderr_text(&out).contains("symlink"), "{}", describe(&out));
+    assert!(std::fs::symlink_metadata(&socket).unwrap().file_type().is_symlink());
+    assert_eq!(std::fs::read_link(&socket).unwrap(), target);
+    assert_eq!(std::fs::read(&target).unwrap(), b"target");
+}
+
+// ---------------------------------------------------------------- 11. leaks
+
+#[test]
+fn secret_values_never_leak() {
+    let dir = TestDir::new("c-leak");
+    let tag = tag();
+    let api = format!("S3CRET-API-{tag}");
+    let multi_a = format!("S3CRET-MA-{tag}\nsecond line\n");
+    let multi_b = format!("S3CRET-MB-{tag}");
+    let mut store = json!({"Private": {"Api": {"key": api}, "Multi": {"a": multi_a, "b": multi_b}}});
+    let fake = FakeOp::new(&dir, store.clone());
+    let audit = dir.join("audit.jsonl");
+    let broker = with_fake(BrokerBuilder::new(&dir, "daemon"), &fake)
+        .env("OP_API_REF", "op://Private/Api/key")
+        .env("OP_MULTI_A_REF", "op://Private/Multi/a")
+        .env("OP_MULTI_B_REF", "op://Private/Multi/b")
+        .args(["--log-level", "trace", "--allow-set-any", "--retries", "1"])
+        .arg(format!("--audit-log={}", audit.display()))
+        .start();
+    let mut shown = Vec::<(String, Vec<u8>)>::new();
+    let mut run = |args: &[&str], stdin: Option<&[u8]>, keep_stdout: bool| {
+        let out = broker.client(args, stdin);
+        if keep_stdout {
+            shown.push((format!("stdout of {args:?}"), out.stdout.clone()));
+        }
+        shown.push((format!("stderr of {args:?}"), out.stderr.clone()));
+        out
+    };
+
+    assert_eq!(run(&["get", "API"], None, false).stdout, api.as_bytes());
+    assert_eq!(run(&["get", "MULTI_A"], None, false).stdout, multi_a.as_bytes());
+    assert_eq!(run(&["get", "op://Private/Multi/b"], None, false).stdout, multi_b.as_bytes());
+    assert_eq!(code(&run(&["get", "NOPE"], None, true)), Some(1));
+    assert!(run(&["list"], None, true).status.success());
+    assert!(run(&["status"], None, true).status.success());
+    assert!(run(&["status", "--json"], None, true).status.success());
+
+    store["Private"]["Api"]["key"] = json!(format!("S3CRET-NEW-{tag}"));
+    fake.write_store(&store);
+    assert!(run(&["refresh"], None, true).status.success());
+
+    let set_value = format!("S3CRET-SET-{tag}\n{{\"x\": 1}}\n");
+    let out = run(&["set", "API"], Some(set_value.as_bytes()), true);
+    assert!(out.status.success(), "{}", describe(&out));
+    let out = run(&["set", "EXTRA", "op://Private/Multi/extra"], Some(format!("S3CRET-X-{tag}").as_bytes()), true);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(run(&["delete", "MULTI_B"], None, true).status.success());
+
+    fake.control(json!({"outage": true}));
+    assert_eq!(code(&run(&["refresh"], None, true)), Some(1));
+    let out = run(&["set", "API"], Some(format!("S3CRET-FAIL-{tag}").as_bytes()), true);
+    assert_eq!(code(&out), Some(1), "{}", describe(&out));
+    assert!(run(&["status", "--json"], None, true).status.success());
+    fake.control(json!({}));
+
+    shown.push(("daemon stderr".into(), broker.stderr().into_bytes()));
+    shown.push(("daemon stdout".into(), broker.stdout().into_bytes()));
+    shown.push(("audit log".into(), std::fs::read(&audit).unwrap_or_default()));
+    for call in fake.calls() {
+        shown.push((format!("op argv {:?}", call["argv"]), call["argv"].to_string().into_bytes()));
+    }
+    assert!(broker.stderr().contains("TRACE"), "trace logging is not on:\n{}", broker.stderr());
+    for (what, bytes) in &shown {
+        let text = String::from_utf8_lossy(bytes);
+        assert!(!text.contains(&tag), "a secret value leaked into {what}:\n{text}");
+    }
+    // The writes did reach the store (so the checks above saw real traffic).
+    let stored = fake.read_store();
+    assert_eq!(stored["Private"]["Api"]["key"], json!(set_value));
+    assert_eq!(stored["Private"]["Multi"]["extra"], json!(format!("S3CRET-X-{tag}")));
+}
+
+// ---------------------------------------------------------------- 12-13. shutdown, exit codes
+
+#[test]
+fn sigterm_exits_zero_and_removes_socket_and_pid_file() {
+    let dir = TestDir::new("c-term");
+    let backend = file_backend(&dir);
+    let pid_file = dir.join("op-bridge.pid");
+    let mut broker = BrokerBuilder::new(&dir, "daemon")
+        .arg(&backend)
+        .arg(format!("--pid-file={}", pid_file.display()))
+        .env("OP_API_REF", "op://dev/api/key")
+        .start();
+    let written = std::fs::read_to_string(&pid_file).unwrap();
+    assert_eq!(written.trim(), broker.pid().to_string());
+    // An idle connection must not keep the daemon from stopping.
+    let _idle = connect(&broker.socket);
+    broker.signal(libc::SIGTERM);
+    let status = broker.wait(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{status}\nstderr:\n{}", broker.stderr());
+    assert!(!broker.socket.exists(), "socket left behind");
+    assert!(!pid_file.exists(), "pid file left behind");
+}
+
+#[test]
+fn client_exit_codes() {
+    let dir = TestDir::new("c-exit");
+    let backend = file_backend(&dir);
+    let broker = BrokerBuilder::new(&dir, "daemon").arg(&backend).env("OP_API_REF", "op://dev/api/key").start();
+    let out = broker.client(&["get", "API"], None);
+    assert_eq!(code(&out), Some(0), "{}", describe(&out));
+    let out = broker.client(&["get", "UNKNOWN"], None);
+    assert_eq!(code(&out), Some(1), "{}", describe(&out));
+    assert!(stderr_text(&out).contains("unknown ref: UNKNOWN"), "{}", describe(&out));
+    let out = broker.client(&["get", "a", "b", "c"], None);
+    assert_eq!(code(&out), Some(2), "{}", describe(&out));
+    let out = client(&dir.join("nothing-here.sock"), &["get", "API"], None);
+    assert_eq!(code(&out), Some(3), "{}", describe(&out));
+    let out = client(&dir.join("nothing-here.sock"), &["ping"], None);
+    assert_eq!(code(&out), Some(3), "{}", describe(&out));
+}
+
+// ---------------------------------------------------------------- 14. SET
+
+#[test]
+fn set_writes_through_and_respects_policy() {
+    let dir = TestDir::new("c-set");
+    let fake = FakeOp::new(&dir, json!({"Private": {"Api": {"key": "old"}, "Other": {"key": "other"}}}));
+    let builder = || {
+        with_fake(BrokerBuilder::new(&dir, "daemon"), &fake)
+            .env("OP_API_REF", "op://Private/Api/key")
+            .env("OP_OTHER_REF", "op://Private/Other/key")
+    };
+    let value = "line one\nline two \u{e9}\n\n";
+    {
+        let broker = builder().start();
+        let out = broker.client(&["set", "api"], Some(value.as_bytes()));
+        assert!(out.status.success(), "{}", describe(&out));
+        assert_get(&broker.socket, "API", value.as_bytes(), "after SET");
+        assert_eq!(fake.read_store()["Private"]["Api"]["key"], json!(value));
+        let edits = fake.calls_of(&["item", "edit"]);
+        assert_eq!(edits.len(), 1, "{edits:?}");
+        assert_eq!(edits[0]["stdin_devnull"], false, "item edit must read the item from stdin");
+
+        // Another reference than the registered one.
+        let out = broker.client(&["set", "API", "op://Private/Other/key"], Some(b"hijack"));
+        assert_eq!(code(&out), Some(1), "{}", describe(&out));
+        assert!(stderr_text(&out).contains("allow-set-any"), "{}", describe(&out));
+        assert_eq!(fake.read_store()["Private"]["Other"]["key"], json!("other"));
+        assert_get(&broker.socket, "API", value.as_bytes(), "after a refused SET");
+    }
+    {
+        let broker = builder().arg("--allow-set-any").start();
+        let out = broker.client(&["set", "API", "op://Private/Other/key"], Some(b"redirected"));
+        assert!(out.status.success(), "{}", describe(&out));
+        assert_eq!(fake.read_store()["Private"]["Other"]["key"], json!("redirected"));
+    }
+    {
+        let broker = builder().arg("--read-only").start();
+        let edits_before = fake.calls_of(&["item", "edit"]).len();
+        let out = broker.client(&["set", "API"], Some(b"nope"));
+        assert_eq!(code(&out), Some(1), "{}", describe(&out));
+        assert!(stderr_text(&out).contains("read-only"), "{}", describe(&out));
+        let out = broker.client(&["delete", "API"], None);
+        assert_eq!(code(&out), Some(1), "{}", describe(&out));
+        assert!(stderr_text(&out).contains("read-only"), "{}", describe(&out));
+        assert_get(&broker.socket, "API", value.as_bytes(), "after refused SET and DELETE");
+        assert_eq!(fake.calls_of(&["item", "edit"]).len(), edits_before, "--read-only still wrote");
+    }
+}

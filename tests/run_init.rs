@@ -1,0 +1,752 @@
+//! `op-bridge run` as a container init: exit codes, signal forwarding and the grace kill,
+//! SIGHUP refresh, zombie reaping (as PID 1 of a pid namespace and as a subreaper), the
+//! child's environment, Ctrl-C on a terminal, `--on-change`, and failing closed.
+//!
+//! PID 1 tests run op-bridge inside `unshare --pid --fork --mount-proc` (needs root, as the
+//! suite does here and in CI); signals go to op-bridge's host pid, which a namespace init
+//! accepts for every signal it has a handler for. Child scripts find their test directory in
+//! `$D` and the op-bridge binary in `$OPB`.
+
+mod common;
+use common::*;
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Bound for anything that should happen promptly (never a pass/fail on speed).
+const PROMPT: Duration = Duration::from_secs(20);
+
+/// Where op-bridge runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// PID 1 of a fresh pid namespace (`unshare --pid --fork --mount-proc`).
+    Pid1,
+    /// A normal process, reaping orphans as a subreaper.
+    Subreaper,
+}
+
+/// A running `op-bridge run`, directly or under unshare; everything is killed on drop.
+struct Init {
+    /// op-bridge itself, or the unshare process in front of it.
+    process: Child,
+    /// op-bridge's pid as seen from the host.
+    pid: i32,
+    mode: Mode,
+    stderr_path: PathBuf,
+    dir: PathBuf,
+}
+
+/// Writes DIR/vault.json and returns the `--backend` option pointing at it.
+fn write_vault(dir: &TestDir, json: &str) -> String {
+    let path = dir.join("vault.json");
+    let tmp = dir.join("vault.json.tmp");
+    std::fs::write(&tmp, json).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    format!("--backend=file:{}", path.display())
+}
+
+/// `op-bridge run --socket DIR/s.sock --backend file:DIR/vault.json`, with `$D` and `$OPB`
+/// set for the child's scripts.
+fn run_builder(dir: &TestDir, vault: &str) -> BrokerBuilder {
+    let backend = write_vault(dir, vault);
+    BrokerBuilder::new(dir, "run")
+        .arg(backend)
+        .env("D", dir.path().display().to_string())
+        .env("OPB", bin().display().to_string())
+}
+
+fn sh(script: &str) -> Vec<String> {
+    vec!["--".into(), "sh".into(), "-c".into(), script.into()]
+}
+
+fn bash(script: &str) -> Vec<String> {
+    vec!["--".into(), "bash".into(), "-c".into(), script.into()]
+}
+
+/// Children of `pid` as listed by the kernel.
+fn children_of(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// `(state, ppid)` from /proc/PID/stat, if the process exists.
+fn proc_state(pid: i32) -> Option<(char, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses; the fields follow the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+impl Init {
+    fn start(builder: BrokerBuilder, mode: Mode, dir: &TestDir) -> Init {
+        let direct = builder.command();
+        let mut command = match mode {
+            Mode::Subreaper => direct,
+            Mode::Pid1 => {
+                let mut command = Command::new("unshare");
+                // --kill-child: if the test kills unshare, the namespace (and all in it) dies.
+                command
+                    .args(["--pid", "--fork", "--mount-proc", "--kill-child"])
+                    .arg(direct.get_program())
+                    .args(direct.get_args())
+                    .env_clear();
+                for (key, value) in direct.get_envs() {
+                    if let Some(value) = value {
+                        command.env(key, value);
+                    }
+                }
+                command
+            }
+        };
+        let stderr_path = dir.join(&format!("op-bridge-{}.stderr", fastrand::u32(..)));
+        command
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(stderr_path.with_extension("stdout")).unwrap())
+            .stderr(std::fs::File::create(&stderr_path).unwrap());
+        let process = command.spawn().unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+        let mut init = Init { pid: process.id() as i32, process, mode, stderr_path, dir: dir.path().to_path_buf() };
+        if mode == Mode::Pid1 {
+            // A short run may be over before its pid is seen; it is only needed for signals.
+            let unshare = init.pid;
+            let found = eventually(PROMPT, || match children_of(unshare).first() {
+                Some(&pid) => {
+                    init.pid = pid;
+                    true
+                }
+                None => init.process.try_wait().ok().flatten().is_some(),
+            });
+            assert!(found, "unshare started no child\n{}", init.diagnostics());
+        }
+        init
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on op-bridge, which this test started and which is alive or a zombie
+        // of ours (its pid cannot be recycled before we wait for it).
+        let rc = unsafe { libc::kill(self.pid, signal) };
+        assert_eq!(rc, 0, "kill({}, {signal}) failed\n{}", self.pid, self.diagnostics());
+    }
+
+    fn stderr(&self) -> String {
+        read(&self.stderr_path)
+    }
+
+    /// op-bridge's stderr plus every small text file of the test directory.
+    fn diagnostics(&self) -> String {
+        let mut text = format!("mode: {:?}\n--- op-bridge stderr ---\n{}", self.mode, self.stderr());
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+            paths.sort();
+            for path in paths {
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                if name.ends_with(".stderr") || name.ends_with(".sock") || name.ends_with(".py") {
+                    continue;
+                }
+                if let Ok(text_of) = std::fs::read_to_string(&path)
+                    && text_of.len() < 4096
+                {
+                    text.push_str(&format!("--- {name} ---\n{text_of}\n"));
+                }
+            }
+        }
+        text
+    }
+
+    /// Waits for exit; panics with diagnostics after `limit`.
+    fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.process.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "op-bridge did not exit within {limit:?}\n{}", self.diagnostics());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for exit and returns the exit code (a signal death is a failure).
+    fn code(&mut self, limit: Duration) -> i32 {
+        let status = self.wait(limit);
+        status.code().unwrap_or_else(|| panic!("op-bridge died of {:?}\n{}", status.signal(), self.diagnostics()))
+    }
+
+    /// Waits until DIR/name exists.
+    fn await_file(&mut self, name: &str) -> String {
+        let path = self.dir.join(name);
+        let deadline = Instant::now() + PROMPT;
+        loop {
+            if path.exists() {
+                return read(&path);
+            }
+            if let Some(status) = self.process.try_wait().unwrap() {
+                panic!("op-bridge exited with {status} before {name} appeared\n{}", self.diagnostics());
+            }
+            assert!(Instant::now() < deadline, "{name} did not appear within {PROMPT:?}\n{}", self.diagnostics());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until `check` holds for the content of DIR/name.
+    fn await_content(&mut self, name: &str, what: &str, check: impl Fn(&str) -> bool) -> String {
+        let path = self.dir.join(name);
+        let deadline = Instant::now() + PROMPT;
+        loop {
+            let text = read(&path);
+            if check(&text) {
+                return text;
+            }
+            if let Some(status) = self.process.try_wait().unwrap() {
+                panic!("op-bridge exited with {status} while waiting for {what} in {name}\n{}", self.diagnostics());
+            }
+            assert!(Instant::now() < deadline, "no {what} in {name} within {PROMPT:?}\n{}", self.diagnostics());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("s.sock")
+    }
+}
+
+impl Drop for Init {
+    fn drop(&mut self) {
+        if self.process.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        // A subreaper's command would survive op-bridge's SIGKILL: kill its group first. As
+        // PID 1, op-bridge's death takes the whole namespace with it.
+        if self.mode == Mode::Subreaper {
+            for child in children_of(self.pid) {
+                // SAFETY: kill(2) on the process group led by op-bridge's child.
+                unsafe { libc::kill(-child, libc::SIGKILL) };
+            }
+        }
+        // SAFETY: kill(2) on a process we started and have not reaped (or its namespace init).
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+const EMPTY_VAULT: &str = r#"{"vault":{"item":{"a":"one"}}}"#;
+
+/// Runs CMD to completion in `mode` and returns op-bridge's exit code and diagnostics.
+fn run_to_end(mode: Mode, command: Vec<String>, tag: &str) -> (i32, String) {
+    let dir = TestDir::new(tag);
+    std::fs::write(dir.join("noexec"), "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(dir.join("noexec"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let command: Vec<String> =
+        command.into_iter().map(|a| a.replace("$NOEXEC", &dir.join("noexec").display().to_string())).collect();
+    let mut init = Init::start(run_builder(&dir, EMPTY_VAULT).args(command), mode, &dir);
+    let code = init.code(PROMPT);
+    (code, init.diagnostics())
+}
+
+fn check_exit_codes(mode: Mode) {
+    let cases: Vec<(Vec<String>, i32)> = vec![
+        (sh("exit 0"), 0),
+        (sh("exit 3"), 3),
+        (sh("exit 255"), 255),
+        (sh("kill -TERM $$; sleep 5"), 143),
+        (sh("kill -KILL $$; sleep 5"), 137),
+        (vec!["--".into(), "opb-no-such-command-xyz".into()], 127),
+        (vec!["--".into(), "/nonexistent/dir/cmd".into()], 127),
+        (vec!["--".into(), "$NOEXEC".into()], 126),
+    ];
+    let mut failures = Vec::new();
+    for (command, expected) in cases {
+        let shown = command[1..].join(" ");
+        let (code, diagnostics) = run_to_end(mode, command, "codes");
+        if code != expected {
+            failures.push(format!("`{shown}`: expected {expected}, got {code}\n{diagnostics}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n=====\n"));
+}
+
+#[test]
+fn exit_codes_pass_through_as_pid1() {
+    check_exit_codes(Mode::Pid1);
+}
+
+#[test]
+fn exit_codes_pass_through_as_subreaper() {
+    check_exit_codes(Mode::Subreaper);
+}
+
+#[test]
+fn sigterm_reaches_trapping_child_as_pid1() {
+    let dir = TestDir::new("term");
+    let script = r#"trap 'echo TERM >> "$D/trapped"; exit 42' TERM; touch "$D/ready"; while :; do sleep 0.05; done"#;
+    let mut init = Init::start(run_builder(&dir, EMPTY_VAULT).args(sh(script)), Mode::Pid1, &dir);
+    init.await_file("ready");
+    init.signal(libc::SIGTERM);
+    let code = init.code(PROMPT);
+    assert_eq!(code, 42, "expected the trap's exit code\n{}", init.diagnostics());
+    assert_eq!(read(&dir.join("trapped")), "TERM\n", "{}", init.diagnostics());
+}
+
+#[test]
+fn child_ignoring_sigterm_is_killed_after_grace_as_pid1() {
+    let dir = TestDir::new("grace");
+    // An ignored signal stays ignored across exec, so `sleep` ignores it too.
+    let script = r#"trap '' TERM; touch "$D/ready"; while :; do sleep 0.05; done"#;
+    let builder = run_builder(&dir, EMPTY_VAULT).args(["--grace", "1s"]).args(sh(script));
+    let mut init = Init::start(builder, Mode::Pid1, &dir);
+    init.await_file("ready");
+    let sent = Instant::now();
+    init.signal(libc::SIGTERM);
+    let code = init.code(Duration::from_secs(10));
+    assert_eq!(code, 137, "expected SIGKILL after the grace period\n{}", init.diagnostics());
+    // Not a speed check: SIGKILL must not come before the grace period.
+    assert!(sent.elapsed() >= Duration::from_millis(900), "killed before the grace period\n{}", init.diagnostics());
+}
+
+#[test]
+fn signals_reach_the_child_as_pid1() {
+    let dir = TestDir::new("sigs");
+    let script = r#"
+        rec() { echo "$1" >> "$D/signals"; }
+        trap 'rec INT' INT; trap 'rec QUIT' QUIT; trap 'rec USR1' USR1
+        trap 'rec USR2' USR2; trap 'rec WINCH' WINCH
+        touch "$D/ready"
+        while [ ! -e "$D/done" ]; do sleep 0.05; done
+        exit 7"#;
+    // INT and QUIT start the grace timer: make it long enough not to matter.
+    let builder = run_builder(&dir, EMPTY_VAULT).args(["--grace", "60s"]).args(bash(script));
+    let mut init = Init::start(builder, Mode::Pid1, &dir);
+    init.await_file("ready");
+    let signals = [
+        (libc::SIGUSR1, "USR1"),
+        (libc::SIGUSR2, "USR2"),
+        (libc::SIGWINCH, "WINCH"),
+        (libc::SIGINT, "INT"),
+        (libc::SIGQUIT, "QUIT"),
+    ];
+    for (number, name) in signals {
+        init.signal(number);
+        init.await_content("signals", name, |text| text.lines().any(|l| l == name));
+    }
+    std::fs::write(dir.join("done"), "").unwrap();
+    let code = init.code(PROMPT);
+    assert_eq!(code, 7, "{}", init.diagnostics());
+    let seen: Vec<String> = read(&dir.join("signals")).lines().map(String::from).collect();
+    assert_eq!(seen, ["USR1", "USR2", "WINCH", "INT", "QUIT"], "each signal exactly once\n{}", init.diagnostics());
+}
+
+/// SIGHUP with `--hup MODE`: whether the value is refreshed and whether the child sees it.
+fn check_hup(hup: &str, refreshes: bool, forwards: bool) {
+    let dir = TestDir::new("hup");
+    let script = r#"
+        trap 'echo HUP >> "$D/hup"' HUP
+        touch "$D/ready"
+        while [ ! -e "$D/go" ]; do sleep 0.05; done
+        "$OPB" get A > "$D/got" 2> "$D/get.err"; echo $? > "$D/get.rc"
+        exit 0"#;
+    let builder = run_builder(&dir, r#"{"vault":{"item":{"a":"one"}}}"#)
+        .env("OP_A_REF", "op://vault/item/a")
+        .args(["--hup", hup])
+        .args(sh(script));
+    let mut init = Init::start(builder, Mode::Pid1, &dir);
+    init.await_file("ready");
+    write_vault(&dir, r#"{"vault":{"item":{"a":"two"}}}"#);
+    init.signal(libc::SIGHUP);
+    let expected = if refreshes { "two" } else { "one" };
+    if refreshes {
+        let refreshed = eventually(PROMPT, || client(&init.socket(), &["get", "A"], None).stdout == b"two");
+        assert!(refreshed, "SIGHUP did not re-resolve A\n{}", init.diagnostics());
+    }
+    if forwards {
+        init.await_file("hup");
+    } else {
+        // The child would have seen a forwarded SIGHUP before the refresh finished (op-bridge
+        // forwards synchronously); give a late one a moment anyway.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::fs::write(dir.join("go"), "").unwrap();
+    let code = init.code(PROMPT);
+    assert_eq!(code, 0, "{}", init.diagnostics());
+    assert_eq!(read(&dir.join("get.rc")).trim(), "0", "op-bridge get failed inside the child\n{}", init.diagnostics());
+    assert_eq!(read(&dir.join("got")), expected, "value seen by the child\n{}", init.diagnostics());
+    assert_eq!(dir.join("hup").exists(), forwards, "SIGHUP forwarded to the child?\n{}", init.diagnostics());
+}
+
+#[test]
+fn sighup_refreshes_and_is_not_forwarded_as_pid1() {
+    check_hup("refresh", true, false);
+}
+
+#[test]
+fn sighup_forwarded_with_hup_forward_as_pid1() {
+    check_hup("forward", false, true);
+}
+
+#[test]
+fn sighup_refreshes_and_forwards_with_hup_both_as_pid1() {
+    check_hup("both", true, true);
+}
+
+#[test]
+fn thousand_orphans_leave_no_zombie_as_pid1() {
+    let dir = TestDir::new("orphans");
+    // Each `(sleep 0.01 &)` subshell exits at once, so its sleep is re-parented to PID 1.
+    // Then the child counts zombies in the namespace until none are left (or 10 s pass).
+    let script = r#"
+        i=0
+        while [ $i -lt 1000 ]; do (sleep 0.01 &); i=$((i+1)); done
+        n=0
+        while :; do
+            z=$(cat /proc/[0-9]*/stat 2>/dev/null | sed -n 's/^.*) \(.\) .*$/\1/p' | grep -c Z)
+            [ "$z" -eq 0 ] && break
+            n=$((n+1)); [ $n -ge 100 ] && break
+            sleep 0.1
+        done
+        echo "$z" > "$D/zombies"
+        echo $(cat /proc/[0-9]*/stat 2>/dev/null | wc -l) > "$D/processes"
+        exit 5"#;
+    let builder = run_builder(&dir, EMPTY_VAULT).args(["--log-level", "debug"]).args(sh(script));
+    let mut init = Init::start(builder, Mode::Pid1, &dir);
+    let code = init.code(Duration::from_secs(50));
+    assert_eq!(read(&dir.join("zombies")).trim(), "0", "zombies left in the namespace\n{}", init.diagnostics());
+    assert_eq!(code, 5, "exit code of the child\n{}", init.diagnostics());
+}
+
+#[test]
+fn thousand_orphans_leave_no_zombie_as_subreaper() {
+    let dir = TestDir::new("orphans-sr");
+    let script = r#"
+        i=0
+        while [ $i -lt 1000 ]; do (sleep 0.01 &); i=$((i+1)); done
+        touch "$D/spawned"
+        while [ ! -e "$D/done" ]; do sleep 0.05; done
+        exit 6"#;
+    let mut init = Init::start(run_builder(&dir, EMPTY_VAULT).args(sh(script)), Mode::Subreaper, &dir);
+    init.await_file("spawned");
+    // Zombies whose parent is op-bridge: orphans it has not reaped.
+    let zombies = |pid: i32| -> Vec<i32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|&p| proc_state(p).is_some_and(|(state, ppid)| state == 'Z' && ppid == pid))
+            .collect()
+    };
+    let clean = eventually(PROMPT, || zombies(init.pid).is_empty());
+    assert!(clean, "zombies of op-bridge left: {:?}\n{}", zombies(init.pid), init.diagnostics());
+    std::fs::write(dir.join("done"), "").unwrap();
+    assert_eq!(init.code(PROMPT), 6, "{}", init.diagnostics());
+}
+
+#[test]
+fn orphans_are_reparented_to_the_subreaper_and_reaped() {
+    let dir = TestDir::new("subreaper");
+    let script = r#"
+        (sh -c 'echo $$ > "$D/orphan.tmp"; mv "$D/orphan.tmp" "$D/orphan.pid"; while [ ! -e "$D/release" ]; do sleep 0.05; done' &)
+        while [ ! -e "$D/done" ]; do sleep 0.05; done
+        exit 0"#;
+    let mut init = Init::start(run_builder(&dir, EMPTY_VAULT).args(sh(script)), Mode::Subreaper, &dir);
+    let orphan: i32 = init.await_file("orphan.pid").trim().parse().unwrap();
+    let parent = eventually(PROMPT, || proc_state(orphan).is_some_and(|(_, ppid)| ppid == init.pid));
+    assert!(
+        parent,
+        "orphan {orphan} has parent {:?}, not op-bridge {}\n{}",
+        proc_state(orphan),
+        init.pid,
+        init.diagnostics()
+    );
+    // PPid in /proc/PID/status says the same.
+    let status = read(Path::new(&format!("/proc/{orphan}/status")));
+    assert!(status.lines().any(|l| l == format!("PPid:\t{}", init.pid)), "{status}\n{}", init.diagnostics());
+    std::fs::write(dir.join("release"), "").unwrap();
+    // Gone, not a zombie (a recycled pid would have another parent).
+    let reaped = eventually(PROMPT, || proc_state(orphan).is_none_or(|(_, ppid)| ppid != init.pid));
+    assert!(reaped, "orphan {orphan} not reaped: {:?}\n{}", proc_state(orphan), init.diagnostics());
+    std::fs::write(dir.join("done"), "").unwrap();
+    assert_eq!(init.code(PROMPT), 0, "{}", init.diagnostics());
+}
+
+const ENV_VAULT: &str = r#"{"vault":{"item":{"key":"k-secret-1","pass":"p-secret-2","other":"o-secret-3"}}}"#;
+
+/// Runs `env` as the command with three refs and both tokens; returns its environment.
+fn child_env(options: &[&str]) -> (Vec<(String, String)>, String, PathBuf) {
+    let dir = TestDir::new("env");
+    let builder = run_builder(&dir, ENV_VAULT)
+        .env("OP_API_KEY_REF", "op://vault/item/key")
+        .env("OP_DB_PASS_REF", "op://vault/item/pass")
+        .env("OP_OTHER_REF", "op://vault/item/other")
+        .env("OP_SERVICE_ACCOUNT_TOKEN", "ops_fake_token")
+        .env("OP_CONNECT_TOKEN", "connect_fake_token")
+        .env("KEEP_ME", "kept")
+        .args(options.iter().copied())
+        .args(sh(r#"env > "$D/env.tmp" && mv "$D/env.tmp" "$D/env.txt""#));
+    let socket = builder.socket().to_path_buf();
+    let mut init = Init::start(builder, Mode::Pid1, &dir);
+    let code = init.code(PROMPT);
+    let diagnostics = init.diagnostics();
+    assert_eq!(code, 0, "{diagnostics}");
+    let env = read(&dir.join("env.txt"))
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    (env, diagnostics, socket)
+}
+
+fn lookup<'a>(env: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    env.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+const HIDDEN: &[&str] =
+    &["OP_SERVICE_ACCOUNT_TOKEN", "OP_CONNECT_TOKEN", "OP_API_KEY_REF", "OP_DB_PASS_REF", "OP_OTHER_REF"];
+
+#[test]
+fn exports_by_name_and_strips_tokens() {
+    let (env, diag, socket) = child_env(&["--export", "API_KEY", "--export", "DB_PASS=DATABASE_PASSWORD"]);
+    assert_eq!(lookup(&env, "API_KEY"), Some("k-secret-1"), "{env:?}\n{diag}");
+    assert_eq!(lookup(&env, "DATABASE_PASSWORD"), Some("p-secret-2"), "{env:?}\n{diag}");
+    assert_eq!(lookup(&env, "DB_PASS"), None, "exported under its VAR only\n{env:?}");
+    assert_eq!(lookup(&env, "OTHER"), None, "not exported\n{env:?}");
+    assert!(!env.iter().any(|(_, v)| v.contains("o-secret-3")), "unexported value leaked\n{env:?}");
+    for key in HIDDEN {
+        assert_eq!(lookup(&env, key), None, "{key} must not reach the child\n{env:?}");
+    }
+    assert_eq!(lookup(&env, "KEEP_ME"), Some("kept"), "{env:?}");
+    assert_eq!(lookup(&env, "OP_BRIDGE_SOCKET"), Some(socket.to_str().unwrap()), "{env:?}\n{diag}");
+}
+
+#[test]
+fn export_all_exports_every_secret() {
+    let (env, diag, socket) = child_env(&["--export-all"]);
+    assert_eq!(lookup(&env, "API_KEY"), Some("k-secret-1"), "{env:?}\n{diag}");
+    assert_eq!(lookup(&env, "DB_PASS"), Some("p-secret-2"), "{env:?}\n{diag}");
+    assert_eq!(lookup(&env, "OTHER"), Some("o-secret-3"), "{env:?}\n{diag}");
+    for key in HIDDEN {
+        assert_eq!(lookup(&env, key), None, "{key} must not reach the child\n{env:?}");
+    }
+    assert_eq!(lookup(&env, "OP_BRIDGE_SOCKET"), Some(socket.to_str().unwrap()), "{env:?}");
+}
+
+#[test]
+fn keep_token_keeps_token_and_refs() {
+    let (env, diag, socket) = child_env(&["--keep-token", "--export", "API_KEY"]);
+    assert_eq!(lookup(&env, "API_KEY"), Some("k-secret-1"), "{env:?}\n{diag}");
+    assert_eq!(lookup(&env, "OP_SERVICE_ACCOUNT_TOKEN"), Some("ops_fake_token"), "{env:?}\n{diag}");
+    assert_eq!(lookup(&env, "OP_CONNECT_TOKEN"), Some("connect_fake_token"), "{env:?}");
+    assert_eq!(lookup(&env, "OP_API_KEY_REF"), Some("op://vault/item/key"), "{env:?}");
+    assert_eq!(lookup(&env, "OP_OTHER_REF"), Some("op://vault/item/other"), "{env:?}");
+    assert_eq!(lookup(&env, "OTHER"), None, "{env:?}");
+    assert_eq!(lookup(&env, "OP_BRIDGE_SOCKET"), Some(socket.to_str().unwrap()), "{env:?}");
+}
+
+/// Drives `op-bridge run -- sleep 100` on a pseudo-terminal (directly or under unshare),
+/// types Ctrl-C once the command owns the terminal's foreground, and prints the exit status.
+const PTY_DRIVER: &str = r#"
+import os, pty, select, sys, time
+argv = sys.argv[1:]
+pid, fd = pty.fork()
+if pid == 0:
+    os.execvp(argv[0], argv)
+out = b""
+def drain(timeout):
+    global out
+    r, _, _ = select.select([fd], [], [], timeout)
+    if not r:
+        return True
+    try:
+        data = os.read(fd, 4096)
+    except OSError:
+        return False
+    out += data
+    return bool(data)
+deadline = time.time() + 20
+foreground = False
+while time.time() < deadline:
+    if not drain(0.05):
+        break
+    try:
+        # The foreground group changes from op-bridge's to the command's own.
+        if os.tcgetpgrp(fd) != pid and b"started" in out:
+            foreground = True
+            break
+    except OSError:
+        pass
+print("FOREGROUND", foreground, flush=True)
+os.write(fd, b"\x03")
+deadline = time.time() + 20
+status = None
+while time.time() < deadline:
+    drain(0.05)
+    done, st = os.waitpid(pid, os.WNOHANG)
+    if done:
+        status = os.waitstatus_to_exitcode(st)
+        break
+if status is None:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+print("OUTPUT", out.decode(errors="replace"), flush=True)
+print("STATUS", status, flush=True)
+"#;
+
+fn check_ctrl_c(mode: Mode) {
+    let dir = TestDir::new("pty");
+    std::fs::write(dir.join("drive_pty.py"), PTY_DRIVER).unwrap();
+    let backend = write_vault(&dir, EMPTY_VAULT);
+    let mut cmd = Command::new("python3");
+    cmd.arg(dir.join("drive_pty.py"));
+    if mode == Mode::Pid1 {
+        cmd.args(["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]);
+    }
+    cmd.arg(bin())
+        .args(["run", "--socket"])
+        .arg(dir.join("s.sock"))
+        .arg(backend)
+        .args(["--grace", "30s", "--", "sleep", "100"])
+        .env_remove("OP_BRIDGE_SOCKET");
+    let output = run_with_timeout(cmd, Duration::from_secs(50));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "pty driver failed\n{}", describe(&output));
+    assert!(
+        stdout.contains("FOREGROUND True"),
+        "the command never got the terminal's foreground\n{}",
+        describe(&output)
+    );
+    assert!(stdout.contains("STATUS 130\n"), "Ctrl-C should end op-bridge with 130\n{}", describe(&output));
+}
+
+#[test]
+fn ctrl_c_on_a_terminal_exits_130() {
+    check_ctrl_c(Mode::Subreaper);
+}
+
+#[test]
+fn ctrl_c_on_a_terminal_exits_130_as_pid1() {
+    check_ctrl_c(Mode::Pid1);
+}
+
+fn refresh(init: &Init) {
+    let out = client(&init.socket(), &["refresh"], None);
+    assert!(out.status.success(), "refresh failed: {}\n{}", describe(&out), init.diagnostics());
+}
+
+/// `start PID VALUE` / `stop PID` lines of the restart log.
+fn restart_log(dir: &TestDir) -> Vec<(String, String, String)> {
+    read(&dir.join("log"))
+        .lines()
+        .map(|l| {
+            let mut parts = l.splitn(3, ' ');
+            let word = parts.next().unwrap_or_default().to_string();
+            let pid = parts.next().unwrap_or_default().to_string();
+            (word, pid, parts.next().unwrap_or_default().to_string())
+        })
+        .collect()
+}
+
+fn count(dir: &TestDir, word: &str) -> usize {
+    restart_log(dir).iter().filter(|(w, _, _)| w == word).count()
+}
+
+#[test]
+fn on_change_restart_restarts_once_per_changing_refresh_as_pid1() {
+    let dir = TestDir::new("restart");
+    let vault = |a: &str, b: &str| format!(r#"{{"vault":{{"item":{{"a":"{a}","b":"{b}"}}}}}}"#);
+    // The trap is set before "start" is written, so a stop always finds it.
+    let script = r#"
+        trap 'echo "stop $$" >> "$D/log"; exit 0' TERM
+        echo "start $$ $A" >> "$D/log"
+        while :; do sleep 0.05; done"#;
+    let builder = run_builder(&dir, &vault("v0", "b0"))
+        .env("OP_A_REF", "op://vault/item/a")
+        .env("OP_B_REF", "op://vault/item/b")
+        .args(["--export", "A", "--on-change", "restart", "--grace", "10s"])
+        .args(sh(script));
+    let mut init = Init::start(builder, Mode::Pid1, &dir);
+    init.await_content("log", "first start", |t| t.lines().count() == 1);
+    const CHANGES: usize = 3;
+    for i in 1..=CHANGES {
+        write_vault(&dir, &vault(&format!("v{i}"), "b0"));
+        refresh(&init);
+        init.await_content("log", &format!("start number {}", i + 1), |_| count(&dir, "start") == i + 1);
+    }
+    // A refresh that changes nothing exported: nothing happens.
+    refresh(&init);
+    write_vault(&dir, &vault(&format!("v{CHANGES}"), "b1"));
+    refresh(&init);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(count(&dir, "start"), CHANGES + 1, "unchanged exports restarted the child\n{}", init.diagnostics());
+
+    init.signal(libc::SIGTERM);
+    assert_eq!(init.code(PROMPT), 0, "{}", init.diagnostics());
+    let log = restart_log(&dir);
+    assert_eq!(log.len(), 2 * (CHANGES + 1), "{log:?}\n{}", init.diagnostics());
+    for (i, pair) in log.chunks(2).enumerate() {
+        let (start, stop) = (&pair[0], &pair[1]);
+        assert!(
+            start.0 == "start" && stop.0 == "stop" && start.1 == stop.1,
+            "starts and stops must alternate (one child at a time): {log:?}\n{}",
+            init.diagnostics()
+        );
+        assert_eq!(start.2, format!("v{i}"), "child {i} got the value of its refresh: {log:?}");
+    }
+}
+
+#[test]
+fn on_change_signal_sends_the_signal_instead_as_pid1() {
+    let dir = TestDir::new("onsig");
+    let vault = |a: &str, b: &str| format!(r#"{{"vault":{{"item":{{"a":"{a}","b":"{b}"}}}}}}"#);
+    let script = r#"
+        trap 'echo "usr1 $$" >> "$D/log"' USR1
+        trap 'echo "stop $$" >> "$D/log"; exit 0' TERM
+        echo "start $$" >> "$D/log"
+        while :; do sleep 0.05; done"#;
+    let builder = run_builder(&dir, &vault("v0", "b0"))
+        .env("OP_A_REF", "op://vault/item/a")
+        .env("OP_B_REF", "op://vault/item/b")
+        .args(["--export", "A", "--on-change", "signal:USR1"])
+        .args(sh(script));
+    let mut init = Init::start(builder, Mode::Pid1, &dir);
+    init.await_content("log", "start", |t| t.lines().count() == 1);
+    write_vault(&dir, &vault("v1", "b0"));
+    refresh(&init);
+    init.await_content("log", "usr1", |_| count(&dir, "usr1") == 1);
+    // Unchanged exports: no signal.
+    refresh(&init);
+    write_vault(&dir, &vault("v1", "b1"));
+    refresh(&init);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(count(&dir, "usr1"), 1, "{}", init.diagnostics());
+    assert_eq!(count(&dir, "start"), 1, "signal:USR1 must not restart\n{}", init.diagnostics());
+    init.signal(libc::SIGTERM);
+    assert_eq!(init.code(PROMPT), 0, "{}", init.diagnostics());
+}
+
+#[test]
+fn unresolvable_required_secrets_fail_closed_as_pid1() {
+    let dir = TestDir::new("missing");
+    let builder = run_builder(&dir, r#"{"vault":{"item":{"a":"good-value"}}}"#)
+        .env("OP_GOOD_REF", "op://vault/item/a")
+        .env("OP_MISSING_FIELD_REF", "op://vault/item/nope")
+        .env("OP_MISSING_ITEM_REF", "op://vault/noitem/x")
+        .args(sh(r#"touch "$D/started""#));
+    let mut init = Init::start(builder, Mode::Pid1, &dir);
+    let code = init.code(PROMPT);
+    let stderr = init.stderr();
+    assert_eq!(code, 69, "{}", init.diagnostics());
+    assert!(!dir.join("started").exists(), "the child was started\n{}", init.diagnostics());
+    for name in ["MISSING_FIELD", "MISSING_ITEM"] {
+        assert!(stderr.contains(name), "{name} not named in stderr\n{}", init.diagnostics());
+    }
+    assert!(!stderr.contains("good-value"), "a secret value in stderr\n{stderr}");
+    assert!(!dir.join("s.sock").exists(), "socket left behind\n{}", init.diagnostics());
+}
