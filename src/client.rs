@@ -65,39 +65,89 @@ impl Client {
 
     /// Sends several requests in one write and reads their replies in order.
     pub async fn call_many(&mut self, requests: &[Request]) -> Result<Vec<Reply>, ClientError> {
-        let mut wire = Zeroizing::new(Vec::new());
-        let first = !self.hello_sent;
-        if first {
-            extend_zeroizing(&mut wire, b"HELLO 2\n");
-            self.hello_sent = true;
-        }
-        for request in requests {
-            extend_zeroizing(&mut wire, &protocol::encode_request(request, Version::V2));
-        }
         let path = self.path.clone();
         let after = self.timeout;
-        let exchange = async {
-            self.writer
-                .write_all(&wire)
-                .await
-                .map_err(|source| ClientError::Unreachable { path: path.clone(), source })?;
-            if first {
-                self.version = match protocol::read_reply(&mut self.reader, Version::V1, false).await? {
-                    Reply::Ok(v) if v == "2" => Version::V2,
-                    _ => Version::V1,
-                };
-            }
-            let mut replies = Vec::with_capacity(requests.len());
-            for request in requests {
-                let expect_value = matches!(request, Request::Get(_));
-                replies.push(protocol::read_reply(&mut self.reader, self.version, expect_value).await?);
-            }
-            Ok(replies)
-        };
-        match tokio::time::timeout(after, exchange).await {
+        match tokio::time::timeout(after, self.exchange(requests)).await {
             Ok(result) => result,
             Err(_) => Err(ClientError::Timeout { path, after }),
         }
+    }
+
+    async fn exchange(&mut self, requests: &[Request]) -> Result<Vec<Reply>, ClientError> {
+        let mut wire = Zeroizing::new(Vec::new());
+        let mut hello_pending = false;
+        // An ERR to HELLO is either a version-1 daemon (which goes on answering) or a refusal
+        // followed by a close; in the second case it is the error to report.
+        let mut hello_refused = None;
+        if !self.hello_sent {
+            self.hello_sent = true;
+            extend_zeroizing(&mut wire, b"HELLO 2\n");
+            hello_pending = true;
+            // SET is encoded differently in each version, so the version must be known before
+            // one is sent: a version-1 daemon would store a framed SET's length as the value.
+            if requests.iter().any(|r| matches!(r, Request::Set { .. })) {
+                self.send(&wire).await?;
+                wire.clear();
+                hello_refused = self.read_hello().await?;
+                hello_pending = false;
+            }
+        }
+        for request in requests {
+            if let Request::Set { value, .. } = request
+                && self.version == Version::V1
+                && value.iter().any(|b| matches!(b, b'\r' | b'\n' | 0))
+            {
+                return Err(hello_refused.map(ClientError::Refused).unwrap_or_else(|| {
+                    ClientError::Protocol(ProtocolError::Malformed(
+                        "the daemon only speaks protocol version 1, which cannot carry a value with a line break \
+                         or NUL byte"
+                            .into(),
+                    ))
+                }));
+            }
+            extend_zeroizing(&mut wire, &protocol::encode_request(request, self.version));
+        }
+        if let Err(err) = self.send(&wire).await {
+            return Err(hello_refused.map(ClientError::Refused).unwrap_or(err));
+        }
+        if hello_pending {
+            hello_refused = self.read_hello().await?;
+        }
+        let mut replies = Vec::with_capacity(requests.len());
+        for request in requests {
+            let expect_value = matches!(request, Request::Get(_));
+            match protocol::read_reply(&mut self.reader, self.version, expect_value).await {
+                Ok(reply) => replies.push(reply),
+                Err(err) => {
+                    return Err(match hello_refused.take() {
+                        Some(message) => ClientError::Refused(message),
+                        None => err.into(),
+                    });
+                }
+            }
+        }
+        Ok(replies)
+    }
+
+    async fn send(&mut self, wire: &[u8]) -> Result<(), ClientError> {
+        let Err(source) = self.writer.write_all(wire).await else { return Ok(()) };
+        // A daemon that turns the connection away (peer check, connection limit) answers ERR
+        // and closes without reading; its reason beats "broken pipe".
+        if let Ok(Reply::Err(message)) = protocol::read_reply(&mut self.reader, Version::V1, false).await {
+            return Err(ClientError::Refused(message));
+        }
+        Err(ClientError::Unreachable { path: self.path.clone(), source })
+    }
+
+    /// Reads the answer to `HELLO 2` and settles the version; returns the ERR text, if any.
+    async fn read_hello(&mut self) -> Result<Option<String>, ClientError> {
+        let (version, refused) = match protocol::read_reply(&mut self.reader, Version::V1, false).await? {
+            Reply::Ok(v) if v == "2" => (Version::V2, None),
+            Reply::Err(message) => (Version::V1, Some(message)),
+            Reply::Ok(_) | Reply::Value(_) => (Version::V1, None),
+        };
+        self.version = version;
+        Ok(refused)
     }
 
     /// One request; an `ERR` reply becomes [`ClientError::Refused`].

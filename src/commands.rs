@@ -168,7 +168,7 @@ pub async fn refresh(args: &RefreshArgs) -> Result<(), CommandError> {
             let pid = std::fs::read_to_string(pid_file)
                 .ok()
                 .and_then(|s| s.trim().parse::<i32>().ok())
-                .ok_or_else(|| CommandError::Client(err))?;
+                .ok_or(CommandError::Client(err))?;
             crate::supervise::send_hangup(pid)
                 .map_err(|e| CommandError::Io(format!("cannot signal pid {pid}: {e}")))?;
             println!("sent SIGHUP to {pid}");
@@ -194,7 +194,7 @@ pub async fn status(args: &StatusArgs) -> Result<(), CommandError> {
         json["backend"].as_str().unwrap_or("?"),
         json["uptime_s"]
     );
-    println!("{:<32} {:<8} {:>8}  {}", "NAME", "STATE", "AGE(s)", "REFERENCE / ERROR");
+    println!("{:<32} {:<8} {:>8}  REFERENCE / ERROR", "NAME", "STATE", "AGE(s)");
     for secret in json["secrets"].as_array().into_iter().flatten() {
         let detail = secret["error"].as_str().or(secret["ref"].as_str()).unwrap_or("");
         println!(

@@ -430,6 +430,38 @@ fn abusive_clients_never_stall_the_server() {
     check("after the held connections closed");
 }
 
+#[test]
+fn clients_that_never_read_replies_do_not_hold_connections_forever() {
+    let dir = TestDir::new("c-noread");
+    let backend = file_backend(&dir);
+    let broker = BrokerBuilder::new(&dir, "daemon")
+        .arg(&backend)
+        .args(["--max-connections", "2", "--request-timeout", "1s"])
+        .env("OP_API_REF", "op://dev/api/key")
+        .start();
+    // Two clients fill every connection slot, pipelining PINGs and never reading a reply.
+    let hogs: Vec<UnixStream> = (0..2).map(|_| connect(&broker.socket)).collect();
+    let writers: Vec<_> = hogs
+        .iter()
+        .map(|hog| {
+            let mut stream = hog.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let flood = b"PING\n".repeat(400_000);
+                let _ = stream.write_all(&flood);
+            })
+        })
+        .collect();
+    let served = eventually(Duration::from_secs(15), || {
+        let out = client_within(&broker.socket, &["get", "API"], None, PROMPT);
+        out.status.success() && out.stdout == b"k"
+    });
+    assert!(served, "clients that never read kept every connection slot\nstderr:\n{}", broker.stderr());
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    drop(hogs);
+}
+
 // ---------------------------------------------------------------- 9. peer uid
 
 fn run_as_nobody(socket: &Path) -> Output {
@@ -699,4 +731,56 @@ fn set_writes_through_and_respects_policy() {
         assert_get(&broker.socket, "API", value.as_bytes(), "after refused SET and DELETE");
         assert_eq!(fake.calls_of(&["item", "edit"]).len(), edits_before, "--read-only still wrote");
     }
+}
+
+// ---------------------------------------------------------------- client against a version-1 daemon
+
+/// A minimal seed (version 1) daemon: answers HELLO with ERR like the seed did, records every
+/// request line, and serves one value.
+fn seed_daemon(socket: &Path) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut writer = stream.try_clone().unwrap();
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { return };
+                    log.lock().unwrap().push(line.clone());
+                    let word = line.split(' ').next().unwrap_or("").to_ascii_uppercase();
+                    let reply = match word.as_str() {
+                        "PING" => "OK pong".to_string(),
+                        "GET" => "OK seed-value".to_string(),
+                        "SET" => "OK".to_string(),
+                        _ => format!("ERR unknown command: {word}"),
+                    };
+                    if writeln!(writer, "{reply}").is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    seen
+}
+
+#[test]
+fn client_falls_back_to_version_1_without_corrupting_set() {
+    let dir = TestDir::new("c-seed");
+    let socket = dir.join("seed.sock");
+    let seen = seed_daemon(&socket);
+    let out = client(&socket, &["get", "API"], None);
+    assert_eq!(out.stdout, b"seed-value", "{}", describe(&out));
+    let out = client(&socket, &["set", "API"], Some(b"one line value"));
+    assert!(out.status.success(), "{}", describe(&out));
+    let sets: Vec<String> = seen.lock().unwrap().iter().filter(|l| l.starts_with("SET ")).cloned().collect();
+    assert_eq!(sets, ["SET API - one line value"], "a version-1 daemon got a framed SET");
+    // A value version 1 cannot carry is refused by the client, not sent in pieces.
+    let out = client(&socket, &["set", "API"], Some(b"two\nlines"));
+    assert!(!out.status.success(), "{}", describe(&out));
+    let lines = seen.lock().unwrap().clone();
+    assert!(!lines.iter().any(|l| l.contains("two") || l.contains("lines")), "{lines:?}");
 }

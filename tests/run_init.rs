@@ -92,7 +92,11 @@ fn read(path: &Path) -> String {
 
 impl Init {
     fn start(builder: BrokerBuilder, mode: Mode, dir: &TestDir) -> Init {
-        let direct = builder.command();
+        Init::start_command(builder.command(), mode, dir)
+    }
+
+    /// Starts `direct` (an op-bridge command line) in `mode`.
+    fn start_command(direct: Command, mode: Mode, dir: &TestDir) -> Init {
         let mut command = match mode {
             Mode::Subreaper => direct,
             Mode::Pid1 => {
@@ -252,7 +256,12 @@ fn run_to_end(mode: Mode, command: Vec<String>, tag: &str) -> (i32, String) {
         command.into_iter().map(|a| a.replace("$NOEXEC", &dir.join("noexec").display().to_string())).collect();
     let mut init = Init::start(run_builder(&dir, EMPTY_VAULT).args(command), mode, &dir);
     let code = init.code(PROMPT);
-    (code, init.diagnostics())
+    let mut diagnostics = init.diagnostics();
+    if dir.join("s.sock").exists() {
+        diagnostics.insert_str(0, "(socket file left behind) ");
+        return (-1, diagnostics);
+    }
+    (code, diagnostics)
 }
 
 fn check_exit_codes(mode: Mode) {
@@ -550,10 +559,12 @@ fn keep_token_keeps_token_and_refs() {
     assert_eq!(lookup(&env, "OP_BRIDGE_SOCKET"), Some(socket.to_str().unwrap()), "{env:?}");
 }
 
-/// Drives `op-bridge run -- sleep 100` on a pseudo-terminal (directly or under unshare),
+/// Drives `op-bridge run … -- sleep 100` on a pseudo-terminal (argv: the command line),
 /// types Ctrl-C once the command owns the terminal's foreground, and prints the exit status.
+/// With PTY_BETWEEN set, that shell command runs first (it makes op-bridge restart the
+/// command), and Ctrl-C waits for the restarted command to own the foreground.
 const PTY_DRIVER: &str = r#"
-import os, pty, select, sys, time
+import os, pty, select, subprocess, sys, time
 argv = sys.argv[1:]
 pid, fd = pty.fork()
 if pid == 0:
@@ -570,21 +581,29 @@ def drain(timeout):
         return False
     out += data
     return bool(data)
-deadline = time.time() + 20
-foreground = False
-while time.time() < deadline:
-    if not drain(0.05):
-        break
-    try:
+def await_foreground(log_word, old, limit):
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        if not drain(0.05):
+            return None
+        try:
+            group = os.tcgetpgrp(fd)
+        except OSError:
+            continue
         # The foreground group changes from op-bridge's to the command's own.
-        if os.tcgetpgrp(fd) != pid and b"started" in out:
-            foreground = True
-            break
-    except OSError:
-        pass
-print("FOREGROUND", foreground, flush=True)
+        if group != pid and group != old and log_word in out:
+            return group
+    return None
+first = await_foreground(b"started", None, 20)
+print("FOREGROUND", first is not None, flush=True)
+between = os.environ.get("PTY_BETWEEN")
+if first is not None and between:
+    done = subprocess.run(["sh", "-c", between], capture_output=True)
+    print("BETWEEN", done.returncode, done.stdout, done.stderr, flush=True)
+    second = await_foreground(b"restarted", first, 10)
+    print("FOREGROUND AFTER RESTART", second is not None, flush=True)
 os.write(fd, b"\x03")
-deadline = time.time() + 20
+deadline = time.time() + 10
 status = None
 while time.time() < deadline:
     drain(0.05)
@@ -599,7 +618,9 @@ print("OUTPUT", out.decode(errors="replace"), flush=True)
 print("STATUS", status, flush=True)
 "#;
 
-fn check_ctrl_c(mode: Mode) {
+/// Ctrl-C on a terminal ends `op-bridge run -- sleep 100` with 130; with `restart`, after
+/// a changing refresh has restarted the command.
+fn check_ctrl_c(mode: Mode, restart: bool) {
     let dir = TestDir::new("pty");
     std::fs::write(dir.join("drive_pty.py"), PTY_DRIVER).unwrap();
     let backend = write_vault(&dir, EMPTY_VAULT);
@@ -612,27 +633,47 @@ fn check_ctrl_c(mode: Mode) {
         .args(["run", "--socket"])
         .arg(dir.join("s.sock"))
         .arg(backend)
-        .args(["--grace", "30s", "--", "sleep", "100"])
+        .args(["--grace", "30s"])
         .env_remove("OP_BRIDGE_SOCKET");
+    if restart {
+        std::fs::write(dir.join("vault2.json"), r#"{"vault":{"item":{"a":"two"}}}"#).unwrap();
+        let between = format!(
+            "mv {dir}/vault2.json {dir}/vault.json && {bin} refresh --socket {dir}/s.sock",
+            dir = dir.path().display(),
+            bin = bin().display()
+        );
+        cmd.args(["--export", "A", "--on-change", "restart"])
+            .env("OP_A_REF", "op://vault/item/a")
+            .env("PTY_BETWEEN", between);
+    }
+    cmd.args(["--", "sleep", "100"]);
     let output = run_with_timeout(cmd, Duration::from_secs(50));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "pty driver failed\n{}", describe(&output));
-    assert!(
-        stdout.contains("FOREGROUND True"),
-        "the command never got the terminal's foreground\n{}",
-        describe(&output)
-    );
+    assert!(stdout.contains("FOREGROUND True"), "the command never got the terminal's foreground\n{}", describe(&output));
+    if restart {
+        assert!(
+            stdout.contains("FOREGROUND AFTER RESTART True"),
+            "the restarted command did not get the terminal's foreground\n{}",
+            describe(&output)
+        );
+    }
     assert!(stdout.contains("STATUS 130\n"), "Ctrl-C should end op-bridge with 130\n{}", describe(&output));
 }
 
 #[test]
 fn ctrl_c_on_a_terminal_exits_130() {
-    check_ctrl_c(Mode::Subreaper);
+    check_ctrl_c(Mode::Subreaper, false);
 }
 
 #[test]
 fn ctrl_c_on_a_terminal_exits_130_as_pid1() {
-    check_ctrl_c(Mode::Pid1);
+    check_ctrl_c(Mode::Pid1, false);
+}
+
+#[test]
+fn ctrl_c_on_a_terminal_works_after_a_restart_as_pid1() {
+    check_ctrl_c(Mode::Pid1, true);
 }
 
 fn refresh(init: &Init) {
@@ -749,4 +790,51 @@ fn unresolvable_required_secrets_fail_closed_as_pid1() {
     }
     assert!(!stderr.contains("good-value"), "a secret value in stderr\n{stderr}");
     assert!(!dir.join("s.sock").exists(), "socket left behind\n{}", init.diagnostics());
+}
+
+#[test]
+fn non_utf8_environment_passes_through_as_pid1() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let dir = TestDir::new("bytes");
+    let mut command = run_builder(&dir, EMPTY_VAULT)
+        .env("OP_A_REF", "op://vault/item/a")
+        .args(["--export", "A"])
+        .args(sh(r#"printf '%s' "$RAW" > "$D/raw"; printf '%s' "$A" > "$D/a""#))
+        .command();
+    // Containers do carry such variables; they are not op-bridge's business.
+    command.env("RAW", OsStr::from_bytes(b"caf\xe9"));
+    let mut init = Init::start_command(command, Mode::Pid1, &dir);
+    assert_eq!(init.code(PROMPT), 0, "{}", init.diagnostics());
+    assert_eq!(std::fs::read(dir.join("raw")).unwrap_or_default(), b"caf\xe9", "{}", init.diagnostics());
+    assert_eq!(read(&dir.join("a")), "one", "{}", init.diagnostics());
+}
+
+#[test]
+fn restart_keeps_the_command_when_an_exported_secret_disappears_as_pid1() {
+    let dir = TestDir::new("dropped");
+    let script = r#"
+        trap 'echo "stop $$" >> "$D/log"; exit 0' TERM
+        echo "start $$ $A" >> "$D/log"
+        while :; do sleep 0.05; done"#;
+    let builder = run_builder(&dir, r#"{"vault":{"item":{"a":"v0"}}}"#)
+        .env("OP_A_REF", "op://vault/item/a")
+        .args(["--export", "A", "--on-change", "restart", "--grace", "10s"])
+        .args(sh(script));
+    let mut init = Init::start(builder, Mode::Pid1, &dir);
+    init.await_content("log", "first start", |t| t.lines().count() == 1);
+    // The item's field is deleted: a restart could not give the command its variable.
+    write_vault(&dir, r#"{"vault":{"item":{"b":"x"}}}"#);
+    refresh(&init);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(init.process.try_wait().unwrap().is_none(), "op-bridge exited\n{}", init.diagnostics());
+    assert_eq!(restart_log(&dir).len(), 1, "the command was stopped\n{}", init.diagnostics());
+    // Once the secret is back (changed), the restart happens.
+    write_vault(&dir, r#"{"vault":{"item":{"a":"v1"}}}"#);
+    refresh(&init);
+    init.await_content("log", "restart", |_| count(&dir, "start") == 2);
+    init.signal(libc::SIGTERM);
+    assert_eq!(init.code(PROMPT), 0, "{}", init.diagnostics());
+    let log = restart_log(&dir);
+    assert_eq!(log.iter().map(|l| l.2.as_str()).collect::<Vec<_>>(), ["v0", "", "v1", ""], "{log:?}");
 }

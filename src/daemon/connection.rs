@@ -25,7 +25,8 @@ const FLUSH_AT: usize = 64 * 1024;
 pub struct Limits {
     /// A connection with no request for this long is closed.
     pub idle: Duration,
-    /// Once a request has started, it must be complete within this long.
+    /// Once a request has started, it must be complete within this long; a reply must be
+    /// taken by the peer within this long too.
     pub request: Duration,
 }
 
@@ -218,7 +219,15 @@ impl Connection {
         if out.is_empty() {
             return Ok(());
         }
-        let written = self.writer.write_all(out).await;
+        // A peer that stops reading would otherwise hold this task and its connection slot
+        // forever; replies get the same bound as requests.
+        let written = match tokio::time::timeout(self.limits.request, self.writer.write_all(out)).await {
+            Ok(written) => written,
+            Err(_) => {
+                tracing::debug!(pid = self.peer.pid, "peer is not reading replies; closing the connection");
+                Err(std::io::ErrorKind::TimedOut.into())
+            }
+        };
         wipe(out);
         written
     }

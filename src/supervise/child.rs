@@ -44,16 +44,31 @@ fn locate(program: &OsStr, env: &[(OsString, OsString)]) -> Result<PathBuf, Spaw
     which::which_in(program, Some(path), cwd).map_err(|_| SpawnError::NotFound(shown))
 }
 
-/// Spawns `argv` with exactly `env`, through the reaper.
-pub fn spawn(reaper: &Reaper, argv: &[OsString], env: &[(OsString, OsString)]) -> Result<Process, SpawnError> {
+/// Whether op-bridge's process group is the foreground of a terminal on stdin: then the
+/// command should get the terminal (see [`spawn`]).
+pub fn owns_terminal() -> bool {
+    // SAFETY: plain queries of file descriptor 0 and of our own process group.
+    unsafe { libc::isatty(libc::STDIN_FILENO) == 1 && libc::tcgetpgrp(libc::STDIN_FILENO) == libc::getpgrp() }
+}
+
+/// Spawns `argv` with exactly `env`, through the reaper. With `terminal` (op-bridge owned the
+/// terminal's foreground when the first command started), the command joins op-bridge's
+/// session in a group of its own and takes the foreground, even from a predecessor that
+/// still holds it after exiting; otherwise it gets a session of its own.
+pub fn spawn(
+    reaper: &Reaper,
+    argv: &[OsString],
+    env: &[(OsString, OsString)],
+    terminal: bool,
+) -> Result<Process, SpawnError> {
     let program = argv.first().ok_or_else(|| SpawnError::NotFound(String::new()))?;
     let path = locate(program, env)?;
     let mut command = Command::new(&path);
     command.arg0(program).args(&argv[1..]).env_clear().envs(env.iter().map(|(k, v)| (k, v)));
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
-    // (setpgid, setsid, sigprocmask, tcsetpgrp, signal, isatty, getpid).
+    // (setpgid, setsid, sigprocmask, tcsetpgrp, signal, getpid).
     unsafe {
-        command.pre_exec(prepare_child);
+        command.pre_exec(move || prepare_child(terminal));
     }
     let shown = program.to_string_lossy().into_owned();
     match reaper.spawn(&mut command) {
@@ -64,7 +79,7 @@ pub fn spawn(reaper: &Reaper, argv: &[OsString], env: &[(OsString, OsString)]) -
 }
 
 /// Runs in the child between fork and exec.
-fn prepare_child() -> io::Result<()> {
+fn prepare_child(terminal: bool) -> io::Result<()> {
     // SAFETY: plain syscalls on the current process; all async-signal-safe.
     unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
@@ -72,9 +87,11 @@ fn prepare_child() -> io::Result<()> {
         // Block everything while process group and terminal change hands: tcsetpgrp from a
         // background group would otherwise stop us with SIGTTOU.
         libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
-        if libc::isatty(libc::STDIN_FILENO) == 1 && libc::tcgetpgrp(libc::STDIN_FILENO) == libc::getpgrp() {
-            // op-bridge owns the terminal's foreground: the child gets its own group and the
-            // foreground, so the terminal's Ctrl-C, Ctrl-\ and window changes reach it.
+        if terminal {
+            // op-bridge owns the terminal: the child gets its own group and the foreground, so
+            // the terminal's Ctrl-C, Ctrl-\ and window changes reach it. After a restart the
+            // foreground still names the previous command's (dead) group, so it is not
+            // compared with ours here.
             if libc::setpgid(0, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }

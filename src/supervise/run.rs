@@ -136,6 +136,15 @@ impl ChildEnv {
         names
     }
 
+    /// Why the child's environment cannot be built now (an exported secret has no value),
+    /// checked without copying any value.
+    fn unavailable(&self, service: &Service) -> Option<String> {
+        let store = &service.broker.store;
+        let missing: Vec<&str> =
+            self.exports.iter().filter(|e| store.with_value(&e.name, |_| ()).is_none()).map(|e| e.name.as_str()).collect();
+        (!missing.is_empty()).then(|| missing.join(", "))
+    }
+
     /// The environment with the current values of the exported secrets.
     fn build(&self, service: &Service) -> Result<Vec<(OsString, OsString)>, String> {
         let mut env = self.base.clone();
@@ -164,6 +173,12 @@ impl ChildEnv {
         }
         Ok(env)
     }
+}
+
+/// The environment as text for reference discovery. Variables that are not UTF-8 cannot be
+/// references; they are skipped here (`std::env::vars` would panic) and still reach the child.
+fn utf8_env() -> Vec<(String, String)> {
+    std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))).collect()
 }
 
 fn absolute(path: &std::path::Path) -> std::path::PathBuf {
@@ -223,7 +238,7 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
 
     // Resolve secrets, but let a stop signal abort a slow start-up.
     let service = tokio::select! {
-        started = Service::start(&config, &reaper, std::env::vars()) => Arc::new(started?),
+        started = Service::start(&config, &reaper, utf8_env()) => Arc::new(started?),
         number = wait_for_stop(&mut signals) => {
             tracing::warn!("{} during start-up; exiting without starting the command", signal_name(number));
             return Ok(u8::try_from(128 + number).unwrap_or(255));
@@ -237,9 +252,11 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
     };
     let mut changes = service.broker.subscribe_changes();
 
+    // Decided once: a restarted command takes the terminal back from its predecessor.
+    let terminal = child::owns_terminal();
     let outcome = async {
-        let env = child_env.build(&service).map_err(config_err)?;
-        let process = match child::spawn(&reaper, &args.command, &env) {
+        let env = child_env.build(&service).map_err(StartError::SecretsUnavailable)?;
+        let process = match child::spawn(&reaper, &args.command, &env, terminal) {
             Ok(process) => process,
             Err(err) => {
                 tracing::error!("{err}");
@@ -275,8 +292,8 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
                 exit = child.process.wait() => {
                     if restarting && !stopping {
                         reap_group(&child.process, args.grace).await;
-                        let env = child_env.build(&service).map_err(config_err)?;
-                        let process = match child::spawn(&reaper, &args.command, &env) {
+                        let env = child_env.build(&service).map_err(StartError::SecretsUnavailable)?;
+                        let process = match child::spawn(&reaper, &args.command, &env, terminal) {
                             Ok(process) => process,
                             Err(err) => {
                                 tracing::error!("restart failed: {err}");
@@ -286,7 +303,7 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
                         tracing::info!(pid = process.pid().as_raw(), "restarted the command after a secret changed (old one ended with {exit})");
                         child = Supervised { process, kill_at: None };
                         restarting = false;
-                        if std::mem::take(&mut restart_queued) {
+                        if std::mem::take(&mut restart_queued) && child_env.unavailable(&service).is_none() {
                             restarting = true;
                             child.begin_stop(Signal::SIGTERM, args.grace);
                         }
@@ -310,11 +327,18 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
                             child.forward(signal as i32);
                         }
                         OnChange::Restart if restarting => restart_queued = true,
-                        OnChange::Restart => {
-                            tracing::info!("exported secrets changed ({hit:?}); restarting the command");
-                            restarting = true;
-                            child.begin_stop(Signal::SIGTERM, args.grace);
-                        }
+                        OnChange::Restart => match child_env.unavailable(&service) {
+                            // A secret that was dropped (deleted in the backend) cannot be given
+                            // to a new command: keep the running one rather than stop it.
+                            Some(missing) => tracing::error!(
+                                "exported secrets changed ({hit:?}) but {missing} has no value; not restarting the command"
+                            ),
+                            None => {
+                                tracing::info!("exported secrets changed ({hit:?}); restarting the command");
+                                restarting = true;
+                                child.begin_stop(Signal::SIGTERM, args.grace);
+                            }
+                        },
                     }
                 }
                 _ = sleep_until_opt(kill_at) => {
