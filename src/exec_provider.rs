@@ -1,16 +1,31 @@
 //! `op-bridge get` without a NAME: OpenClaw's exec secret-provider protocol.
 //!
-//! OpenClaw writes one JSON object to stdin (no trailing newline) and closes it:
-//! `{"protocolVersion":1,"provider":"<alias>","ids":["…"]}`. We answer on stdout with
-//! `{"protocolVersion":1,"values":{"<id>":"<value>"},"errors":{"<id>":{"code":"NOT_FOUND"}}}`
-//! and exit 0; a non-zero exit fails the whole batch, so it is reserved for requests that
-//! cannot be served at all (unreadable request, daemon unreachable).
+//! The contract, as OpenClaw 2026.9 implements it (`dist/resolve-*.mjs`, `resolveExecRefs`
+//! and `parseExecValues`):
 //!
-//! Ids may be a NAME, an `op://` reference, `vault/item/field`, `vault/item/section/field`,
-//! or `opb64:<base64url of a reference>`. All GETs go to the daemon pipelined on one
-//! connection, so a batch of 512 ids costs one round trip.
+//! - OpenClaw runs the command without a shell, in the command's directory, with an empty
+//!   environment except `passEnv`/`env` entries and `OPENCLAW_CLI=1`, and writes
+//!   `JSON.stringify({protocolVersion:1,provider:"<alias>",ids:[…]})` to stdin (no trailing
+//!   newline), then closes it. The ids are deduplicated; at most 512, at most 256 KiB.
+//! - It trims stdout and requires `{"protocolVersion":1,"values":{…}}`; `errors` is optional,
+//!   `{"<id>":{"code":"…"}}`. Only the codes `NOT_FOUND` and `AMBIGUOUS_DUPLICATE_KEY` are
+//!   shown to the operator; any other code is reported as a provider error for that id. Any
+//!   `message` is ignored by OpenClaw but helps a person running the command by hand.
+//! - A value must be a non-empty string. An id missing from both maps is "not found".
+//! - A non-zero exit, a timeout (5 s by default), more than 1 MiB of stdout plus stderr, or
+//!   a reply that is not such an object fails the whole batch.
+//!
+//! So a non-zero exit is reserved for batches that cannot be served at all (unreadable
+//! request, daemon unreachable or refusing us); every per-id problem is an `errors` entry.
+//!
+//! An id is an OpenClaw exec id (`^[A-Za-z0-9][A-Za-z0-9._:/#-]{0,255}$`, no `.` or `..`
+//! segment) naming a secret as a NAME, an `op://` reference, `vault/item/field`,
+//! `vault/item/section/field`, or `opb64:<base64url of a reference>` — the forms of
+//! OpenClaw's own 1Password plugin (`dist/extensions/onepassword/onepassword-secret-id.js`),
+//! decoded with the same checks. All GETs go to the daemon pipelined on one connection, so a
+//! batch of 512 ids costs one round trip.
 
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 
 use base64::Engine;
 use serde_json::{Map, Value as Json, json};
@@ -21,46 +36,115 @@ use crate::cli::ClientArgs;
 use crate::client::Client;
 use crate::commands::CommandError;
 use crate::protocol::{Reply, Request, normalize_name};
+use crate::reference::SecretRef;
 
-/// Largest request accepted on stdin.
+/// Largest request accepted on stdin (OpenClaw itself sends at most 256 KiB).
 const MAX_REQUEST: u64 = 1024 * 1024;
-/// Longest id, as OpenClaw validates them.
+/// Longest exec id OpenClaw accepts.
 const MAX_ID: usize = 256;
+/// Longest decoded `opb64:` reference OpenClaw's 1Password plugin accepts.
+const MAX_NATIVE_REF: usize = 2048;
+const OPB64_PREFIX: &str = "opb64:";
 
-/// Maps an exec-provider id to a GET target (a NAME or an `op://` reference).
-pub fn id_to_target(id: &str) -> Result<String, &'static str> {
-    if id.is_empty() || id.len() > MAX_ID {
-        return Err("id must be 1 to 256 characters");
+/// Per-id error codes. OpenClaw surfaces `NOT_FOUND` as such and every other code as a
+/// provider error for that id.
+const NOT_FOUND: &str = "NOT_FOUND";
+const INVALID_ID: &str = "INVALID_ID";
+const UNAVAILABLE: &str = "UNAVAILABLE";
+const INVALID_VALUE: &str = "INVALID_VALUE";
+
+/// Why an id names no GET target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdError {
+    /// `INVALID_ID` when OpenClaw itself would reject the id, else `NOT_FOUND`.
+    pub code: &'static str,
+    pub message: &'static str,
+}
+
+fn invalid(message: &'static str) -> IdError {
+    IdError { code: INVALID_ID, message }
+}
+
+fn unknown(message: &'static str) -> IdError {
+    IdError { code: NOT_FOUND, message }
+}
+
+/// OpenClaw's exec id grammar (`ref-contract`: `EXEC_SECRET_REF_ID_PATTERN` and the
+/// traversal-segment rule).
+pub fn is_valid_exec_id(id: &str) -> bool {
+    let bytes = id.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= MAX_ID
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes.iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'/' | b'#' | b'-'))
+        && !id.split('/').any(|segment| segment == "." || segment == "..")
+}
+
+/// Maps an exec-provider id to a GET target: an upper-cased NAME or a canonical `op://`
+/// reference.
+pub fn id_to_target(id: &str) -> Result<String, IdError> {
+    if !is_valid_exec_id(id) {
+        return Err(invalid("not an OpenClaw exec id: ^[A-Za-z0-9][A-Za-z0-9._:/#-]{0,255}$, no '.' or '..' segment"));
     }
-    if !id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'/' | b'#' | b'-')) {
-        return Err("id may only hold [A-Za-z0-9._:/#-]");
-    }
-    if let Some(encoded) = id.strip_prefix("opb64:") {
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(encoded.trim_end_matches('='))
-            .map_err(|_| "opb64 id is not base64url")?;
-        let text = String::from_utf8(bytes).map_err(|_| "opb64 id is not UTF-8")?;
-        let reference = if text.starts_with("op://") { text } else { format!("op://{text}") };
-        return crate::reference::SecretRef::parse(&reference)
-            .map(|r| r.to_string())
-            .map_err(|_| "opb64 id is not a valid reference");
-    }
-    if id.starts_with("op://") {
-        return crate::reference::SecretRef::parse(id).map(|r| r.to_string()).map_err(|_| "invalid op:// reference");
+    if let Some(payload) = id.strip_prefix(OPB64_PREFIX) {
+        return reference_target(&decode_opb64(payload)?);
     }
     if id.contains('/') {
-        let reference = format!("op://{id}");
-        return crate::reference::SecretRef::parse(&reference)
-            .map(|r| r.to_string())
-            .map_err(|_| "expected vault/item/[section/]field");
+        return reference_target(id);
     }
-    normalize_name(id).map_err(|_| "invalid secret name")
+    normalize_name(id).map_err(|_| unknown("not a secret name ([A-Za-z0-9_.-], at most 128) nor a reference"))
+}
+
+/// Decodes an `opb64:` payload exactly as OpenClaw's 1Password plugin does: unpadded
+/// base64url that re-encodes to itself, holding a printable-ASCII reference.
+fn decode_opb64(payload: &str) -> Result<String, IdError> {
+    let malformed = || unknown("opb64 payload is not canonical unpadded base64url of a UTF-8 reference");
+    if payload.is_empty() || !payload.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        return Err(malformed());
+    }
+    let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let bytes = engine.decode(payload).map_err(|_| malformed())?;
+    // Rejects the non-zero trailing bits a lenient decoder would accept.
+    if engine.encode(&bytes) != payload {
+        return Err(malformed());
+    }
+    let text = String::from_utf8(bytes).map_err(|_| malformed())?;
+    if text.len() > MAX_NATIVE_REF {
+        return Err(unknown("opb64 reference is longer than 2048 bytes"));
+    }
+    if text.trim() != text || text.starts_with('/') || text.contains('\\') {
+        return Err(unknown("opb64 reference has surrounding whitespace, a leading '/' or a backslash"));
+    }
+    if !text.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+        return Err(unknown("opb64 reference is not printable ASCII"));
+    }
+    if text.split('/').any(|segment| segment == "." || segment == "..") {
+        return Err(unknown("opb64 reference has a '.' or '..' segment"));
+    }
+    Ok(text)
+}
+
+/// `op://vault/item/[section/]field[?query]` or the same without `op://`.
+fn reference_target(text: &str) -> Result<String, IdError> {
+    let reference = if text.starts_with("op://") { text.to_string() } else { format!("op://{text}") };
+    SecretRef::parse(&reference)
+        .map(|r| r.to_string())
+        .map_err(|_| unknown("expected op://vault/item/[section/]field or vault/item/[section/]field"))
 }
 
 /// Reads the request from stdin, answers it on stdout.
 pub async fn serve_stdin(args: &ClientArgs) -> Result<(), CommandError> {
+    let stdin = std::io::stdin();
+    // Without this a person typing `op-bridge get` would wait on a silent terminal.
+    if stdin.is_terminal() {
+        return Err(CommandError::Usage(
+            "usage: op-bridge get NAME — without NAME, get reads an OpenClaw exec-provider request \
+             ({\"protocolVersion\":1,\"ids\":[...]}) from stdin"
+                .into(),
+        ));
+    }
     let mut input = Vec::new();
-    std::io::stdin()
+    stdin
         .lock()
         .take(MAX_REQUEST + 1)
         .read_to_end(&mut input)
@@ -103,38 +187,60 @@ pub fn parse_request(input: &[u8]) -> Result<Vec<String>, CommandError> {
     Ok(out)
 }
 
-/// Resolves `ids` through the daemon and encodes the exec-provider reply.
+fn error_entry(code: &str, message: &str) -> Json {
+    json!({ "code": code, "message": message })
+}
+
+/// The `errors` entry for a GET the daemon refused: a name or reference it does not hold is
+/// `NOT_FOUND`; one it holds without a value (its resolution failed) is `UNAVAILABLE` with
+/// the daemon's reason, which names the secret and the failure, never a value (DESIGN §7).
+fn refusal_entry(message: &str) -> Json {
+    if message.starts_with("unknown ref:") && !message.contains("(not available:") {
+        json!({ "code": NOT_FOUND })
+    } else {
+        error_entry(UNAVAILABLE, message)
+    }
+}
+
+/// Resolves `ids` through the daemon and encodes the exec-provider reply (one JSON object
+/// and a newline; OpenClaw trims stdout).
 pub async fn answer(args: &ClientArgs, ids: &[String]) -> Result<Zeroizing<Vec<u8>>, CommandError> {
     let mut errors = Map::new();
-    let mut asked: Vec<(&String, Request)> = Vec::with_capacity(ids.len());
+    let mut asked: Vec<&String> = Vec::with_capacity(ids.len());
+    let mut requests: Vec<Request> = Vec::with_capacity(ids.len());
     for id in ids {
         match id_to_target(id) {
-            Ok(target) => asked.push((id, Request::Get(target))),
+            Ok(target) => {
+                asked.push(id);
+                requests.push(Request::Get(target));
+            }
             Err(why) => {
-                errors.insert(id.clone(), json!({ "code": "INVALID_ID", "message": why }));
+                errors.insert(id.clone(), error_entry(why.code, why.message));
             }
         }
     }
     let mut values = Map::new();
-    if !asked.is_empty() {
-        let requests: Vec<Request> = asked.iter_mut().map(|(_, r)| std::mem::replace(r, Request::Ping)).collect();
+    if !requests.is_empty() {
         let replies = Client::connect(&args.socket, args.timeout).await?.call_many(&requests).await?;
-        for ((id, _), reply) in asked.iter().zip(replies) {
+        for (id, reply) in asked.into_iter().zip(replies) {
             match reply {
+                // OpenClaw requires a non-empty string for every credential.
                 Reply::Value(bytes) if bytes.is_empty() => {
-                    errors.insert((*id).clone(), json!({ "code": "EMPTY_VALUE" }));
+                    errors.insert(id.clone(), error_entry(INVALID_VALUE, "the value is empty"));
                 }
                 Reply::Value(bytes) => match std::str::from_utf8(&bytes) {
                     Ok(text) => {
-                        values.insert((*id).clone(), Json::String(text.to_string()));
+                        values.insert(id.clone(), Json::String(text.to_string()));
                     }
                     Err(_) => {
-                        errors
-                            .insert((*id).clone(), json!({ "code": "INVALID_VALUE", "message": "value is not UTF-8" }));
+                        errors.insert(id.clone(), error_entry(INVALID_VALUE, "the value is not UTF-8"));
                     }
                 },
-                Reply::Err(_) | Reply::Ok(_) => {
-                    errors.insert((*id).clone(), json!({ "code": "NOT_FOUND" }));
+                Reply::Err(message) => {
+                    errors.insert(id.clone(), refusal_entry(&message));
+                }
+                Reply::Ok(_) => {
+                    errors.insert(id.clone(), error_entry(UNAVAILABLE, "GET answered without a value"));
                 }
             }
         }
@@ -143,10 +249,30 @@ pub async fn answer(args: &ClientArgs, ids: &[String]) -> Result<Zeroizing<Vec<u
     if !errors.is_empty() {
         reply["errors"] = Json::Object(errors);
     }
-    let mut out = Zeroizing::new(Vec::with_capacity(4096));
-    let encoded = serde_json::to_writer(&mut *out, &reply);
+    let encoded = encode_zeroizing(&reply);
     scrub(&mut reply);
-    encoded.map_err(|e| CommandError::Io(format!("cannot encode the reply: {e}")))?;
+    encoded
+}
+
+/// Encodes `reply` into a buffer sized exactly beforehand, so that growing it never leaves
+/// an unzeroized copy of the values behind.
+fn encode_zeroizing(reply: &Json) -> Result<Zeroizing<Vec<u8>>, CommandError> {
+    struct Counter(usize);
+    impl Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let fail = |e: serde_json::Error| CommandError::Io(format!("cannot encode the reply: {e}"));
+    let mut counter = Counter(0);
+    serde_json::to_writer(&mut counter, reply).map_err(fail)?;
+    let mut out = Zeroizing::new(Vec::with_capacity(counter.0 + 1));
+    serde_json::to_writer(&mut *out, reply).map_err(fail)?;
+    out.push(b'\n');
     Ok(out)
 }
 
@@ -154,17 +280,59 @@ pub async fn answer(args: &ClientArgs, ids: &[String]) -> Result<Zeroizing<Vec<u
 mod tests {
     use super::*;
 
+    fn opb64(text: &str) -> String {
+        format!("opb64:{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text))
+    }
+
     #[test]
     fn ids_map_to_targets() {
         assert_eq!(id_to_target("api_key").unwrap(), "API_KEY");
+        assert_eq!(id_to_target("Api.Key-2").unwrap(), "API.KEY-2");
         assert_eq!(id_to_target("op://v/i/f").unwrap(), "op://v/i/f");
         assert_eq!(id_to_target("v/i/f").unwrap(), "op://v/i/f");
         assert_eq!(id_to_target("v/i/s/f").unwrap(), "op://v/i/s/f");
-        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("op://My Vault/item/field");
-        assert_eq!(id_to_target(&format!("opb64:{b64}")).unwrap(), "op://My Vault/item/field");
-        assert!(id_to_target("has space").is_err());
-        assert!(id_to_target(&"a".repeat(257)).is_err());
-        assert!(id_to_target("v/i").is_err());
+        assert_eq!(id_to_target(&opb64("op://My Vault/item/field")).unwrap(), "op://My Vault/item/field");
+        assert_eq!(id_to_target(&opb64("My Vault/item/sec/field")).unwrap(), "op://My Vault/item/sec/field");
+        assert_eq!(id_to_target(&opb64("v/i/one-time password?attribute=otp")).unwrap(), {
+            "op://v/i/one-time password?attribute=otp"
+        });
+        let longest = format!("a{}", "b".repeat(255));
+        assert_eq!(id_to_target(&longest).unwrap_err().code, NOT_FOUND, "a valid id, but too long for a NAME");
+    }
+
+    #[test]
+    fn ids_openclaw_rejects_are_invalid() {
+        for id in ["", "has space", "-lead", "_lead", "/abs/i/f", "v/./i/f", "v/../f", "a?b", "a=b"] {
+            assert_eq!(id_to_target(id).unwrap_err().code, INVALID_ID, "{id:?}");
+        }
+        assert_eq!(id_to_target(&"a".repeat(257)).unwrap_err().code, INVALID_ID);
+        assert!(is_valid_exec_id(&"a".repeat(256)));
+    }
+
+    #[test]
+    fn well_formed_ids_naming_nothing_are_not_found() {
+        let padded = format!("{}=", opb64("v/i/f1"));
+        for id in [
+            "v/i".to_string(),
+            "a/b/c/d/e".to_string(),
+            "aws:key".to_string(),
+            "opb64:".to_string(),
+            "opb64:!!".to_string(),
+            "opb64:dg".to_string(),
+            padded,
+            opb64(" v/i/f"),
+            opb64("/v/i/f"),
+            opb64("v\\i/f/g"),
+            opb64("v/../f"),
+            opb64("v/i/caf\u{e9}"),
+            opb64("v/i"),
+        ] {
+            let err = id_to_target(&id).unwrap_err();
+            assert_ne!(err.code, INVALID_ID, "{id:?} is a valid exec id ({err:?})");
+        }
+        // "dg" decodes to "v", but "dh" has non-zero trailing bits: not canonical.
+        assert!(decode_opb64("dh").is_err());
+        assert_eq!(decode_opb64("dg").unwrap(), "v");
     }
 
     #[test]
@@ -172,7 +340,22 @@ mod tests {
         let ids = parse_request(br#"{"protocolVersion":1,"provider":"op","ids":["a","b","a"]}"#).unwrap();
         assert_eq!(ids, vec!["a", "b"]);
         assert!(parse_request(b"{}").is_err());
+        assert!(parse_request(b"").is_err());
         assert!(parse_request(b"garbage").is_err());
         assert!(parse_request(br#"{"protocolVersion":2,"ids":[]}"#).is_err());
+        assert!(parse_request(br#"{"protocolVersion":1,"ids":[1]}"#).is_err());
+        assert_eq!(parse_request(br#"{"protocolVersion":1,"ids":[]}"#).unwrap(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn refusals_map_to_codes() {
+        assert_eq!(refusal_entry("unknown ref: X"), json!({ "code": "NOT_FOUND" }));
+        assert_eq!(refusal_entry("unknown ref: X (not available: 429)")["code"], "UNAVAILABLE");
+    }
+
+    #[test]
+    fn encoding_is_one_line() {
+        let out = encode_zeroizing(&json!({ "protocolVersion": 1, "values": { "a": "x\ny" } })).unwrap();
+        assert_eq!(&out[..], b"{\"protocolVersion\":1,\"values\":{\"a\":\"x\\ny\"}}\n");
     }
 }

@@ -838,3 +838,51 @@ fn restart_keeps_the_command_when_an_exported_secret_disappears_as_pid1() {
     let log = restart_log(&dir);
     assert_eq!(log.iter().map(|l| l.2.as_str()).collect::<Vec<_>>(), ["v0", "", "v1", ""], "{log:?}");
 }
+
+#[test]
+fn child_gets_clean_signal_state_and_its_own_session() {
+    use std::os::unix::process::CommandExt;
+    let dir = TestDir::new("sigstate");
+    let mut command = run_builder(&dir, EMPTY_VAULT).args(["--", "cat", "/proc/self/status", "/proc/self/stat"]).command();
+    // op-bridge starts with signals blocked and ignored (none of them ones it handles); the
+    // command must not inherit either.
+    // SAFETY: only sigprocmask and signal, async-signal-safe, between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGRTMIN() + 3);
+            libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            libc::signal(libc::SIGRTMIN() + 4, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let mut init = Init::start_command(command, Mode::Subreaper, &dir);
+    assert_eq!(init.code(PROMPT), 0, "{}", init.diagnostics());
+    let out = read(&init.stderr_path.with_extension("stdout"));
+    for field in ["SigBlk", "SigIgn"] {
+        let line = out.lines().find(|l| l.starts_with(&format!("{field}:"))).unwrap_or_default();
+        assert_eq!(line, format!("{field}:\t0000000000000000"), "{out}\n{}", init.diagnostics());
+    }
+    // /proc/self/stat: pid (comm) state ppid pgrp session …
+    let stat = out.lines().last().unwrap_or_default();
+    let fields: Vec<&str> = stat[stat.rfind(')').map_or(0, |i| i + 2)..].split_whitespace().collect();
+    let pid = stat.split_whitespace().next().unwrap_or_default();
+    assert!(fields.len() > 3, "{out}");
+    assert_eq!((fields[1], fields[2], fields[3]), (init.pid.to_string().as_str(), pid, pid), "ppid, pgrp, session: {stat}");
+}
+
+#[test]
+fn group_members_left_after_the_child_are_killed_after_grace() {
+    let dir = TestDir::new("leftover");
+    // The background sleep inherits the ignored SIGTERM and outlives the main command.
+    let script = r#"trap '' TERM; (sleep 300 & echo $! > "$D/left.tmp"; mv "$D/left.tmp" "$D/left.pid"); exit 4"#;
+    let builder = run_builder(&dir, EMPTY_VAULT).args(["--grace", "1s"]).args(sh(script));
+    let mut init = Init::start(builder, Mode::Subreaper, &dir);
+    let code = init.code(Duration::from_secs(15));
+    assert_eq!(code, 4, "{}", init.diagnostics());
+    let left: i32 = read(&dir.join("left.pid")).trim().parse().expect("left.pid");
+    // Killed: gone, or a zombie waiting for whoever inherited it after op-bridge exited.
+    let killed = eventually(PROMPT, || proc_state(left).is_none_or(|(state, _)| state == 'Z'));
+    assert!(killed, "leftover {left} still running: {:?}\n{}", proc_state(left), init.diagnostics());
+}
