@@ -302,7 +302,8 @@ mod tests {
 
     #[test]
     fn ids_openclaw_rejects_are_invalid() {
-        for id in ["", "has space", "-lead", "_lead", "/abs/i/f", "v/./i/f", "v/../f", "a?b", "a=b"] {
+        let padded = format!("{}=", opb64("v/i/f1"));
+        for id in ["", "has space", "-lead", "_lead", "/abs/i/f", "v/./i/f", "v/../f", "a?b", &padded] {
             assert_eq!(id_to_target(id).unwrap_err().code, INVALID_ID, "{id:?}");
         }
         assert_eq!(id_to_target(&"a".repeat(257)).unwrap_err().code, INVALID_ID);
@@ -311,15 +312,13 @@ mod tests {
 
     #[test]
     fn well_formed_ids_naming_nothing_are_not_found() {
-        let padded = format!("{}=", opb64("v/i/f1"));
         for id in [
             "v/i".to_string(),
             "a/b/c/d/e".to_string(),
             "aws:key".to_string(),
             "opb64:".to_string(),
-            "opb64:!!".to_string(),
-            "opb64:dg".to_string(),
-            padded,
+            "opb64:a#b".to_string(),
+            "opb64:dh".to_string(),
             opb64(" v/i/f"),
             opb64("/v/i/f"),
             opb64("v\\i/f/g"),
@@ -330,8 +329,7 @@ mod tests {
             let err = id_to_target(&id).unwrap_err();
             assert_ne!(err.code, INVALID_ID, "{id:?} is a valid exec id ({err:?})");
         }
-        // "dg" decodes to "v", but "dh" has non-zero trailing bits: not canonical.
-        assert!(decode_opb64("dh").is_err());
+        // "dg" decodes to "v"; "dh" has non-zero trailing bits, so it is not canonical.
         assert_eq!(decode_opb64("dg").unwrap(), "v");
     }
 

@@ -40,7 +40,12 @@ fn name() -> impl Strategy<Value = String> {
 }
 
 fn reference() -> impl Strategy<Value = String> {
-    ("[A-Za-z0-9 _-]{1,12}", "[A-Za-z0-9 _.-]{1,12}", proptest::option::of("[A-Za-z0-9 _-]{1,8}"), "[A-Za-z0-9_.-]{1,12}")
+    (
+        "[A-Za-z0-9 _-]{1,12}",
+        "[A-Za-z0-9 _.-]{1,12}",
+        proptest::option::of("[A-Za-z0-9 _-]{1,8}"),
+        "[A-Za-z0-9_.-]{1,12}",
+    )
         .prop_map(|(v, i, s, f)| match s {
             Some(s) => format!("op://{v}/{i}/{s}/{f}"),
             None => format!("op://{v}/{i}/{f}"),

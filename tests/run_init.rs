@@ -650,7 +650,11 @@ fn check_ctrl_c(mode: Mode, restart: bool) {
     let output = run_with_timeout(cmd, Duration::from_secs(50));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "pty driver failed\n{}", describe(&output));
-    assert!(stdout.contains("FOREGROUND True"), "the command never got the terminal's foreground\n{}", describe(&output));
+    assert!(
+        stdout.contains("FOREGROUND True"),
+        "the command never got the terminal's foreground\n{}",
+        describe(&output)
+    );
     if restart {
         assert!(
             stdout.contains("FOREGROUND AFTER RESTART True"),
@@ -843,7 +847,8 @@ fn restart_keeps_the_command_when_an_exported_secret_disappears_as_pid1() {
 fn child_gets_clean_signal_state_and_its_own_session() {
     use std::os::unix::process::CommandExt;
     let dir = TestDir::new("sigstate");
-    let mut command = run_builder(&dir, EMPTY_VAULT).args(["--", "cat", "/proc/self/status", "/proc/self/stat"]).command();
+    let mut command =
+        run_builder(&dir, EMPTY_VAULT).args(["--", "cat", "/proc/self/status", "/proc/self/stat"]).command();
     // op-bridge starts with signals blocked and ignored (none of them ones it handles); the
     // command must not inherit either.
     // SAFETY: only sigprocmask and signal, async-signal-safe, between fork and exec.
@@ -869,7 +874,11 @@ fn child_gets_clean_signal_state_and_its_own_session() {
     let fields: Vec<&str> = stat[stat.rfind(')').map_or(0, |i| i + 2)..].split_whitespace().collect();
     let pid = stat.split_whitespace().next().unwrap_or_default();
     assert!(fields.len() > 3, "{out}");
-    assert_eq!((fields[1], fields[2], fields[3]), (init.pid.to_string().as_str(), pid, pid), "ppid, pgrp, session: {stat}");
+    assert_eq!(
+        (fields[1], fields[2], fields[3]),
+        (init.pid.to_string().as_str(), pid, pid),
+        "ppid, pgrp, session: {stat}"
+    );
 }
 
 #[test]

@@ -78,6 +78,10 @@ pub fn spawn(
     }
 }
 
+/// Linux's signal numbers (`_NSIG - 1`) and the size of its `sigset_t` in bytes.
+const KERNEL_SIGNALS: libc::c_int = 64;
+const KERNEL_SIGSET_BYTES: libc::size_t = 8;
+
 /// Runs in the child between fork and exec.
 fn prepare_child(terminal: bool) -> io::Result<()> {
     // SAFETY: plain syscalls on the current process; all async-signal-safe.
@@ -99,10 +103,20 @@ fn prepare_child(terminal: bool) -> io::Result<()> {
         } else if libc::setsid() < 0 && libc::setpgid(0, 0) != 0 {
             return Err(io::Error::last_os_error());
         }
-        // Default dispositions: an ignored signal would stay ignored across exec.
-        for sig in 1..=libc::SIGRTMAX() {
+        // Default dispositions: an ignored signal would stay ignored across exec. The raw
+        // syscall, because glibc's signal() refuses its reserved signals 32 and 33, which
+        // op-bridge may have inherited ignored. An all-zero kernel sigaction is SIG_DFL with
+        // no flags and an empty mask whatever the architecture's field order.
+        let default_action = [0u64; 4];
+        for sig in 1..=KERNEL_SIGNALS {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::signal(sig, libc::SIG_DFL);
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    default_action.as_ptr(),
+                    std::ptr::null_mut::<u64>(),
+                    KERNEL_SIGSET_BYTES,
+                );
             }
         }
         let mut none: libc::sigset_t = std::mem::zeroed();

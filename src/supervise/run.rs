@@ -140,8 +140,12 @@ impl ChildEnv {
     /// checked without copying any value.
     fn unavailable(&self, service: &Service) -> Option<String> {
         let store = &service.broker.store;
-        let missing: Vec<&str> =
-            self.exports.iter().filter(|e| store.with_value(&e.name, |_| ()).is_none()).map(|e| e.name.as_str()).collect();
+        let missing: Vec<&str> = self
+            .exports
+            .iter()
+            .filter(|e| store.with_value(&e.name, |_| ()).is_none())
+            .map(|e| e.name.as_str())
+            .collect();
         (!missing.is_empty()).then(|| missing.join(", "))
     }
 
