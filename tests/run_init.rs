@@ -436,14 +436,19 @@ fn thousand_orphans_leave_no_zombie_as_pid1() {
 #[test]
 fn thousand_orphans_leave_no_zombie_as_subreaper() {
     let dir = TestDir::new("orphans-sr");
+    // A last, long-lived orphan shows where the others went.
     let script = r#"
         i=0
         while [ $i -lt 1000 ]; do (sleep 0.01 &); i=$((i+1)); done
+        (sleep 60 & echo $! > "$D/sentinel.tmp"; mv "$D/sentinel.tmp" "$D/sentinel.pid")
         touch "$D/spawned"
         while [ ! -e "$D/done" ]; do sleep 0.05; done
         exit 6"#;
     let mut init = Init::start(run_builder(&dir, EMPTY_VAULT).args(sh(script)), Mode::Subreaper, &dir);
     init.await_file("spawned");
+    let sentinel: i32 = read(&dir.join("sentinel.pid")).trim().parse().expect("sentinel.pid");
+    let adopted = eventually(PROMPT, || proc_state(sentinel).is_some_and(|(_, ppid)| ppid == init.pid));
+    assert!(adopted, "orphans are not re-parented to op-bridge: {:?}\n{}", proc_state(sentinel), init.diagnostics());
     // Zombies whose parent is op-bridge: orphans it has not reaped.
     let zombies = |pid: i32| -> Vec<i32> {
         std::fs::read_dir("/proc")
@@ -453,7 +458,8 @@ fn thousand_orphans_leave_no_zombie_as_subreaper() {
             .collect()
     };
     let clean = eventually(PROMPT, || zombies(init.pid).is_empty());
-    assert!(clean, "zombies of op-bridge left: {:?}\n{}", zombies(init.pid), init.diagnostics());
+    let left = zombies(init.pid);
+    assert!(clean, "{} zombies of op-bridge left, e.g. {:?}\n{}", left.len(), &left[..left.len().min(10)], init.diagnostics());
     std::fs::write(dir.join("done"), "").unwrap();
     assert_eq!(init.code(PROMPT), 6, "{}", init.diagnostics());
 }

@@ -27,7 +27,7 @@ use zeroize::{Zeroize, Zeroizing};
 use super::{Backend, BackendError, BoxFuture, ErrorKind, RetryPolicy, Value, WriteOptions, parse_retry_after};
 use crate::locked::extend_zeroizing;
 use crate::reference::SecretRef;
-use crate::supervise::Reaper;
+use crate::supervise::{Process, Reaper};
 
 /// Most bytes read from `op`'s stdout (a large item's JSON) and stderr.
 const MAX_STDOUT: usize = 16 * 1024 * 1024;
@@ -67,9 +67,10 @@ impl OpCli {
             .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let (mut child, mut process) = self.reaper.spawn(&mut command).map_err(|err| {
+        let (mut child, process) = self.reaper.spawn(&mut command).map_err(|err| {
             BackendError::new(ErrorKind::Invalid, format!("cannot run {}: {err}", self.options.path.display()))
         })?;
+        let mut process = KillOnDrop(process);
         let pipes = (child.stdin.take(), child.stdout.take(), child.stderr.take());
         let io_error = |err: std::io::Error| BackendError::new(ErrorKind::Transient, format!("op pipe: {err}"));
         let stdin_tx = pipes.0.map(|p| pipe::Sender::from_owned_fd(OwnedFd::from(p))).transpose().map_err(io_error)?;
@@ -87,7 +88,7 @@ impl OpCli {
             };
             let (_, out, err) =
                 tokio::join!(feed, read_limited(stdout_rx, MAX_STDOUT), read_limited(stderr_rx, MAX_STDERR));
-            let exit = process.wait().await;
+            let exit = process.0.wait().await;
             (out, err, exit)
         };
         let outcome = tokio::time::timeout(self.options.timeout, exchange).await;
@@ -95,8 +96,8 @@ impl OpCli {
             Ok((out, _, exit)) if exit.success() => Ok(out),
             Ok((_, err, exit)) => Err(classify(&err, &exit.to_string())),
             Err(_) => {
-                process.signal(Signal::SIGKILL);
-                process.wait().await;
+                process.0.signal(Signal::SIGKILL);
+                process.0.wait().await;
                 Err(BackendError::new(
                     ErrorKind::Timeout,
                     format!("op did not answer within {:?} and was killed", self.options.timeout),
@@ -228,6 +229,18 @@ impl Backend for OpCli {
 
     fn describe(&self) -> String {
         format!("op CLI {}", self.options.path.display())
+    }
+}
+
+/// An `op` process that is killed if its call is abandoned before it exits (the caller's
+/// future dropped by a shutdown, or by a timeout further up), so no `op` outlives the pass
+/// that started it. After a normal exit, dropping it does nothing.
+struct KillOnDrop(Process);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // `signal` does nothing once the reaper has collected the child (no recycled pid).
+        self.0.signal(Signal::SIGKILL);
     }
 }
 

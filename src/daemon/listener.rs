@@ -49,14 +49,20 @@ impl BoundSocket {
     }
 }
 
-impl Drop for BoundSocket {
-    fn drop(&mut self) {
-        // Only remove the file if it is still ours (not a socket another daemon put there).
+impl BoundSocket {
+    /// Removes the socket file if it is still this socket (not one another daemon put there).
+    pub fn remove_file(&self) {
         if let Ok(meta) = std::fs::symlink_metadata(&self.path)
             && (meta.dev(), meta.ino()) == self.identity
         {
             let _ = std::fs::remove_file(&self.path);
         }
+    }
+}
+
+impl Drop for BoundSocket {
+    fn drop(&mut self) {
+        self.remove_file();
     }
 }
 

@@ -228,10 +228,12 @@ impl Service {
         unwritten
     }
 
-    /// Shutdown, part two: zeroizes every secret and removes the pid file; the socket file
-    /// goes with `self`.
-    pub fn close(self) {
+    /// Shutdown, part two: zeroizes every secret, removes the socket file (if it is still
+    /// ours) and the pid file. Safe while other tasks still hold the service (a refresh
+    /// started by SIGHUP may still be running).
+    pub fn close(&self) {
         self.broker.store.clear();
+        self.socket.remove_file();
         if let Some(path) = &self.pid_file {
             let _ = std::fs::remove_file(path);
         }
@@ -283,10 +285,7 @@ pub async fn run_daemon(config: BrokerConfig, grace: Duration) -> Result<u8, Sta
     shutdown.cancel();
     let _ = server.await;
     let unwritten = service.flush(grace).await;
-    match Arc::try_unwrap(service) {
-        Ok(service) => service.close(),
-        Err(service) => service.broker.store.clear(),
-    }
+    service.close();
     tracing::info!("stopped");
     Ok(if unwritten.is_empty() { crate::exit::OK } else { crate::exit::WRITEBACK_LOST })
 }

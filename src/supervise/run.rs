@@ -18,6 +18,7 @@ use futures_util::StreamExt;
 use nix::sys::signal::Signal;
 use signal_hook::consts::signal as sig;
 use signal_hook_tokio::Signals;
+use tokio::sync::broadcast;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -273,6 +274,7 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
         let mut stopping = false;
         let mut restart_queued = false;
         let mut restarting = false;
+        let mut changes_open = true;
         loop {
             let kill_at = child.kill_at;
             tokio::select! {
@@ -317,9 +319,17 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
                     reap_group(&child.process, args.grace).await;
                     return Ok(Ok(exit));
                 }
-                changed = changes.recv() => {
-                    let Ok(changed) = changed else { continue };
+                changed = changes.recv(), if changes_open => {
                     let exported = child_env.exported_names(&service);
+                    let changed = match changed {
+                        Ok(changed) => changed,
+                        // Missed notifications (the loop was busy restarting): assume the worst.
+                        Err(broadcast::error::RecvError::Lagged(_)) => exported.iter().cloned().collect(),
+                        Err(broadcast::error::RecvError::Closed) => {
+                            changes_open = false;
+                            continue;
+                        }
+                    };
                     let hit: Vec<&String> = changed.iter().filter(|n| exported.contains(*n)).collect();
                     if hit.is_empty() || stopping {
                         continue;

@@ -1,0 +1,362 @@
+//! The benchmark harness: `cargo bench --bench bench` prints a markdown table of the figures
+//! users care about (socket latency and throughput, the cost of `op-bridge get` as a process,
+//! `op read` through a modelled API delay, start-up time and `op` calls, write-back calls
+//! for a burst of rewrites, memory and binary size). Every figure is measured several times
+//! and reported as median [min–max]. The `op` CLI is the repo's fake with a stated delay: a
+//! model of the real API, not the real one.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Modelled latency of one real `op` call.
+const OP_DELAY_MS: u64 = 100;
+/// Runs per figure.
+const RUNS: usize = 5;
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_op-bridge"))
+}
+
+fn fake_op() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake-op/op")
+}
+
+struct Dir(PathBuf);
+impl Dir {
+    fn new(tag: &str) -> Dir {
+        let p = std::env::temp_dir().join(format!("opb-bench-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Dir(p)
+    }
+    fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+}
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn ping(socket: &Path) -> bool {
+    let Ok(mut s) = UnixStream::connect(socket) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if s.write_all(b"PING\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"OK pong"))
+}
+
+/// Starts `op-bridge <mode> …` and returns it with the time until the socket answered.
+fn start(dir: &Dir, args: &[String], env: &[(String, String)]) -> (Daemon, Duration) {
+    let socket = dir.join("s.sock");
+    let _ = std::fs::remove_file(&socket);
+    let started = Instant::now();
+    let child = Command::new(bin())
+        .args(args)
+        .arg("--socket")
+        .arg(&socket)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let daemon = Daemon { child, socket: socket.clone() };
+    while !ping(&socket) {
+        assert!(started.elapsed() < Duration::from_secs(60), "daemon did not start");
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    (daemon, started.elapsed())
+}
+
+fn file_vault(dir: &Dir, n: usize) -> (Vec<String>, Vec<(String, String)>) {
+    let fields: serde_json::Map<String, serde_json::Value> =
+        (0..n).map(|i| (format!("f{i}"), serde_json::Value::String(format!("value-{i:04}-{}", "x".repeat(32))))).collect();
+    std::fs::write(dir.join("vault.json"), serde_json::json!({"v": {"i": fields}}).to_string()).unwrap();
+    let env = (0..n).map(|i| (format!("OP_S{i}_REF"), format!("op://v/i/f{i}"))).collect();
+    (vec!["daemon".into(), format!("--backend=file:{}", dir.join("vault.json").display())], env)
+}
+
+fn fake_op_env(dir: &Dir, items: usize) -> Vec<(String, String)> {
+    let store: serde_json::Map<String, serde_json::Value> =
+        (0..items).map(|i| (format!("item{i}"), serde_json::json!({"password": format!("pw-{i}")}))).collect();
+    std::fs::write(dir.join("store.json"), serde_json::json!({"v": store}).to_string()).unwrap();
+    std::fs::write(dir.join("control.json"), format!("{{\"delay_ms\": {OP_DELAY_MS}}}")).unwrap();
+    let _ = std::fs::remove_file(dir.join("log.jsonl"));
+    vec![
+        ("FAKE_OP_STORE".into(), dir.join("store.json").display().to_string()),
+        ("FAKE_OP_CONTROL".into(), dir.join("control.json").display().to_string()),
+        ("FAKE_OP_LOG".into(), dir.join("log.jsonl").display().to_string()),
+    ]
+}
+
+fn op_calls(dir: &Dir) -> usize {
+    std::fs::read_to_string(dir.join("log.jsonl")).map(|s| s.lines().count()).unwrap_or(0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// median [min–max] of several runs.
+struct Spread(Vec<f64>);
+impl Spread {
+    fn show(&self, unit: &str, digits: usize) -> String {
+        let mut v = self.0.clone();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let median = v[v.len() / 2];
+        format!("{median:.digits$} {unit} [{:.digits$}–{:.digits$}]", v[0], v[v.len() - 1])
+    }
+}
+
+/// Persistent connections, each doing request/response GETs for `per_conn` requests.
+fn socket_load(socket: &Path, connections: usize, per_conn: usize) -> (Duration, Duration, f64) {
+    let start = Instant::now();
+    let threads: Vec<_> = (0..connections)
+        .map(|c| {
+            let socket = socket.to_path_buf();
+            std::thread::spawn(move || {
+                let stream = UnixStream::connect(&socket).unwrap();
+                let mut writer = stream.try_clone().unwrap();
+                let mut reader = BufReader::new(stream);
+                let mut line = String::new();
+                let mut lat = Vec::with_capacity(per_conn);
+                let request = format!("GET S{}\n", c % 10);
+                for _ in 0..per_conn {
+                    let t = Instant::now();
+                    writer.write_all(request.as_bytes()).unwrap();
+                    line.clear();
+                    reader.read_line(&mut line).unwrap();
+                    lat.push(t.elapsed());
+                    assert!(line.starts_with("OK value-"), "{line}");
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut all: Vec<Duration> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let elapsed = start.elapsed();
+    all.sort();
+    (percentile(&all, 0.5), percentile(&all, 0.99), all.len() as f64 / elapsed.as_secs_f64())
+}
+
+fn new_connection_load(socket: &Path, requests: usize) -> (Duration, Duration, f64) {
+    let start = Instant::now();
+    let mut lat = Vec::with_capacity(requests);
+    for _ in 0..requests {
+        let t = Instant::now();
+        let mut stream = UnixStream::connect(socket).unwrap();
+        stream.write_all(b"GET S1\n").unwrap();
+        let mut buf = [0u8; 128];
+        let n = stream.read(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"OK value-"));
+        lat.push(t.elapsed());
+    }
+    let elapsed = start.elapsed();
+    lat.sort();
+    (percentile(&lat, 0.5), percentile(&lat, 0.99), requests as f64 / elapsed.as_secs_f64())
+}
+
+fn time_process(mut cmd: Command, stdin: Option<&[u8]>) -> Duration {
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() }).stdout(Stdio::piped()).stderr(Stdio::null());
+    let t = Instant::now();
+    let mut child = cmd.spawn().unwrap();
+    if let Some(data) = stdin {
+        child.stdin.take().unwrap().write_all(data).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let spent = t.elapsed();
+    assert!(out.status.success(), "{cmd:?} failed");
+    spent
+}
+
+fn rss_kb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn main() {
+    let mut rows: Vec<(String, String)> = Vec::new();
+    let dir = Dir::new("main");
+    let (args, env) = file_vault(&dir, 50);
+    let (daemon, _) = start(&dir, &args, &env);
+    let socket = daemon.socket.clone();
+
+    // 1. Socket GET latency and throughput.
+    for connections in [1usize, 8, 64] {
+        let per_conn = if connections == 64 { 2_000 } else { 20_000 };
+        let mut p50 = Vec::new();
+        let mut p99 = Vec::new();
+        let mut rate = Vec::new();
+        for _ in 0..RUNS {
+            let (a, b, r) = socket_load(&socket, connections, per_conn);
+            p50.push(a.as_secs_f64() * 1e6);
+            p99.push(b.as_secs_f64() * 1e6);
+            rate.push(r / 1000.0);
+        }
+        rows.push((format!("GET p50, {connections} persistent conn."), Spread(p50).show("µs", 1)));
+        rows.push((format!("GET p99, {connections} persistent conn."), Spread(p99).show("µs", 1)));
+        rows.push((format!("GET throughput, {connections} persistent conn."), Spread(rate).show("k/s", 1)));
+    }
+    let (mut p50, mut p99, mut rate) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        let (a, b, r) = new_connection_load(&socket, 5_000);
+        p50.push(a.as_secs_f64() * 1e6);
+        p99.push(b.as_secs_f64() * 1e6);
+        rate.push(r / 1000.0);
+    }
+    rows.push(("GET p50, new connection per request".into(), Spread(p50).show("µs", 1)));
+    rows.push(("GET p99, new connection per request".into(), Spread(p99).show("µs", 1)));
+    rows.push(("GET throughput, new connection per request".into(), Spread(rate).show("k/s", 1)));
+
+    // 2. `op-bridge get` as a process, and the exec protocol with 1 and 100 ids.
+    let process_runs = |make: &dyn Fn() -> (Command, Option<Vec<u8>>)| {
+        let samples: Vec<f64> = (0..RUNS)
+            .map(|_| {
+                let mut t: Vec<Duration> = (0..40)
+                    .map(|_| {
+                        let (cmd, input) = make();
+                        time_process(cmd, input.as_deref())
+                    })
+                    .collect();
+                t.sort();
+                percentile(&t, 0.5).as_secs_f64() * 1e3
+            })
+            .collect();
+        Spread(samples)
+    };
+    let get_cmd = || {
+        let mut c = Command::new(bin());
+        c.args(["get", "S1", "--socket"]).arg(&socket);
+        (c, None)
+    };
+    rows.push(("`op-bridge get NAME` (whole process)".into(), process_runs(&get_cmd).show("ms", 2)));
+    for ids in [1usize, 100] {
+        let request = serde_json::json!({
+            "protocolVersion": 1, "provider": "op",
+            "ids": (0..ids).map(|i| format!("S{}", i % 50)).collect::<Vec<_>>(),
+        })
+        .to_string();
+        let exec_cmd = || {
+            let mut c = Command::new(bin());
+            c.env_clear().args(["get", "--socket"]).arg(&socket);
+            (c, Some(request.clone().into_bytes()))
+        };
+        rows.push((format!("exec-protocol `op-bridge get`, {ids} id(s)"), process_runs(&exec_cmd).show("ms", 2)));
+    }
+    drop(daemon);
+
+    // 3. The same lookup through `op read` (fake op, modelled delay).
+    let op_dir = Dir::new("opread");
+    let op_env = fake_op_env(&op_dir, 1);
+    let op_read = || {
+        let mut c = Command::new(fake_op());
+        c.args(["read", "op://v/item0/password"]).envs(op_env.iter().map(|(k, v)| (k, v)));
+        c
+    };
+    let samples: Vec<f64> = (0..RUNS).map(|_| time_process(op_read(), None).as_secs_f64() * 1e3).collect();
+    rows.push((format!("`op read` via fake op (model: {OP_DELAY_MS} ms/call)"), Spread(samples).show("ms", 1)));
+
+    // 4. Start-up: time until the socket answers, and `op` calls made.
+    for refs in [1usize, 10, 50, 200] {
+        let mut times = Vec::new();
+        let mut calls = 0;
+        for _ in 0..RUNS.min(3) {
+            let d = Dir::new(&format!("start{refs}"));
+            let mut env = fake_op_env(&d, refs);
+            env.extend((0..refs).map(|i| (format!("OP_S{i}_REF"), format!("op://v/item{i}/password"))));
+            let args = vec!["daemon".to_string(), "--op-path".into(), fake_op().display().to_string()];
+            let (daemon, took) = start(&d, &args, &env);
+            times.push(took.as_secs_f64());
+            calls = op_calls(&d);
+            drop(daemon);
+        }
+        rows.push((format!("start-up to first answer, {refs} refs ({calls} op calls)"), Spread(times).show("s", 3)));
+    }
+
+    // 5. `op` calls spent on a burst of 100 rewrites of a watched file.
+    let mut spent = Vec::new();
+    for _ in 0..3 {
+        let d = Dir::new("burst");
+        let env = fake_op_env(&d, 1);
+        std::fs::write(d.join("control.json"), "{\"delay_ms\": 0}").unwrap();
+        let watched = d.join("creds.json");
+        let args = vec![
+            "daemon".to_string(),
+            "--op-path".into(),
+            fake_op().display().to_string(),
+            "--watch".into(),
+            format!("{}=op://v/item0/password", watched.display()),
+        ];
+        let (daemon, _) = start(&d, &args, &env);
+        let before = op_calls(&d);
+        for i in 0..100 {
+            std::fs::write(&watched, format!("rotated-{i}")).unwrap();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(d.join("store.json")).unwrap().contains("rotated-99") {
+            assert!(Instant::now() < deadline, "burst not written back");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        spent.push((op_calls(&d) - before) as f64);
+        drop(daemon);
+    }
+    rows.push(("`op` calls for 100 rewrites in ~1 s (get+edit per write)".into(), Spread(spent).show("calls", 0)));
+
+    // 6. Memory and size.
+    let mut idle = Vec::new();
+    let mut running = Vec::new();
+    for _ in 0..3 {
+        let d = Dir::new("rss");
+        let (args, env) = file_vault(&d, 0);
+        let (daemon, _) = start(&d, &args, &env);
+        std::thread::sleep(Duration::from_millis(200));
+        idle.push(rss_kb(daemon.child.id()) / 1024.0);
+        drop(daemon);
+        let (mut args, env) = file_vault(&d, 50);
+        args[0] = "run".into();
+        args.extend(["--export-all".to_string(), "--".into(), "sleep".into(), "30".into()]);
+        let (daemon, _) = start(&d, &args, &env);
+        std::thread::sleep(Duration::from_millis(200));
+        running.push(rss_kb(daemon.child.id()) / 1024.0);
+        drop(daemon);
+    }
+    rows.push(("resident memory, idle daemon (no secrets)".into(), Spread(idle).show("MB", 2)));
+    rows.push(("resident memory, `run` with 50 secrets".into(), Spread(running).show("MB", 2)));
+    let size = std::fs::metadata(bin()).unwrap().len() as f64 / 1_048_576.0;
+    rows.push(("binary size (this build's profile, unstripped)".into(), format!("{size:.2} MB")));
+
+    println!("\n| figure | median [min–max] of {RUNS} runs (start-up, burst, memory: 3) |\n|---|---|");
+    for (name, value) in rows {
+        println!("| {name} | {value} |");
+    }
+    println!(
+        "\nmachine: {} cores, {}; op model: fake op with {OP_DELAY_MS} ms per call",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+            .unwrap_or_default()
+    );
+}
