@@ -89,8 +89,9 @@ fn start(dir: &Dir, args: &[String], env: &[(String, String)]) -> (Daemon, Durat
 }
 
 fn file_vault(dir: &Dir, n: usize) -> (Vec<String>, Vec<(String, String)>) {
-    let fields: serde_json::Map<String, serde_json::Value> =
-        (0..n).map(|i| (format!("f{i}"), serde_json::Value::String(format!("value-{i:04}-{}", "x".repeat(32))))).collect();
+    let fields: serde_json::Map<String, serde_json::Value> = (0..n)
+        .map(|i| (format!("f{i}"), serde_json::Value::String(format!("value-{i:04}-{}", "x".repeat(32)))))
+        .collect();
     std::fs::write(dir.join("vault.json"), serde_json::json!({"v": {"i": fields}}).to_string()).unwrap();
     let env = (0..n).map(|i| (format!("OP_S{i}_REF"), format!("op://v/i/f{i}"))).collect();
     (vec!["daemon".into(), format!("--backend=file:{}", dir.join("vault.json").display())], env)
@@ -177,7 +178,9 @@ fn new_connection_load(socket: &Path, requests: usize) -> (Duration, Duration, f
 }
 
 fn time_process(mut cmd: Command, stdin: Option<&[u8]>) -> Duration {
-    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() }).stdout(Stdio::piped()).stderr(Stdio::null());
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
     let t = Instant::now();
     let mut child = cmd.spawn().unwrap();
     if let Some(data) = stdin {
@@ -356,7 +359,12 @@ fn main() {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         std::fs::read_to_string("/proc/cpuinfo")
             .ok()
-            .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+            .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l
+                .split(':')
+                .nth(1)
+                .unwrap_or("")
+                .trim()
+                .to_string()))
             .unwrap_or_default()
     );
 }

@@ -18,8 +18,12 @@ const CAPTURED_REQUEST: &[u8] = br#"{"protocolVersion":1,"provider":"opb","ids":
 /// whitespace or newline. (The ids here are ASCII, which both encoders escape alike.)
 fn openclaw_request(provider: &str, ids: &[String]) -> Vec<u8> {
     let ids: Vec<String> = ids.iter().map(|id| serde_json::to_string(id).unwrap()).collect();
-    format!(r#"{{"protocolVersion":1,"provider":{},"ids":[{}]}}"#, serde_json::to_string(provider).unwrap(), ids.join(","))
-        .into_bytes()
+    format!(
+        r#"{{"protocolVersion":1,"provider":{},"ids":[{}]}}"#,
+        serde_json::to_string(provider).unwrap(),
+        ids.join(",")
+    )
+    .into_bytes()
 }
 
 fn opb64(reference: &str) -> String {
@@ -149,8 +153,10 @@ fn every_id_form_in_one_batch() {
 #[test]
 fn batch_of_512_ids_in_one_call() {
     let dir = TestDir::new("exec-512");
-    let fields: serde_json::Map<String, Json> = (0..256).map(|i| (format!("f{i}"), json!(format!("value-{i}")))).collect();
-    std::fs::write(dir.join("vault.json"), serde_json::to_vec(&json!({ "bulk": { "item": fields } })).unwrap()).unwrap();
+    let fields: serde_json::Map<String, Json> =
+        (0..256).map(|i| (format!("f{i}"), json!(format!("value-{i}")))).collect();
+    std::fs::write(dir.join("vault.json"), serde_json::to_vec(&json!({ "bulk": { "item": fields } })).unwrap())
+        .unwrap();
     let refs: Vec<(String, String)> =
         (0..256).map(|i| (format!("OP_S{i}_REF"), format!("op://bulk/item/f{i}"))).collect();
     let broker = BrokerBuilder::new(&dir, "daemon")
@@ -177,11 +183,8 @@ fn batch_of_512_ids_in_one_call() {
     // runs the same batch under OpenClaw's own 5 s timeout.
     eprintln!("512-id batch answered in {elapsed:?}");
     let audit = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
-    let gets: Vec<Json> = audit
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Json>(l).ok())
-        .filter(|r| r["command"] == "GET")
-        .collect();
+    let gets: Vec<Json> =
+        audit.lines().filter_map(|l| serde_json::from_str::<Json>(l).ok()).filter(|r| r["command"] == "GET").collect();
     assert_eq!(gets.len(), 512, "every GET is audited:\n{audit}");
     assert!(gets.iter().all(|r| r["pid"] == gets[0]["pid"]), "one client process asked:\n{audit}");
     assert!(!audit.contains("value-1"), "no value in the audit log");
@@ -189,7 +192,8 @@ fn batch_of_512_ids_in_one_call() {
 
 #[test]
 fn empty_batch_needs_no_daemon() {
-    let out = exec_get(&["--socket", "/nonexistent/op-bridge.sock"], br#"{"protocolVersion":1,"provider":"opb","ids":[]}"#);
+    let out =
+        exec_get(&["--socket", "/nonexistent/op-bridge.sock"], br#"{"protocolVersion":1,"provider":"opb","ids":[]}"#);
     assert_eq!(reply(&out), json!({ "protocolVersion": 1, "values": {} }));
 }
 

@@ -459,7 +459,13 @@ fn thousand_orphans_leave_no_zombie_as_subreaper() {
     };
     let clean = eventually(PROMPT, || zombies(init.pid).is_empty());
     let left = zombies(init.pid);
-    assert!(clean, "{} zombies of op-bridge left, e.g. {:?}\n{}", left.len(), &left[..left.len().min(10)], init.diagnostics());
+    assert!(
+        clean,
+        "{} zombies of op-bridge left, e.g. {:?}\n{}",
+        left.len(),
+        &left[..left.len().min(10)],
+        init.diagnostics()
+    );
     std::fs::write(dir.join("done"), "").unwrap();
     assert_eq!(init.code(PROMPT), 6, "{}", init.diagnostics());
 }

@@ -75,6 +75,12 @@ pub enum StartError {
     Io { action: String, source: std::io::Error },
 }
 
+/// The process environment without the variables that are not UTF-8 (references are text;
+/// `std::env::vars` would panic on such a variable).
+pub fn utf8_env() -> Vec<(String, String)> {
+    std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))).collect()
+}
+
 /// Finds `{prefix}{NAME}{suffix}=op://…` variables. Returns (NAME, reference text).
 pub fn discover(env: impl IntoIterator<Item = (String, String)>, prefix: &str, suffix: &str) -> Vec<(String, String)> {
     let mut found: Vec<(String, String)> = env
@@ -265,7 +271,7 @@ pub async fn run_daemon(config: BrokerConfig, grace: Duration) -> Result<u8, Sta
     let mut term = signal(SignalKind::terminate()).map_err(signal_err)?;
     let mut int = signal(SignalKind::interrupt()).map_err(signal_err)?;
 
-    let service = Arc::new(Service::start(&config, &reaper, std::env::vars()).await?);
+    let service = Arc::new(Service::start(&config, &reaper, utf8_env()).await?);
     let shutdown = CancellationToken::new();
     let server = {
         let service = service.clone();

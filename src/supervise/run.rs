@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use super::child;
 use super::reaper::{Exit, Process, Reaper};
 use crate::cli::{HupMode, RunArgs};
-use crate::daemon::{BrokerConfig, Service, StartError};
+use crate::daemon::{BrokerConfig, Service, StartError, utf8_env};
 
 /// Signals forwarded to the child. SIGCHLD is the reaper's; SIGKILL and SIGSTOP cannot be
 /// caught; SIGPIPE, SIGSEGV, SIGBUS, SIGFPE and SIGILL are about op-bridge itself.
@@ -182,10 +182,6 @@ impl ChildEnv {
 
 /// The environment as text for reference discovery. Variables that are not UTF-8 cannot be
 /// references; they are skipped here (`std::env::vars` would panic) and still reach the child.
-fn utf8_env() -> Vec<(String, String)> {
-    std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))).collect()
-}
-
 fn absolute(path: &std::path::Path) -> std::path::PathBuf {
     if path.is_absolute() {
         path.to_path_buf()
@@ -373,19 +369,12 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
         Ok(Ok(exit)) => exit_code(exit),
         Ok(Err(spawn_err)) => spawn_err.exit_code(),
         Err(err) => {
-            close(service);
+            service.close();
             return Err(err);
         }
     };
-    close(service);
+    service.close();
     Ok(code)
-}
-
-fn close(service: Arc<Service>) {
-    match Arc::try_unwrap(service) {
-        Ok(service) => service.close(),
-        Err(service) => service.broker.store.clear(),
-    }
 }
 
 fn exit_code(exit: Exit) -> u8 {
