@@ -151,7 +151,7 @@ impl ChildEnv {
     }
 
     /// The environment with the current values of the exported secrets.
-    fn build(&self, service: &Service) -> Result<Vec<(OsString, OsString)>, String> {
+    fn build(&self, service: &Service) -> Result<SecretEnv, String> {
         let mut env = self.base.clone();
         let mut put = |var: &str, name: &str| -> Result<(), String> {
             let value = service
@@ -176,12 +176,31 @@ impl ChildEnv {
         for export in &self.exports {
             put(&export.var, &export.name)?;
         }
-        Ok(env)
+        Ok(SecretEnv(env))
     }
 }
 
 /// The environment as text for reference discovery. Variables that are not UTF-8 cannot be
 /// references; they are skipped here (`std::env::vars` would panic) and still reach the child.
+/// The child's environment, exported values included; every value is zeroized on drop
+/// (`Command` keeps its own copy until the spawn returns; that one is freed as is).
+struct SecretEnv(Vec<(OsString, OsString)>);
+
+impl std::ops::Deref for SecretEnv {
+    type Target = [(OsString, OsString)];
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl Drop for SecretEnv {
+    fn drop(&mut self) {
+        for (_, value) in self.0.drain(..) {
+            zeroize::Zeroize::zeroize(&mut value.into_vec());
+        }
+    }
+}
+
 fn absolute(path: &std::path::Path) -> std::path::PathBuf {
     if path.is_absolute() {
         path.to_path_buf()
