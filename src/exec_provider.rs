@@ -293,9 +293,8 @@ mod tests {
         assert_eq!(id_to_target("v/i/s/f").unwrap(), "op://v/i/s/f");
         assert_eq!(id_to_target(&opb64("op://My Vault/item/field")).unwrap(), "op://My Vault/item/field");
         assert_eq!(id_to_target(&opb64("My Vault/item/sec/field")).unwrap(), "op://My Vault/item/sec/field");
-        assert_eq!(id_to_target(&opb64("v/i/one-time password?attribute=otp")).unwrap(), {
-            "op://v/i/one-time password?attribute=otp"
-        });
+        let otp = opb64("v/i/one-time password?attribute=otp");
+        assert_eq!(id_to_target(&otp).unwrap(), "op://v/i/one-time password?attribute=otp");
         let longest = format!("a{}", "b".repeat(255));
         assert_eq!(id_to_target(&longest).unwrap_err().code, NOT_FOUND, "a valid id, but too long for a NAME");
     }

@@ -14,7 +14,7 @@ use tokio::sync::Mutex;
 use zeroize::Zeroizing;
 
 use super::op::scrub;
-use super::{Backend, BackendError, BoxFuture, ErrorKind, Value, WriteOptions};
+use super::{Backend, BackendError, BoxFuture, ErrorKind, Value, WriteOptions, value_text};
 use crate::reference::SecretRef;
 
 /// Largest vault file read.
@@ -165,9 +165,7 @@ impl Backend for FileVault {
         options: WriteOptions,
     ) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async move {
-            let text = std::str::from_utf8(value).map_err(|_| {
-                BackendError::new(ErrorKind::Invalid, "the vault file holds text; the value is not UTF-8")
-            })?;
+            let text = value_text(value)?;
             let _guard = self.write_lock.lock().await;
             self.store(reference, text, options)
         })

@@ -96,6 +96,12 @@ pub trait Backend: Send + Sync {
     fn describe(&self) -> String;
 }
 
+/// A value as text: 1Password fields (and the vault file's JSON strings) hold UTF-8 only.
+pub fn value_text(value: &[u8]) -> Result<&str, BackendError> {
+    std::str::from_utf8(value)
+        .map_err(|_| BackendError::new(ErrorKind::Invalid, "1Password fields hold text; the value is not UTF-8"))
+}
+
 /// Exponential backoff with jitter; a stated 429 delay wins.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {

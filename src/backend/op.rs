@@ -24,7 +24,9 @@ use tokio::net::unix::pipe;
 use tokio::sync::Semaphore;
 use zeroize::{Zeroize, Zeroizing};
 
-use super::{Backend, BackendError, BoxFuture, ErrorKind, RetryPolicy, Value, WriteOptions, parse_retry_after};
+use super::{
+    Backend, BackendError, BoxFuture, ErrorKind, RetryPolicy, Value, WriteOptions, parse_retry_after, value_text,
+};
 use crate::locked::extend_zeroizing;
 use crate::reference::SecretRef;
 use crate::supervise::{Process, Reaper};
@@ -220,9 +222,7 @@ impl Backend for OpCli {
         options: WriteOptions,
     ) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async move {
-            let text = std::str::from_utf8(value).map_err(|_| {
-                BackendError::new(ErrorKind::Invalid, "1Password fields hold text; the value is not UTF-8")
-            })?;
+            let text = value_text(value)?;
             self.write_field(reference, text, options).await
         })
     }

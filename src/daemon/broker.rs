@@ -147,11 +147,11 @@ impl Broker {
 
     /// GET: the value of a name, or of the name registered for an `op://` reference.
     pub fn lookup<R>(&self, target: &str, f: impl FnOnce(&[u8]) -> R) -> Result<R, String> {
-        let name = if target.starts_with("op://") {
+        let name: std::borrow::Cow<'_, str> = if target.starts_with("op://") {
             let reference = SecretRef::parse(target).map_err(|e| e.to_string())?;
-            self.store.name_for_reference(&reference).ok_or_else(|| format!("unknown ref: {target}"))?
+            self.store.name_for_reference(&reference).ok_or_else(|| format!("unknown ref: {target}"))?.into()
         } else {
-            target.to_string()
+            target.into()
         };
         if let Some(out) = self.store.with_value(&name, f) {
             return Ok(out);

@@ -22,7 +22,7 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::child;
+use super::child::{self, SpawnError};
 use super::reaper::{Exit, Process, Reaper};
 use crate::cli::{HupMode, RunArgs};
 use crate::daemon::{BrokerConfig, Service, StartError, utf8_env};
@@ -201,6 +201,19 @@ impl Drop for SecretEnv {
     }
 }
 
+/// Builds the environment with the current values and spawns the command; the environment
+/// copy is zeroized as soon as the child has it.
+fn spawn_command(
+    reaper: &Reaper,
+    args: &RunArgs,
+    child_env: &ChildEnv,
+    service: &Service,
+    terminal: bool,
+) -> Result<Result<Process, SpawnError>, StartError> {
+    let env = child_env.build(service).map_err(StartError::SecretsUnavailable)?;
+    Ok(child::spawn(reaper, &args.command, &env, terminal))
+}
+
 fn absolute(path: &std::path::Path) -> std::path::PathBuf {
     if path.is_absolute() {
         path.to_path_buf()
@@ -275,15 +288,13 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
     // Decided once: a restarted command takes the terminal back from its predecessor.
     let terminal = child::owns_terminal();
     let outcome = async {
-        let env = child_env.build(&service).map_err(StartError::SecretsUnavailable)?;
-        let process = match child::spawn(&reaper, &args.command, &env, terminal) {
+        let process = match spawn_command(&reaper, &args, &child_env, &service, terminal)? {
             Ok(process) => process,
             Err(err) => {
                 tracing::error!("{err}");
                 return Ok(Err(err));
             }
         };
-        drop(env);
         tracing::info!(pid = process.pid().as_raw(), "started {}", args.command[0].to_string_lossy());
         let mut child = Supervised { process, kill_at: None };
         let mut stopping = false;
@@ -313,8 +324,7 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
                 exit = child.process.wait() => {
                     if restarting && !stopping {
                         reap_group(&child.process, args.grace).await;
-                        let env = child_env.build(&service).map_err(StartError::SecretsUnavailable)?;
-                        let process = match child::spawn(&reaper, &args.command, &env, terminal) {
+                        let process = match spawn_command(&reaper, &args, &child_env, &service, terminal)? {
                             Ok(process) => process,
                             Err(err) => {
                                 tracing::error!("restart failed: {err}");
