@@ -57,3 +57,11 @@ pub mod exit {
     /// `run`: the command was not found.
     pub const NOT_FOUND: u8 = 127;
 }
+
+/// Sleeps until `at`, or forever when there is no deadline (a disabled `select!` timer arm).
+pub(crate) async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

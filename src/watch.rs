@@ -262,7 +262,7 @@ async fn event_loop(
                 Some(Err(err)) => tracing::warn!("file watcher error: {err}"),
                 None => break,
             },
-            _ = sleep_until_opt(next_due) => {
+            _ = crate::sleep_until(next_due) => {
                 let now = Instant::now();
                 for state in states.iter_mut().filter(|s| s.due.is_some_and(|d| d <= now)) {
                     capture(state, &broker, &options, false);
@@ -284,13 +284,6 @@ async fn event_loop(
                 break;
             }
         }
-    }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -154,10 +154,11 @@ impl ChildEnv {
     fn build(&self, service: &Service) -> Result<SecretEnv, String> {
         let mut env = self.base.clone();
         let mut put = |var: &str, name: &str| -> Result<(), String> {
-            let value = service
+            // Zeroizing until it is handed to the environment, so a refused value leaves no copy.
+            let mut value = service
                 .broker
                 .store
-                .with_value(name, |v| v.to_vec())
+                .with_value(name, |v| zeroize::Zeroizing::new(v.to_vec()))
                 .ok_or_else(|| format!("exported secret {name} is not available"))?;
             if value.contains(&0) {
                 return Err(format!(
@@ -165,7 +166,7 @@ impl ChildEnv {
                 ));
             }
             env.retain(|(k, _)| k != var);
-            env.push((var.into(), OsString::from_vec(value)));
+            env.push((var.into(), OsString::from_vec(std::mem::take(&mut *value))));
             Ok(())
         };
         if self.export_all {
@@ -180,8 +181,6 @@ impl ChildEnv {
     }
 }
 
-/// The environment as text for reference discovery. Variables that are not UTF-8 cannot be
-/// references; they are skipped here (`std::env::vars` would panic) and still reach the child.
 /// The child's environment, exported values included; every value is zeroized on drop
 /// (`Command` keeps its own copy until the spawn returns; that one is freed as is).
 struct SecretEnv(Vec<(OsString, OsString)>);
@@ -380,7 +379,7 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
                         },
                     }
                 }
-                _ = sleep_until_opt(kill_at) => {
+                _ = crate::sleep_until(kill_at) => {
                     tracing::warn!("grace period over; killing the command's process group");
                     child.forward(sig::SIGKILL);
                     child.kill_at = None;
@@ -408,13 +407,6 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
 
 fn exit_code(exit: Exit) -> u8 {
     u8::try_from(exit.code()).unwrap_or(255)
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }
 
 async fn wait_for_stop(signals: &mut Signals) -> i32 {
