@@ -272,3 +272,22 @@ fn set_is_limited_to_the_registered_reference() {
     let out = ro.client(&["delete", "X"], None);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
 }
+
+#[test]
+fn a_refresh_never_replaces_or_rereads_a_pending_rotation() {
+    let s = setup("wb-pendref");
+    let broker = daemon(&s).start();
+    let reads = || s.fake.calls_of(&["read", "--no-newline", REF]).len();
+    assert_eq!(reads(), 1, "start-up reads the watched reference once");
+    // Writes fail (reads work), so the rotation stays pending through the refresh.
+    s.fake.control(json!({"fail_edits": 1000}));
+    std::fs::write(&s.file, "pending-rotation").unwrap();
+    assert!(eventually(Duration::from_secs(10), || !s.fake.calls_of(&["item", "edit"]).is_empty()));
+    let out = broker.client(&["refresh"], None);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(reads(), 1, "a pending name was asked for again");
+    assert_eq!(broker.client(&["get", "CREDS"], None).stdout, b"pending-rotation");
+    assert!(broker.stderr().contains("kept its local value (write-back pending)"), "{}", broker.stderr());
+    s.fake.control(json!({}));
+    assert!(wait_field(&s.fake, "pending-rotation"), "{}", broker.stderr());
+}

@@ -39,6 +39,8 @@ pub struct ResolveReport {
     pub dropped: Vec<String>,
     /// Names that could not be resolved, with the reason (value kept if there was one).
     pub failed: Vec<(String, BackendError)>,
+    /// Names not asked for because their write-back is pending (the local value is newer).
+    pub deferred: Vec<String>,
     pub elapsed: Duration,
 }
 
@@ -97,17 +99,18 @@ impl Broker {
     pub async fn resolve_all(&self) -> ResolveReport {
         let _guard = self.refresh_lock.lock().await;
         let started = Instant::now();
-        let registered = self.store.references();
+        // A name whose newer local value is still on its way to 1Password is not asked for:
+        // 1Password's answer would be older, and asking would spend a rate-limited read.
+        let (registered, deferred): (Vec<_>, Vec<_>) =
+            self.store.references().into_iter().partition(|(name, _)| !self.writeback.is_pending(name));
         let refs: Vec<SecretRef> = registered.iter().map(|(_, r)| r.clone()).collect();
         let results = self.backend.resolve(&refs).await;
-        let mut report = ResolveReport { total: refs.len(), ..ResolveReport::default() };
+        let mut report = ResolveReport {
+            total: refs.len(),
+            deferred: deferred.into_iter().map(|(name, _)| name).collect(),
+            ..ResolveReport::default()
+        };
         for ((name, _), result) in registered.into_iter().zip(results) {
-            if self.writeback.is_pending(&name) {
-                // A newer local value is on its way to 1Password; what 1Password holds now
-                // is older and must not replace it.
-                report.resolved += 1;
-                continue;
-            }
             match result {
                 Ok(value) => {
                     report.resolved += 1;

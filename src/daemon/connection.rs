@@ -217,6 +217,7 @@ impl Connection {
             }
             Request::Refresh => {
                 let report = broker.resolve_all().await;
+                super::log_report("refresh", &report);
                 if report.failed.iter().all(|(_, e)| e.kind == crate::backend::ErrorKind::NotFound) {
                     ok(out, Response::Text(format!("refreshed {}", report.resolved)), self.version);
                     Ok(())

@@ -257,6 +257,9 @@ pub fn log_report(what: &str, report: &ResolveReport) {
     for (name, err) in &report.failed {
         tracing::warn!(name, kind = err.kind.label(), "{what}: {name} not resolved: {}", err.message);
     }
+    for name in &report.deferred {
+        tracing::info!(name, "{what}: {name} kept its local value (write-back pending)");
+    }
     for name in &report.dropped {
         tracing::warn!(name, "{what}: {name} no longer exists in the backend; dropped");
     }
