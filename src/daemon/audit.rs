@@ -25,14 +25,13 @@ impl AuditLog {
     }
 
     pub fn record(&self, peer: &Peer, command: &str, name: Option<&str>, result: &str) {
-        let exe = peer.pid.and_then(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).ok());
         let time = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
         let line = serde_json::json!({
             "time": time,
             "pid": peer.pid,
             "uid": peer.uid,
             "gid": peer.gid,
-            "exe": exe.map(|p| p.display().to_string()),
+            "exe": peer.exe,
             "command": command,
             "name": name,
             "result": result,

@@ -42,12 +42,20 @@ pub struct Peer {
     pub pid: Option<i32>,
     pub uid: u32,
     pub gid: u32,
+    /// The peer's executable, looked up once per connection and only for the audit log.
+    pub exe: Option<String>,
 }
 
 impl Peer {
-    pub fn of(stream: &UnixStream) -> std::io::Result<Peer> {
+    /// The peer's credentials; `with_exe` also resolves `/proc/<pid>/exe`.
+    pub fn of(stream: &UnixStream, with_exe: bool) -> std::io::Result<Peer> {
         let cred = stream.peer_cred()?;
-        Ok(Peer { pid: cred.pid(), uid: cred.uid(), gid: cred.gid() })
+        let exe = cred
+            .pid()
+            .filter(|_| with_exe)
+            .and_then(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).ok())
+            .map(|path| path.display().to_string());
+        Ok(Peer { pid: cred.pid(), uid: cred.uid(), gid: cred.gid(), exe })
     }
 }
 

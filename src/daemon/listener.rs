@@ -147,7 +147,7 @@ pub async fn serve(
                 continue;
             }
         };
-        let peer = match Peer::of(&stream) {
+        let peer = match Peer::of(&stream, audit.is_some()) {
             Ok(peer) => peer,
             Err(err) => {
                 tracing::warn!("cannot read peer credentials: {err}");
