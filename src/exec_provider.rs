@@ -35,7 +35,7 @@ use crate::backend::op::scrub;
 use crate::cli::ClientArgs;
 use crate::client::Client;
 use crate::commands::CommandError;
-use crate::protocol::{Reply, Request, normalize_name};
+use crate::protocol::{NOT_AVAILABLE, Reply, Request, UNKNOWN_REF, normalize_name};
 use crate::reference::SecretRef;
 
 /// Largest request accepted on stdin (OpenClaw itself sends at most 256 KiB).
@@ -195,7 +195,7 @@ fn error_entry(code: &str, message: &str) -> Json {
 /// `NOT_FOUND`; one it holds without a value (its resolution failed) is `UNAVAILABLE` with
 /// the daemon's reason, which names the secret and the failure, never a value (DESIGN §7).
 fn refusal_entry(message: &str) -> Json {
-    if message.starts_with("unknown ref:") && !message.contains("(not available:") {
+    if message.starts_with(UNKNOWN_REF) && !message.contains(NOT_AVAILABLE) {
         json!({ "code": NOT_FOUND })
     } else {
         error_entry(UNAVAILABLE, message)

@@ -17,6 +17,11 @@
 //! HELLO 2                   -> OK 2                      (switches this connection to version 2)
 //! ```
 //!
+//! A GET for a name op-bridge does not hold answers `ERR unknown ref: NAME`; for a name it
+//! holds without a value (its resolution failed or its item was deleted) the reply goes on
+//! with ` (not available: REASON)`. Clients may rely on these two prefixes
+//! ([`UNKNOWN_REF`], [`NOT_AVAILABLE`]).
+//!
 //! In `SET`, `URI` is an `op://` reference with spaces written as `%20` (any `%XX` escape is
 //! decoded), or `-` for "the reference already registered for NAME".
 //!
@@ -42,6 +47,10 @@ pub const MAX_LINE: usize = 64 * 1024;
 pub const MAX_VALUE: usize = 1024 * 1024;
 /// Longest secret name.
 pub const MAX_NAME: usize = 128;
+/// Start of the ERR text for a name or reference op-bridge does not hold.
+pub const UNKNOWN_REF: &str = "unknown ref: ";
+/// Marks an `UNKNOWN_REF` answer for a registered name that has no value right now.
+pub const NOT_AVAILABLE: &str = " (not available: ";
 /// Highest protocol version this build speaks.
 pub const LATEST_VERSION: Version = Version::V2;
 

@@ -9,6 +9,7 @@ use tokio::sync::{Mutex, broadcast};
 
 use crate::backend::{Backend, BackendError, ErrorKind, Value, WriteOptions};
 use crate::locked::lock_stats;
+use crate::protocol::{NOT_AVAILABLE, UNKNOWN_REF};
 use crate::reference::SecretRef;
 use crate::store::{SecretStore, Source, State};
 use crate::writeback::{Origin, WriteBack};
@@ -152,7 +153,7 @@ impl Broker {
     pub fn lookup<R>(&self, target: &str, f: impl FnOnce(&[u8]) -> R) -> Result<R, String> {
         let name: std::borrow::Cow<'_, str> = if target.starts_with("op://") {
             let reference = SecretRef::parse(target).map_err(|e| e.to_string())?;
-            self.store.name_for_reference(&reference).ok_or_else(|| format!("unknown ref: {target}"))?.into()
+            self.store.name_for_reference(&reference).ok_or_else(|| format!("{UNKNOWN_REF}{target}"))?.into()
         } else {
             target.into()
         };
@@ -160,8 +161,8 @@ impl Broker {
             return Ok(out);
         }
         match self.store.missing_reason(&name) {
-            Some(reason) => Err(format!("unknown ref: {name} (not available: {reason})")),
-            None => Err(format!("unknown ref: {name}")),
+            Some(reason) => Err(format!("{UNKNOWN_REF}{name}{NOT_AVAILABLE}{reason})")),
+            None => Err(format!("{UNKNOWN_REF}{name}")),
         }
     }
 
@@ -211,7 +212,7 @@ impl Broker {
         if self.policy.read_only {
             return Err("read-only: DELETE is refused (--read-only)".into());
         }
-        if self.store.remove(name) { Ok(()) } else { Err(format!("unknown ref: {name}")) }
+        if self.store.remove(name) { Ok(()) } else { Err(format!("{UNKNOWN_REF}{name}")) }
     }
 
     /// STATUS: names, states, ages and errors as one JSON object; never a value.
