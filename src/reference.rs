@@ -57,6 +57,21 @@ impl SecretRef {
     pub fn item_key(&self) -> (&str, &str) {
         (&self.vault, &self.item)
     }
+
+    /// Every name in the reference (vault, item, section, field): what an error message may
+    /// quote back, and must not be mistaken for the error's wording.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names = vec![self.vault.as_str(), self.item.as_str()];
+        names.extend(self.field_names());
+        names
+    }
+
+    /// The section (if any) and field names.
+    pub fn field_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.section.iter().map(String::as_str).collect();
+        names.push(&self.field);
+        names
+    }
 }
 
 impl fmt::Display for SecretRef {

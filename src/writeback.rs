@@ -208,7 +208,11 @@ impl WriteBack {
                 target.wake.notified().await;
                 continue;
             };
-            let result = self.backend.write(&target.reference, &job.value, self.options).await;
+            let writes = [crate::backend::FieldWrite { reference: target.reference.clone(), value: job.value.clone() }];
+            let result = match self.backend.write_item(&writes, self.options).await {
+                Ok(mut fields) => fields.pop().unwrap_or(Ok(())),
+                Err(err) => Err(err),
+            };
             let pause = self.finish(&target, job, result);
             if let Some(pause) = pause {
                 tokio::select! {

@@ -8,13 +8,17 @@
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use serde_json::{Map, Value as Json};
 use tokio::sync::Mutex;
 use zeroize::Zeroizing;
 
 use super::op::scrub;
-use super::{Backend, BackendError, BoxFuture, ErrorKind, Value, WriteOptions, value_text};
+use super::{
+    Backend, BackendError, BoxFuture, ErrorKind, FieldWrite, ItemWriteResult, Value, WriteOptions, check_writable,
+    value_text,
+};
 use crate::reference::SecretRef;
 
 /// Largest vault file read.
@@ -87,8 +91,32 @@ impl FileVault {
         }
     }
 
-    fn store(&self, r: &SecretRef, value: &str, options: WriteOptions) -> Result<(), BackendError> {
+    /// One read-modify-write of the vault file carrying every field of `writes`.
+    fn store(&self, writes: &[FieldWrite], options: WriteOptions) -> ItemWriteResult {
         let mut doc = self.load()?;
+        let results: Vec<Result<(), BackendError>> =
+            writes.iter().map(|w| Self::put(&mut doc, &w.reference, &w.value, options)).collect();
+        if let Some(Err(err)) = results.iter().find(|r| r.as_ref().is_err_and(|e| e.kind == ErrorKind::NotFound)) {
+            // A missing vault or item fails the whole item, as it does in 1Password.
+            return Err(err.clone());
+        }
+        if results.iter().all(Result::is_err) {
+            return Ok(results);
+        }
+        let mut bytes = Zeroizing::new(Vec::with_capacity(4096));
+        serde_json::to_writer_pretty(&mut *bytes, &doc.0)
+            .map_err(|e| BackendError::new(ErrorKind::Invalid, format!("cannot encode vault: {e}")))?;
+        bytes.push(b'\n');
+        write_atomic(&self.path, &bytes, None).map_err(|e| {
+            BackendError::new(ErrorKind::Transient, format!("cannot write {}: {e}", self.path.display()))
+        })?;
+        Ok(results)
+    }
+
+    /// Sets one field in the parsed document.
+    fn put(doc: &mut Document, r: &SecretRef, value: &[u8], options: WriteOptions) -> Result<(), BackendError> {
+        check_writable(r)?;
+        let value = value_text(value)?;
         let missing = |what: String| BackendError::new(ErrorKind::NotFound, what);
         let vault = doc
             .0
@@ -111,16 +139,13 @@ impl FileVault {
                     || BackendError::new(ErrorKind::Invalid, format!("section {section} is not an object")),
                 )?;
         }
-        if let Some(Json::String(old)) = holder.get_mut(&r.field) {
-            zeroize::Zeroize::zeroize(old);
+        match holder.get_mut(&r.field) {
+            Some(Json::String(old)) => zeroize::Zeroize::zeroize(old),
+            Some(_) => return Err(BackendError::new(ErrorKind::Invalid, format!("{r} is not a text field"))),
+            None => {}
         }
         holder.insert(r.field.clone(), Json::String(value.to_string()));
-        let mut bytes = Zeroizing::new(Vec::with_capacity(4096));
-        serde_json::to_writer_pretty(&mut *bytes, &doc.0)
-            .map_err(|e| BackendError::new(ErrorKind::Invalid, format!("cannot encode vault: {e}")))?;
-        bytes.push(b'\n');
-        write_atomic(&self.path, &bytes, None)
-            .map_err(|e| BackendError::new(ErrorKind::Transient, format!("cannot write {}: {e}", self.path.display())))
+        Ok(())
     }
 }
 
@@ -158,17 +183,16 @@ impl Backend for FileVault {
         })
     }
 
-    fn write<'a>(
-        &'a self,
-        reference: &'a SecretRef,
-        value: &'a [u8],
-        options: WriteOptions,
-    ) -> BoxFuture<'a, Result<(), BackendError>> {
+    fn write_item<'a>(&'a self, writes: &'a [FieldWrite], options: WriteOptions) -> BoxFuture<'a, ItemWriteResult> {
         Box::pin(async move {
-            let text = value_text(value)?;
             let _guard = self.write_lock.lock().await;
-            self.store(reference, text, options)
+            self.store(writes, options)
         })
+    }
+
+    fn updated_at<'a>(&'a self, _reference: &'a SecretRef) -> BoxFuture<'a, Result<Option<SystemTime>, BackendError>> {
+        // The file keeps no per-item times; its own mtime is when anything in it last changed.
+        Box::pin(async move { Ok(std::fs::metadata(&self.path).and_then(|m| m.modified()).ok()) })
     }
 
     fn describe(&self) -> String {
@@ -225,13 +249,19 @@ mod tests {
     async fn writes_atomically_and_keeps_other_fields() {
         let (d, v) = vault(r#"{"dev": {"api": {"key": "old", "other": "x"}}}"#);
         let r = SecretRef::parse("op://dev/api/key").unwrap();
-        v.write(&r, "new\nline".as_bytes(), WriteOptions::default()).await.unwrap();
+        let one =
+            |r: &SecretRef, v: &[u8]| vec![FieldWrite { reference: r.clone(), value: Zeroizing::new(v.to_vec()) }];
+        v.write_item(&one(&r, b"new\nline"), WriteOptions::default()).await.unwrap();
         let doc: Json = serde_json::from_str(&std::fs::read_to_string(d.path().join("vault.json")).unwrap()).unwrap();
         assert_eq!(doc["dev"]["api"]["key"], "new\nline");
         assert_eq!(doc["dev"]["api"]["other"], "x");
         let missing = SecretRef::parse("op://dev/new-item/f").unwrap();
-        assert_eq!(v.write(&missing, b"v", WriteOptions::default()).await.unwrap_err().kind, ErrorKind::NotFound);
-        v.write(&missing, b"v", WriteOptions { create_item: true }).await.unwrap();
+        let err = v.write_item(&one(&missing, b"v"), WriteOptions::default()).await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::NotFound);
+        v.write_item(&one(&missing, b"v"), WriteOptions { create_item: true }).await.unwrap();
+        let query = SecretRef::parse("op://dev/api/key?attribute=type").unwrap();
+        let refused = v.write_item(&one(&query, b"x"), WriteOptions::default()).await.unwrap();
+        assert_eq!(refused[0].as_ref().unwrap_err().kind, ErrorKind::Invalid);
     }
 
     #[tokio::test]

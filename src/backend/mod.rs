@@ -11,7 +11,7 @@ pub mod op;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use zeroize::Zeroizing;
 
@@ -32,6 +32,9 @@ pub enum ErrorKind {
     Auth,
     /// 429 Too Many Requests, with the delay 1Password asked for when it said one.
     RateLimited(Option<Duration>),
+    /// The item changed between our read and our write (its version moved): redo the
+    /// read-modify-write at once.
+    Conflict,
     /// The CLI did not answer in time and was killed.
     Timeout,
     /// Network trouble, 5xx, or anything unrecognised.
@@ -50,6 +53,7 @@ impl ErrorKind {
             ErrorKind::Invalid => "invalid",
             ErrorKind::Auth => "auth",
             ErrorKind::RateLimited(_) => "rate limited",
+            ErrorKind::Conflict => "conflict",
             ErrorKind::Timeout => "timeout",
             ErrorKind::Transient => "transient",
         }
@@ -78,22 +82,60 @@ pub struct WriteOptions {
     pub create_item: bool,
 }
 
+/// One field of an item write: where, and the new value (zeroized on drop).
+pub struct FieldWrite {
+    pub reference: SecretRef,
+    pub value: Value,
+}
+
+/// What an item write did: `Err` when nothing was stored (the whole item failed: not found,
+/// auth, outage, conflict…); otherwise one entry per field, in order, `Ok` for stored and `Err`
+/// for a field the backend refused on its own (e.g. not a text field). Refused fields are left
+/// out of the edit; the others are stored.
+pub type ItemWriteResult = Result<Vec<Result<(), BackendError>>, BackendError>;
+
 pub trait Backend: Send + Sync {
     /// Resolves every reference; one result per input, in order. Implementations retry
     /// transient failures themselves and never fetch the same item twice in one call where
     /// they can avoid it.
     fn resolve<'a>(&'a self, refs: &'a [SecretRef]) -> BoxFuture<'a, Vec<Result<Value, BackendError>>>;
 
-    /// Stores `value` at `reference` (one attempt; the write-back queue owns retrying).
-    fn write<'a>(
-        &'a self,
-        reference: &'a SecretRef,
-        value: &'a [u8],
-        options: WriteOptions,
-    ) -> BoxFuture<'a, Result<(), BackendError>>;
+    /// Stores every field of `writes` in one read-modify-write of their item (all writes name
+    /// the same vault and item). One attempt; the write-back queue owns retrying. Where the
+    /// backend has item versions, a concurrent edit is detected and reported as
+    /// [`ErrorKind::Conflict`] (or redone), never silently overwritten.
+    fn write_item<'a>(&'a self, writes: &'a [FieldWrite], options: WriteOptions) -> BoxFuture<'a, ItemWriteResult>;
+
+    /// When the item holding `reference` last changed in the backend, if the backend can tell
+    /// (used at start to decide whether a watched file or 1Password holds the newer value).
+    fn updated_at<'a>(&'a self, reference: &'a SecretRef) -> BoxFuture<'a, Result<Option<SystemTime>, BackendError>>;
 
     /// A short description for logs and STATUS ("op CLI /usr/bin/op", "file vault.json").
     fn describe(&self) -> String;
+
+    /// Extra backend facts for STATUS (e.g. a server's health); never a secret.
+    fn status(&self) -> BoxFuture<'_, serde_json::Value> {
+        Box::pin(async { serde_json::Value::Null })
+    }
+}
+
+/// Refuses a write to a reference that does not name a plain field value: a query
+/// (`?attribute=otp`, `?ssh-format=…`) selects a derived view, and writing "it" would
+/// overwrite the field itself.
+pub fn check_writable(reference: &SecretRef) -> Result<(), BackendError> {
+    match &reference.query {
+        Some(query) => Err(BackendError::new(
+            ErrorKind::Invalid,
+            format!("{reference}: cannot write to a reference with a query ('?{query}'); name the field itself"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Field types whose value is plain text op-bridge may replace. Everything else (OTP seeds,
+/// files, SSH keys, addresses, menus, references…) is refused rather than corrupted.
+pub fn is_text_field_type(field_type: &str) -> bool {
+    matches!(field_type.to_ascii_uppercase().as_str(), "STRING" | "CONCEALED" | "TEXT" | "PASSWORD" | "")
 }
 
 /// A value as text: 1Password fields (and the vault file's JSON strings) hold UTF-8 only.

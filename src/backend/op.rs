@@ -15,7 +15,7 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use nix::sys::signal::Signal;
 use serde_json::{Value as Json, json};
@@ -25,7 +25,8 @@ use tokio::sync::Semaphore;
 use zeroize::{Zeroize, Zeroizing};
 
 use super::{
-    Backend, BackendError, BoxFuture, ErrorKind, RetryPolicy, Value, WriteOptions, parse_retry_after, value_text,
+    Backend, BackendError, BoxFuture, ErrorKind, FieldWrite, ItemWriteResult, RetryPolicy, Value, WriteOptions,
+    check_writable, is_text_field_type, parse_retry_after, value_text,
 };
 use crate::locked::extend_zeroizing;
 use crate::reference::SecretRef;
@@ -60,7 +61,9 @@ impl OpCli {
     }
 
     /// One `op` invocation: bounded by the semaphore and the timeout.
-    async fn call(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<Value, BackendError> {
+    /// `names` are the vault/item/field names the call is about: they are blanked out of the
+    /// error text before it is classified, so a name never decides the class.
+    async fn call(&self, args: &[&str], stdin: Option<&[u8]>, names: &[&str]) -> Result<Value, BackendError> {
         let _permit =
             self.permits.acquire().await.map_err(|_| BackendError::new(ErrorKind::Transient, "shutting down"))?;
         let mut command = Command::new(&self.options.path);
@@ -96,7 +99,7 @@ impl OpCli {
         let outcome = tokio::time::timeout(self.options.timeout, exchange).await;
         match outcome {
             Ok((out, _, exit)) if exit.success() => Ok(out),
-            Ok((_, err, exit)) => Err(classify(&err, &exit.to_string())),
+            Ok((_, err, exit)) => Err(classify(&err, &exit.to_string(), names)),
             Err(_) => {
                 process.0.signal(Signal::SIGKILL);
                 process.0.wait().await;
@@ -109,10 +112,10 @@ impl OpCli {
     }
 
     /// [`call`](Self::call) with retries of transient failures.
-    async fn call_retrying(&self, args: &[&str], what: &str) -> Result<Value, BackendError> {
+    async fn call_retrying(&self, args: &[&str], what: &str, names: &[&str]) -> Result<Value, BackendError> {
         let mut attempt = 1;
         loop {
-            match self.call(args, None).await {
+            match self.call(args, None, names).await {
                 Ok(out) => return Ok(out),
                 Err(err) if err.kind.is_permanent() || attempt >= self.options.retry.attempts => return Err(err),
                 Err(err) => {
@@ -132,12 +135,14 @@ impl OpCli {
 
     async fn read_one(&self, reference: &SecretRef) -> Result<Value, BackendError> {
         let uri = reference.to_string();
-        self.call_retrying(&["read", "--no-newline", &uri], &uri).await
+        self.call_retrying(&["read", "--no-newline", &uri], &uri, &reference.names()).await
     }
 
     async fn get_item(&self, vault: &str, item: &str) -> Result<ItemJson, BackendError> {
         let what = format!("op://{vault}/{item}");
-        let out = self.call_retrying(&["item", "get", item, "--vault", vault, "--format", "json"], &what).await?;
+        let out = self
+            .call_retrying(&["item", "get", item, "--vault", vault, "--format", "json"], &what, &[vault, item])
+            .await?;
         ItemJson::parse(&out)
     }
 
@@ -150,33 +155,50 @@ impl OpCli {
         }
     }
 
-    async fn write_field(&self, reference: &SecretRef, value: &str, options: WriteOptions) -> Result<(), BackendError> {
-        let (vault, item) = reference.item_key();
+    /// One read-modify-write of an item: `op item get` → change every field of `writes` →
+    /// the whole item to `op item edit` on stdin (never a value in argv). The item JSON keeps
+    /// the `version` it was read at, so a concurrent edit in between is refused (409) rather
+    /// than overwritten; the queue then redoes the cycle.
+    async fn write_fields(&self, writes: &[FieldWrite], options: WriteOptions) -> ItemWriteResult {
+        let Some(first) = writes.first() else { return Ok(Vec::new()) };
+        let (vault, item) = first.reference.item_key();
+        let mut names = vec![vault, item];
+        names.extend(writes.iter().flat_map(|w| w.reference.field_names()));
         let args = ["item", "get", item, "--vault", vault, "--format", "json"];
-        match self.call(&args, None).await {
-            Ok(out) => {
-                let mut json = ItemJson::parse(&out)?;
-                json.set_field(reference, value)?;
-                let id = json.id().unwrap_or(item).to_string();
-                let body = json.to_bytes()?;
-                self.call(&["item", "edit", &id, "--vault", vault], Some(&body)).await.map(drop)
-            }
+        let (mut json, create) = match self.call(&args, None, &names).await {
+            Ok(out) => (ItemJson::parse(&out)?, false),
             Err(err)
                 if err.kind == ErrorKind::NotFound && options.create_item && !err.message.contains("isn't a vault") =>
             {
-                let mut json = ItemJson(json!({
+                let json = ItemJson(json!({
                     "title": item,
                     "category": "API_CREDENTIAL",
                     "vault": { "name": vault },
                     "sections": [],
                     "fields": [],
                 }));
-                json.set_field(reference, value)?;
-                let body = json.to_bytes()?;
-                self.call(&["item", "create", "--vault", vault], Some(&body)).await.map(drop)
+                (json, true)
             }
-            Err(err) => Err(err),
+            Err(err) => return Err(err),
+        };
+        let mut results = Vec::with_capacity(writes.len());
+        for write in writes {
+            let outcome = check_writable(&write.reference)
+                .and_then(|()| value_text(&write.value))
+                .and_then(|text| json.set_field(&write.reference, text));
+            results.push(outcome);
         }
+        if results.iter().all(Result::is_err) {
+            return Ok(results);
+        }
+        let body = json.to_bytes()?;
+        if create {
+            self.call(&["item", "create", "--vault", vault], Some(&body), &names).await?;
+        } else {
+            let id = json.id().unwrap_or(item).to_string();
+            self.call(&["item", "edit", &id, "--vault", vault], Some(&body), &names).await?;
+        }
+        Ok(results)
     }
 }
 
@@ -215,15 +237,15 @@ impl Backend for OpCli {
         })
     }
 
-    fn write<'a>(
-        &'a self,
-        reference: &'a SecretRef,
-        value: &'a [u8],
-        options: WriteOptions,
-    ) -> BoxFuture<'a, Result<(), BackendError>> {
+    fn write_item<'a>(&'a self, writes: &'a [FieldWrite], options: WriteOptions) -> BoxFuture<'a, ItemWriteResult> {
+        Box::pin(self.write_fields(writes, options))
+    }
+
+    fn updated_at<'a>(&'a self, reference: &'a SecretRef) -> BoxFuture<'a, Result<Option<SystemTime>, BackendError>> {
         Box::pin(async move {
-            let text = value_text(value)?;
-            self.write_field(reference, text, options).await
+            let (vault, item) = reference.item_key();
+            let json = self.get_item(vault, item).await?;
+            Ok(json.0.get("updated_at").and_then(Json::as_str).and_then(parse_rfc3339))
         })
     }
 
@@ -263,7 +285,14 @@ async fn read_limited(pipe: Option<impl AsyncRead + Unpin>, limit: usize) -> Val
 }
 
 /// Turns `op`'s stderr into a classified error. `op` prints `[ERROR] YYYY/MM/DD HH:MM:SS msg`.
-pub fn classify(stderr: &[u8], exit: &str) -> BackendError {
+///
+/// The CLI's messages are chains of context (`could not read secret 'op://…': could not get
+/// item X from vault Y: "X" isn't an item…`) in which vault, item and field names appear, quoted
+/// or not. So the names the call was about (`names`) and every quoted string are blanked out
+/// first, and the classes are tried in a fixed order of specificity: an HTTP status, then
+/// 1Password's own not-found, invalid-reference and authentication wording, then network
+/// trouble. A name like "token", "connection" or "eof" can therefore never decide the class.
+pub fn classify(stderr: &[u8], exit: &str, names: &[&str]) -> BackendError {
     let text = String::from_utf8_lossy(stderr);
     let line = text
         .lines()
@@ -276,63 +305,181 @@ pub fn classify(stderr: &[u8], exit: &str) -> BackendError {
     } else {
         message.chars().take(MAX_MESSAGE).collect()
     };
-    let lower = message.to_ascii_lowercase();
+    BackendError::new(classify_text(&message, names), message)
+}
+
+/// The class of an `op` error message (see [`classify`]).
+pub fn classify_text(message: &str, names: &[&str]) -> ErrorKind {
+    let mut lower = blank_quoted(&message.to_ascii_lowercase());
+    // Longest first, so a name that contains another is blanked whole.
+    let mut names: Vec<String> = names.iter().filter(|n| !n.is_empty()).map(|n| n.to_ascii_lowercase()).collect();
+    names.sort_by_key(|n| std::cmp::Reverse(n.len()));
+    for name in &names {
+        lower = blank_word(&lower, name);
+    }
     let has = |needles: &[&str]| needles.iter().any(|n| lower.contains(n));
-    let kind = if has(&["(429)", "too many requests", "rate limit"]) {
-        ErrorKind::RateLimited(parse_retry_after(&message))
-    } else if has(&[
-        "(500)",
-        "(502)",
-        "(503)",
-        "(504)",
-        "dial tcp",
-        "no such host",
-        "connection",
-        "timeout",
-        "timed out",
-        "eof",
-        "temporar",
+    if has(&["(429)", "too many requests", "rate limit"]) {
+        return ErrorKind::RateLimited(parse_retry_after(message));
+    }
+    if has(&["(409)", "conflict"]) {
+        return ErrorKind::Conflict;
+    }
+    if has(&["(401)", "(403)"]) {
+        return ErrorKind::Auth;
+    }
+    if has(&["(404)"]) {
+        return ErrorKind::NotFound;
+    }
+    if has(&["(500)", "(502)", "(503)", "(504)", "internal server error", "bad gateway", "service unavailable"]) {
+        return ErrorKind::Transient;
+    }
+    if has(&[
+        "isn't an item",
+        "isn't a vault",
+        "isn't a field",
+        "isn't a section",
+        "does not have a field",
+        "does not have a section",
+        "no item found",
+        "item not found",
+        "vault not found",
+        "could not find item",
+        "could not find vault",
+        "doesn't exist",
+        "does not exist",
     ]) {
-        ErrorKind::Transient
-    } else if has(&[
-        "(401)",
-        "(403)",
+        return ErrorKind::NotFound;
+    }
+    if has(&[
+        "invalid secret reference",
+        "invalid reference",
+        "must start with",
+        "too few segments",
+        "too many segments",
+        "empty segment",
+        "unknown query parameter",
+        "invalid attribute",
+        "unknown command",
+        "unknown flag",
+        "unknown shorthand flag",
+        "invalid json",
+        "invalid item json",
+    ]) {
+        return ErrorKind::Invalid;
+    }
+    if has(&[
         "unauthorized",
         "not authorized",
         "aren't authorized",
         "forbidden",
-        "authenticat",
-        "signed in",
+        "authentication",
+        "not currently signed in",
         "sign in",
-        "service account",
-        "token",
+        "signed in",
+        "service account token",
+        "invalid token",
+        "token is invalid",
+        "token has been revoked",
+        "token revoked",
+        "revoked",
+        "session expired",
     ]) {
-        ErrorKind::Auth
-    } else if has(&[
-        "isn't an item",
-        "isn't a vault",
-        "isn't a field",
-        "does not have a field",
-        "not found",
-        "could not find",
-        "no item",
-        "doesn't exist",
-        "does not exist",
-    ]) {
-        ErrorKind::NotFound
-    } else if has(&[
-        "invalid",
-        "unknown command",
-        "unknown flag",
-        "must start with",
-        "too few segments",
-        "too many segments",
-    ]) {
-        ErrorKind::Invalid
-    } else {
-        ErrorKind::Transient
+        return ErrorKind::Auth;
+    }
+    if has(&["timeout", "timed out", "deadline exceeded"]) {
+        return ErrorKind::Timeout;
+    }
+    // Network trouble and anything unrecognised: transient, retried with backoff.
+    ErrorKind::Transient
+}
+
+/// Replaces each occurrence of `name` that stands as a whole word (not inside a longer
+/// word: "i" must not eat the "i" of "isn't") with a blank.
+fn blank_word(text: &str, name: &str) -> String {
+    let is_word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(name) {
+        let before = rest[..at].chars().next_back().or_else(|| out.chars().next_back());
+        let after = rest[at + name.len()..].chars().next();
+        let bounded_before = !is_word(before) || !name.starts_with(|c: char| c.is_alphanumeric() || c == '_');
+        let bounded_after = !is_word(after) || !name.ends_with(|c: char| c.is_alphanumeric() || c == '_');
+        out.push_str(&rest[..at]);
+        if bounded_before && bounded_after {
+            out.push(' ');
+        } else {
+            out.push_str(name);
+        }
+        rest = &rest[at + name.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Replaces every `'…'` and `"…"` span with a blank: names and references are quoted in
+/// `op`'s messages, keywords never are.
+fn blank_quoted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    // The quote char and where its span started, to restore an unclosed one as text.
+    let mut open: Option<(char, usize)> = None;
+    for (at, c) in text.char_indices() {
+        match open {
+            Some((q, _)) if c == q => {
+                open = None;
+                out.push(' ');
+            }
+            Some(_) => {}
+            // An apostrophe inside a word ("isn't", "aren't") is not a quote.
+            None if c == '"' || (c == '\'' && !out.ends_with(|p: char| p.is_ascii_alphabetic())) => {
+                open = Some((c, at));
+            }
+            None => out.push(c),
+        }
+    }
+    if let Some((_, start)) = open {
+        out.push_str(&text[start..]);
+    }
+    out
+}
+
+/// Parses the CLI's timestamps (`2026-11-21T12:00:00Z`, `2026-11-21T12:00:00.123+01:00`).
+pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
+    let b = text.as_bytes();
+    let num = |range: std::ops::Range<usize>| -> Option<i64> { text.get(range)?.parse().ok() };
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
+        return None;
+    }
+    let mut rest = &text[19..];
+    let mut nanos = 0u32;
+    if let Some(fraction) = rest.strip_prefix('.') {
+        let digits = fraction.bytes().take_while(u8::is_ascii_digit).count();
+        let kept = &fraction[..digits.min(9)];
+        nanos = format!("{kept:0<9}").parse().ok()?;
+        rest = &fraction[digits..];
+    }
+    let offset = match rest {
+        "Z" | "z" => 0,
+        _ if rest.len() == 6 && matches!(&rest[..1], "+" | "-") && &rest[3..4] == ":" => {
+            let minutes = rest[1..3].parse::<i64>().ok()? * 60 + rest[4..6].parse::<i64>().ok()?;
+            if rest.starts_with('-') { -minutes * 60 } else { minutes * 60 }
+        }
+        _ => return None,
     };
-    BackendError::new(kind, message)
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset;
+    let seconds = u64::try_from(seconds).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::new(seconds, nanos))
 }
 
 fn strip_op_prefix(line: &str) -> &str {
@@ -349,10 +496,20 @@ fn strip_op_prefix(line: &str) -> &str {
 struct ItemJson(Json);
 
 impl ItemJson {
-    fn parse(bytes: &[u8]) -> Result<ItemJson, BackendError> {
-        serde_json::from_slice(bytes).map(ItemJson).map_err(|err| {
+    /// Parses what `op item get --format json` printed. Anything but an object with a
+    /// `fields` array (or none) is an error, never a panic later.
+    pub fn parse(bytes: &[u8]) -> Result<ItemJson, BackendError> {
+        let json: Json = serde_json::from_slice(bytes).map_err(|err| {
             BackendError::new(ErrorKind::Transient, format!("op printed an item that is not JSON: {err}"))
-        })
+        })?;
+        let item = ItemJson(json);
+        let shape_ok = item.0.is_object()
+            && item.0.get("fields").is_none_or(Json::is_array)
+            && item.0.get("sections").is_none_or(|s| s.is_array() || s.is_null());
+        if !shape_ok {
+            return Err(BackendError::new(ErrorKind::Transient, "op printed item JSON of an unexpected shape"));
+        }
+        Ok(item)
     }
 
     fn to_bytes(&self) -> Result<Value, BackendError> {
@@ -396,13 +553,30 @@ impl ItemJson {
                 format!("item '{}/{}' does not have a field '{}'", r.vault, r.item, r.field),
             )
         })?;
-        let value = self.0["fields"][index].get("value").and_then(Json::as_str).unwrap_or("");
+        let value = self.0.get("fields").and_then(|f| f.get(index)).and_then(|f| f.get("value"));
+        let value = value.and_then(Json::as_str).unwrap_or("");
         Ok(Zeroizing::new(value.as_bytes().to_vec()))
     }
 
     fn set_field(&mut self, r: &SecretRef, value: &str) -> Result<(), BackendError> {
         if let Some(index) = self.find_field(r) {
-            self.0["fields"][index]["value"] = Json::String(value.to_string());
+            let field = self.0.get_mut("fields").and_then(|f| f.get_mut(index)).and_then(Json::as_object_mut);
+            let Some(field) = field else {
+                return Err(BackendError::new(ErrorKind::Invalid, format!("{r}: the field is not an object")));
+            };
+            let kind = field.get("type").and_then(Json::as_str).unwrap_or("");
+            if !is_text_field_type(kind) {
+                return Err(BackendError::new(
+                    ErrorKind::Invalid,
+                    format!(
+                        "{r}: refusing to write a field of type {kind} (only text and concealed fields are written)"
+                    ),
+                ));
+            }
+            if let Some(Json::String(old)) = field.get_mut("value") {
+                old.zeroize();
+            }
+            field.insert("value".into(), Json::String(value.to_string()));
             return Ok(());
         }
         let mut field = json!({ "type": "CONCEALED", "label": r.field, "value": value });
@@ -455,31 +629,89 @@ mod tests {
 
     #[test]
     fn classifies_op_errors() {
-        let cases: &[(&str, ErrorKind)] = &[
+        let none: &[&str] = &[];
+        let cases: &[(&str, &[&str], ErrorKind)] = &[
             (
-                "[ERROR] 2026/11/21 12:00:00 could not read secret 'op://v/i/f': \"i\" isn't an item in the \"v\" vault.",
+                "could not read secret 'op://v/i/f': could not get item i from vault v: \"i\" isn't an item in the \"v\" vault. Specify the item with its UUID, name, or domain.",
+                &["v", "i", "f"],
                 ErrorKind::NotFound,
             ),
-            ("[ERROR] 2026/11/21 12:00:00 \"v\" isn't a vault in this account.", ErrorKind::NotFound),
-            ("[ERROR] 2026/11/21 12:00:00 item 'v/i' does not have a field 'f'", ErrorKind::NotFound),
-            ("[ERROR] 2026/11/21 12:00:00 invalid secret reference 'x': must start with \"op://\"", ErrorKind::Invalid),
+            ("\"v\" isn't a vault in this account. Specify the vault with its ID or name.", none, ErrorKind::NotFound),
+            ("item 'v/i' does not have a field 'f'", none, ErrorKind::NotFound),
+            ("could not read secret 'op://v/i/s/f': item 'v/i' does not have a section 's'", none, ErrorKind::NotFound),
+            ("invalid secret reference 'x': secret reference must start with \"op://\"", none, ErrorKind::Invalid),
+            ("could not read secret 'op://v/i/f?attribute=x': invalid attribute 'x'", none, ErrorKind::Invalid),
+            ("(401) Unauthorized: You aren't authorized to perform this action.", none, ErrorKind::Auth),
+            ("(403) Forbidden: You don't have permission to access this vault.", none, ErrorKind::Auth),
+            ("You are not currently signed in. Please run `op signin --help` for instructions", none, ErrorKind::Auth),
+            ("authorization failed: service account token has been revoked", none, ErrorKind::Auth),
+            ("(500) Internal Server Error: an internal error occurred, please try again", none, ErrorKind::Transient),
+            ("(502) Bad Gateway", none, ErrorKind::Transient),
+            ("(503) Service Unavailable", none, ErrorKind::Transient),
             (
-                "[ERROR] 2026/11/21 12:00:00 (401) Unauthorized: You aren't authorized to perform this action.",
-                ErrorKind::Auth,
+                "Get \"https://my.1password.com/api/v2/vault/items\": dial tcp: lookup my.1password.com: no such host",
+                none,
+                ErrorKind::Transient,
             ),
-            ("[ERROR] 2026/11/21 12:00:00 (500) Internal Server Error", ErrorKind::Transient),
-            ("[ERROR] 2026/11/21 12:00:00 Get \"https://x\": dial tcp: lookup x: no such host", ErrorKind::Transient),
+            ("Post \"https://my.1password.com/api/v1/x\": EOF", none, ErrorKind::Transient),
+            ("Get \"https://x\": dial tcp 1.2.3.4:443: i/o timeout", none, ErrorKind::Timeout),
+            ("Get \"https://x\": context deadline exceeded", none, ErrorKind::Timeout),
             (
-                "[ERROR] 2026/11/21 12:00:00 (429) Too Many Requests: Please retry in 3 seconds.",
+                "(429) Too Many Requests: You've reached the maximum number of requests. Please retry in 3 seconds.",
+                none,
                 ErrorKind::RateLimited(Some(Duration::from_secs(3))),
             ),
-            ("", ErrorKind::Transient),
+            ("(409) Conflict: the item was changed by someone else", none, ErrorKind::Conflict),
         ];
-        for (stderr, kind) in cases {
-            let err = classify(stderr.as_bytes(), "exit code 1");
-            assert_eq!(err.kind, *kind, "{stderr}");
+        for (message, names, kind) in cases {
+            let stderr = format!("[ERROR] 2026/11/21 12:00:00 {message}\n");
+            let err = classify(stderr.as_bytes(), "exit code 1", names);
+            assert_eq!(err.kind, *kind, "{message}");
             assert!(!err.message.starts_with("[ERROR]"));
         }
+        assert_eq!(classify(b"", "exit code 1", none).kind, ErrorKind::Transient);
+    }
+
+    #[test]
+    fn a_name_never_decides_the_class() {
+        // Names that hold keywords of other classes, quoted and unquoted, as `op` prints them.
+        for word in ["token", "connection", "eof", "timeout", "unauthorized", "invalid", "conflict", "(500)"] {
+            let r = SecretRef::parse(&format!("op://vault/{word}/refresh_token")).unwrap();
+            let missing_field = format!("item 'vault/{word}' does not have a field 'refresh_token'");
+            assert_eq!(classify_text(&missing_field, &r.names()), ErrorKind::NotFound, "{word}");
+            let missing_item = format!(
+                "could not read secret 'op://vault/{word}/refresh_token': could not get item {word} from vault vault: \"{word}\" isn't an item in the \"vault\" vault."
+            );
+            assert_eq!(classify_text(&missing_item, &r.names()), ErrorKind::NotFound, "{word}");
+            let outage = format!(
+                "could not get item {word} from vault vault: Get \"https://my.1password.com/x\": dial tcp: lookup my.1password.com: no such host"
+            );
+            assert_eq!(classify_text(&outage, &r.names()), ErrorKind::Transient, "{word}");
+            let auth = format!("could not get item {word} from vault vault: (401) Unauthorized");
+            assert_eq!(classify_text(&auth, &r.names()), ErrorKind::Auth, "{word}");
+        }
+    }
+
+    #[test]
+    fn rfc3339_timestamps_parse() {
+        let t = |s| parse_rfc3339(s).map(|t| t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis());
+        assert_eq!(t("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(t("2024-01-01T00:00:00Z"), Some(1_704_067_200_000));
+        assert_eq!(t("2024-01-01T01:00:00.5+01:00"), Some(1_704_067_200_500));
+        assert_eq!(t("2024-02-30"), None);
+        assert_eq!(t("garbage"), None);
+    }
+
+    #[test]
+    fn non_object_item_json_is_an_error() {
+        for bad in ["[]", "\"x\"", "1", "null", "{\"fields\": 3}", "{\"fields\": {}}"] {
+            assert!(ItemJson::parse(bad.as_bytes()).is_err(), "{bad}");
+        }
+        let mut item =
+            ItemJson::parse(br#"{"fields": ["x", {"label": "a", "type": "OTP", "value": "seed"}]}"#).unwrap();
+        let r = SecretRef::parse("op://v/i/a").unwrap();
+        assert_eq!(item.set_field(&r, "new").unwrap_err().kind, ErrorKind::Invalid);
+        assert_eq!(item.field_value(&r).unwrap().as_slice(), b"seed");
     }
 
     #[test]
