@@ -153,6 +153,10 @@ pub struct BrokerArgs {
     /// Let writes create a missing 1Password item (fields are always created).
     #[arg(long, env = "OP_BRIDGE_CREATE_ITEMS", value_parser = BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
     pub create_items: bool,
+    /// How long a SET waits for 1Password before answering "accepted, not stored yet" (the
+    /// client then exits 75; the value stays queued and is stored when 1Password answers).
+    #[arg(long, env = "OP_BRIDGE_SET_WAIT", default_value = "8s", value_parser = parse_duration)]
+    pub set_wait: Duration,
     /// Write op-bridge's pid here (removed at exit).
     #[arg(long, env = "OP_BRIDGE_PID_FILE")]
     pub pid_file: Option<PathBuf>,

@@ -30,6 +30,7 @@ impl ClientError {
     /// The exit code of DESIGN §2: 1 for an ERR answer, 3 when the daemon is unreachable.
     pub fn exit_code(&self) -> u8 {
         match self {
+            ClientError::Refused(message) if message.starts_with(crate::protocol::PENDING) => crate::exit::PENDING,
             ClientError::Refused(_) => crate::exit::ERR,
             _ => crate::exit::UNREACHABLE,
         }

@@ -64,6 +64,7 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
             read_only: args.read_only,
             allow_set_any: args.allow_set_any,
             create_items: args.create_items,
+            set_wait: args.set_wait,
         },
         serve: ServeOptions {
             allow_uids: args.allow_uid.clone(),

@@ -46,6 +46,8 @@ pub mod exit {
     pub const USAGE: u8 = 2;
     /// A client could not reach the daemon.
     pub const UNREACHABLE: u8 = 3;
+    /// `set`: accepted and queued, but not stored in 1Password yet (it will be; EX_TEMPFAIL).
+    pub const PENDING: u8 = 75;
     /// Required secrets could not be resolved; the child was not started (EX_UNAVAILABLE).
     pub const SECRETS_UNAVAILABLE: u8 = 69;
     /// Pending write-backs could not be stored before exit (EX_TEMPFAIL).

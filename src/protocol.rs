@@ -20,7 +20,9 @@
 //! A GET for a name op-bridge does not hold answers `ERR unknown ref: NAME`; for a name it
 //! holds without a value (its resolution failed or its item was deleted) the reply goes on
 //! with ` (not available: REASON)`. Clients may rely on these two prefixes
-//! ([`UNKNOWN_REF`], [`NOT_AVAILABLE`]).
+//! ([`UNKNOWN_REF`], [`NOT_AVAILABLE`]). A SET that was accepted but could not be stored in
+//! 1Password within its wait answers `ERR pending: …` ([`PENDING`]): it stays queued and will
+//! be stored; any other ERR to a SET means nothing changed.
 //!
 //! In `SET`, `URI` is an `op://` reference with spaces written as `%20` (any `%XX` escape is
 //! decoded), or `-` for "the reference already registered for NAME".
@@ -51,6 +53,9 @@ pub const MAX_NAME: usize = 128;
 pub const UNKNOWN_REF: &str = "unknown ref: ";
 /// Marks an `UNKNOWN_REF` answer for a registered name that has no value right now.
 pub const NOT_AVAILABLE: &str = " (not available: ";
+/// Start of the ERR text of a SET that was accepted and queued but not stored in 1Password
+/// within its wait: it will be stored (clients exit 75, not 1).
+pub const PENDING: &str = "pending: ";
 /// Highest protocol version this build speaks.
 pub const LATEST_VERSION: Version = Version::V2;
 

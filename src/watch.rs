@@ -7,12 +7,22 @@
 //! mtime and inode did not move while it was read. It is read whole and byte-exact. Bursts
 //! are capped: a file rewritten continuously is still captured every [`MAX_DELAY`].
 //!
-//! At start a missing file is materialized from 1Password (mode 0600, atomically), and a
-//! file that differs from 1Password is treated as the newer value and written back. Every
-//! write op-bridge makes itself (materialization, a refresh or SET that changed the value) is
-//! remembered as the last seen content, so it is never echoed back as a change.
+//! The watch survives its directory being deleted, re-created or replaced (tools that reset
+//! their config directory): every [`REARM_INTERVAL`], and at once on an event about the
+//! directory itself or an inotify queue overflow, each directory's identity is checked; a new
+//! one is watched afresh and its files rescanned. The final pass at stop re-reads **every**
+//! watched file, not only those with a queued event.
+//!
+//! At start a missing file is materialized from 1Password (mode 0600, atomically). A file
+//! that differs from 1Password is written back only when it is newer: its mtime is later than
+//! the item's last change in 1Password, or 1Password cannot say (no such field yet, or no
+//! time available). Otherwise 1Password's value is kept and the file rewritten, and both
+//! times are logged. Every write op-bridge makes itself (materialization, a refresh or SET
+//! that changed the value) is remembered as the last seen content, so it is never echoed back
+//! as a change; and the file is rewritten only from a value at least as new (by the store's
+//! generation) as the one it holds, and never over a change of its own not yet captured.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,6 +48,8 @@ use crate::writeback::Origin;
 pub const MAX_DELAY: Duration = Duration::from_secs(2);
 /// Longest a capture waits for a writer that keeps the file open.
 const MAX_OPEN_WAIT: Duration = Duration::from_secs(30);
+/// How often each watched directory's identity is checked (deleted, re-created, replaced).
+pub const REARM_INTERVAL: Duration = Duration::from_secs(1);
 
 /// `--watch PATH=[NAME=]op://vault/item/[section/]field`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +109,8 @@ struct FileState {
     burst_start: Option<Instant>,
     /// A write was seen without the matching close: a writer may still be at work.
     writer_open: bool,
+    /// Store generation of the value the file holds, as far as op-bridge knows.
+    file_generation: u64,
 }
 
 impl FileState {
@@ -186,8 +200,13 @@ fn canonical_target(path: &Path) -> Result<PathBuf, String> {
     Ok(parent.join(name))
 }
 
-/// Syncs each watched file with the store (materialize or write back), then watches them.
-pub fn start(specs: &[WatchSpec], broker: Arc<Broker>, options: WatchOptions) -> Result<Option<WatchHandle>, String> {
+/// Syncs each watched file with the store (materialize, write back, or keep 1Password's
+/// newer value), then watches them.
+pub async fn start(
+    specs: &[WatchSpec],
+    broker: Arc<Broker>,
+    options: WatchOptions,
+) -> Result<Option<WatchHandle>, String> {
     if specs.is_empty() {
         return Ok(None);
     }
@@ -195,33 +214,82 @@ pub fn start(specs: &[WatchSpec], broker: Arc<Broker>, options: WatchOptions) ->
     for spec in specs {
         let mut spec = spec.clone();
         spec.path = canonical_target(&spec.path)?;
-        states.push(initial_sync(spec, &broker, &options)?);
+        states.push(initial_sync(spec, &broker, &options).await?);
     }
     let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |event| {
+    let watcher = notify::recommended_watcher(move |event| {
         let _ = events_tx.send(event);
     })
     .map_err(|e| format!("cannot start the file watcher: {e}"))?;
-    let dirs: BTreeSet<PathBuf> = states.iter().filter_map(|s| s.spec.path.parent().map(Path::to_path_buf)).collect();
-    for dir in &dirs {
-        watcher.watch(dir, RecursiveMode::NonRecursive).map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
+    let mut dirs = Directories { watcher, armed: BTreeMap::new() };
+    for state in &states {
+        let Some(dir) = state.spec.path.parent() else { continue };
+        if !dirs.armed.contains_key(dir) {
+            dirs.watch(dir).map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
+        }
     }
     let stop = CancellationToken::new();
-    let task = tokio::spawn(event_loop(states, watcher, events_rx, broker, options, stop.clone()));
+    let task = tokio::spawn(event_loop(states, dirs, events_rx, broker, options, stop.clone()));
     Ok(Some(WatchHandle { stop, task }))
 }
 
-fn initial_sync(spec: WatchSpec, broker: &Broker, options: &WatchOptions) -> Result<FileState, String> {
-    let resolved = broker.store.with_value(&spec.name, |v| Zeroizing::new(v.to_vec()));
-    let mut state = FileState { spec, last_seen: None, due: None, burst_start: None, writer_open: false };
+/// (device, inode) of a directory: a re-created or replaced directory has another.
+fn identity(dir: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(dir).ok().filter(|m| m.is_dir()).map(|m| (m.dev(), m.ino()))
+}
+
+/// The watched directories and the identity each watch was armed on.
+struct Directories {
+    watcher: notify::RecommendedWatcher,
+    /// None: the directory is missing (or could not be watched) and is retried.
+    armed: BTreeMap<PathBuf, Option<(u64, u64)>>,
+}
+
+impl Directories {
+    fn watch(&mut self, dir: &Path) -> notify::Result<()> {
+        let before = identity(dir);
+        let result = self.watcher.watch(dir, RecursiveMode::NonRecursive);
+        self.armed.insert(dir.to_path_buf(), result.as_ref().ok().and(before));
+        result
+    }
+
+    /// Re-arms every directory whose identity changed; returns the ones re-armed (their files
+    /// must be rescanned: writes made before the new watch existed produced no event).
+    fn rearm(&mut self) -> Vec<PathBuf> {
+        let changed: Vec<PathBuf> =
+            self.armed.iter().filter(|(dir, armed)| identity(dir) != **armed).map(|(d, _)| d.clone()).collect();
+        let mut rearmed = Vec::new();
+        for dir in changed {
+            // The old watch follows the old inode (or is gone with it).
+            let _ = self.watcher.unwatch(&dir);
+            match self.watch(&dir) {
+                Ok(()) => {
+                    tracing::warn!(dir = %dir.display(), "watched directory was deleted or replaced; watching it again");
+                    rearmed.push(dir);
+                }
+                Err(err) => {
+                    self.armed.insert(dir.clone(), None);
+                    tracing::debug!(dir = %dir.display(), "watched directory not available yet: {err}");
+                }
+            }
+        }
+        rearmed
+    }
+}
+
+async fn initial_sync(spec: WatchSpec, broker: &Broker, options: &WatchOptions) -> Result<FileState, String> {
+    let resolved = broker.store.with_value_generation(&spec.name, |v, g| (Zeroizing::new(v.to_vec()), g));
+    let mut state =
+        FileState { spec, last_seen: None, due: None, burst_start: None, writer_open: false, file_generation: 0 };
     let (name, path) = (state.spec.name.clone(), state.spec.path.clone());
     match read_stable(&path) {
         Ok(None) => match resolved {
-            Some(value) if options.materialize && !value.is_empty() => {
+            Some((value, generation)) if options.materialize && !value.is_empty() => {
                 write_atomic(&path, &value, Some(0o600))
                     .map_err(|e| format!("cannot materialize {}: {e}", path.display()))?;
                 tracing::info!(name, path = %path.display(), "materialized watched file from the backend");
                 state.last_seen = Some(LockedBytes::new(&value));
+                state.file_generation = generation;
             }
             _ => tracing::info!(name, path = %path.display(), "watched file does not exist yet"),
         },
@@ -229,10 +297,23 @@ fn initial_sync(spec: WatchSpec, broker: &Broker, options: &WatchOptions) -> Res
             tracing::warn!(name, path = %path.display(), "watched file is empty; not written back");
         }
         Ok(Some(content)) => {
-            if resolved.as_ref().map(|v| &v[..]) != Some(&content[..]) {
-                tracing::info!(name, path = %path.display(), "watched file differs from the backend; writing it back");
-                broker.store.set_value(&name, &content);
-                broker.writeback.submit(&name, &state.spec.reference, &content, Origin::Watch);
+            match resolved {
+                Some((value, generation)) if value[..] == content[..] => state.file_generation = generation,
+                Some((value, generation)) if !file_is_newer(&state.spec, broker).await => {
+                    // 1Password changed after the file did: the file is stale (a replica or a
+                    // person rotated it meanwhile). Keep 1Password's value, bring the file up.
+                    write_atomic(&path, &value, Some(0o600))
+                        .map_err(|e| format!("cannot rewrite {}: {e}", path.display()))?;
+                    state.last_seen = Some(LockedBytes::new(&value));
+                    state.file_generation = generation;
+                    return Ok(state);
+                }
+                _ => {
+                    tracing::info!(name, path = %path.display(), "watched file is newer than the backend; writing it back");
+                    let (_, generation) = broker.store.set_value_generation(&name, &content);
+                    state.file_generation = generation;
+                    broker.writeback.submit(&name, &state.spec.reference, &content, Origin::Watch);
+                }
             }
             state.last_seen = Some(LockedBytes::new(&content));
         }
@@ -244,9 +325,38 @@ fn initial_sync(spec: WatchSpec, broker: &Broker, options: &WatchOptions) -> Res
     Ok(state)
 }
 
+/// Whether a watched file that differs from 1Password holds the newer value: its mtime is
+/// later (to the second) than the item's last change in 1Password. When 1Password cannot
+/// say, the file wins: 1Password keeps an item's history, a lost local rotation is gone.
+async fn file_is_newer(spec: &WatchSpec, broker: &Broker) -> bool {
+    let seconds = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).ok();
+    let modified = std::fs::metadata(&spec.path).and_then(|m| m.modified()).ok().and_then(seconds);
+    let updated = match broker.backend().updated_at(&spec.reference).await {
+        Ok(updated) => updated.and_then(seconds),
+        Err(err) => {
+            tracing::warn!(name = %spec.name, "cannot tell when {} last changed ({err}); the watched file wins", spec.reference);
+            None
+        }
+    };
+    match (modified, updated) {
+        (Some(modified), Some(updated)) if modified <= updated => {
+            tracing::warn!(
+                name = %spec.name,
+                path = %spec.path.display(),
+                file_modified = modified,
+                item_updated = updated,
+                "watched file differs from 1Password and is older (file modified at {modified}, item updated at \
+                 {updated}, seconds since the epoch); keeping 1Password's value and rewriting the file"
+            );
+            false
+        }
+        _ => true,
+    }
+}
+
 async fn event_loop(
     mut states: Vec<FileState>,
-    _watcher: notify::RecommendedWatcher,
+    mut dirs: Directories,
     mut events_rx: mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
     broker: Arc<Broker>,
     options: WatchOptions,
@@ -254,14 +364,31 @@ async fn event_loop(
 ) {
     let index: HashMap<PathBuf, usize> = states.iter().enumerate().map(|(i, s)| (s.spec.path.clone(), i)).collect();
     let mut changes_rx = broker.subscribe_changes();
+    let mut rearm_tick = tokio::time::interval(REARM_INTERVAL);
+    rearm_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let next_due = states.iter().filter_map(|s| s.due).min();
         tokio::select! {
             event = events_rx.recv() => match event {
-                Some(Ok(event)) => on_event(&mut states, &index, &event, &options),
+                Some(Ok(event)) => {
+                    let about_a_directory = event.paths.iter().any(|p| dirs.armed.contains_key(p));
+                    if event.need_rescan() {
+                        tracing::warn!("file watcher lost events (queue overflow); rescanning every watched file");
+                        rescan(&mut states, |_| true);
+                    }
+                    if about_a_directory || event.need_rescan() {
+                        let rearmed = dirs.rearm();
+                        rescan(&mut states, |dir| rearmed.iter().any(|d| d == dir));
+                    }
+                    on_event(&mut states, &index, &event, &options);
+                }
                 Some(Err(err)) => tracing::warn!("file watcher error: {err}"),
                 None => break,
             },
+            _ = rearm_tick.tick() => {
+                let rearmed = dirs.rearm();
+                rescan(&mut states, |dir| rearmed.iter().any(|d| d == dir));
+            }
             _ = crate::sleep_until(next_due) => {
                 let now = Instant::now();
                 for state in states.iter_mut().filter(|s| s.due.is_some_and(|d| d <= now)) {
@@ -276,14 +403,24 @@ async fn event_loop(
                 }
             }
             _ = stop.cancelled() => {
-                // Shutdown: whatever is due is captured now, writer or not (in `run` the
-                // command has exited; in `daemon` this is the last chance).
-                for state in states.iter_mut().filter(|s| s.due.is_some()) {
+                // Shutdown: every watched file is read once more, event or not (an event may
+                // have been lost with a replaced directory); in `run` the command has exited,
+                // in `daemon` this is the last chance.
+                for state in states.iter_mut() {
                     capture(state, &broker, &options, true);
                 }
                 break;
             }
         }
+    }
+}
+
+/// Schedules an immediate capture check of every watched file whose directory `which` picks.
+fn rescan(states: &mut [FileState], which: impl Fn(&Path) -> bool) {
+    let now = Instant::now();
+    for state in states.iter_mut().filter(|s| s.spec.path.parent().is_some_and(&which)) {
+        state.due = Some(now);
+        state.burst_start.get_or_insert(now);
     }
 }
 
@@ -357,25 +494,44 @@ fn capture(state: &mut FileState, broker: &Broker, options: &WatchOptions, final
         return;
     }
     state.last_seen = Some(LockedBytes::new(&content));
-    broker.store.set_value(&name, &content);
+    let (_, generation) = broker.store.set_value_generation(&name, &content);
+    state.file_generation = generation;
     broker.writeback.submit(&name, &state.spec.reference, &content, Origin::Watch);
     tracing::info!(name, path = %path.display(), bytes = content.len(), "captured a change; queued for write-back");
 }
 
-/// A refresh or SET changed the value in memory: bring the file up to date (unless a local
-/// change is still on its way out, which is newer).
+/// A refresh or SET changed the value in memory: bring the file up to date, but only from a
+/// value newer than the one the file holds, and never over a local change not yet captured
+/// or still on its way to 1Password (that one is newer).
 fn rewrite_from_store(state: &mut FileState, broker: &Broker) {
     let name = &state.spec.name;
     if broker.writeback.is_pending(name) || state.due.is_some() {
         return;
     }
-    let Some(value) = broker.store.with_value(name, |v| Zeroizing::new(v.to_vec())) else { return };
-    if value.is_empty() || state.seen(&value) {
+    let Some((value, generation)) = broker.store.with_value_generation(name, |v, g| (Zeroizing::new(v.to_vec()), g))
+    else {
         return;
+    };
+    if value.is_empty() || generation <= state.file_generation || state.seen(&value) {
+        return;
+    }
+    // The file must still hold what op-bridge last saw; otherwise it changed under us and
+    // that change is captured instead.
+    match read_stable(&state.spec.path) {
+        Ok(Some(content)) if !state.seen(&content) => {
+            state.due = Some(Instant::now());
+            return;
+        }
+        Err(_) => {
+            state.due = Some(Instant::now());
+            return;
+        }
+        Ok(_) => {}
     }
     match write_atomic(&state.spec.path, &value, Some(0o600)) {
         Ok(()) => {
             state.last_seen = Some(LockedBytes::new(&value));
+            state.file_generation = generation;
             tracing::info!(name, path = %state.spec.path.display(), "rewrote watched file with the new value");
         }
         Err(err) => tracing::warn!(name, "cannot rewrite {}: {err}", state.spec.path.display()),

@@ -1,11 +1,20 @@
-//! The write-back queue: one worker per 1Password target, so no rotation is ever lost.
+//! The write-back queue: one worker per 1Password **item**, so no rotation is ever lost.
 //!
-//! Each target holds at most one pending value: a newer submission replaces an unsent older
-//! one (a burst of rewrites costs a handful of writes). A failed write is retried with
-//! backoff and jitter, honouring a 429's stated delay, until it succeeds; nothing pending is
-//! dropped while the process lives (SET submissions that fail permanently are the exception:
-//! their client was told). On shutdown, [`WriteBack::flush`] retries without the long pauses
-//! until a deadline, and reports by name and target — never by value — what it could not store.
+//! OAuth access and refresh tokens usually live as two fields of one item, and both the CLI and
+//! Connect replace or patch whole items. So writes are serialised per item: the item's worker
+//! takes every field change pending at that moment and stores them in one read-modify-write
+//! ([`Backend::write_item`]); two fields rotated together cost one edit and neither erases the
+//! other. A concurrent edit elsewhere is refused by the item version (a `Conflict`), and the
+//! cycle is simply redone on a fresh read.
+//!
+//! Each field holds at most one pending value: a newer one replaces an unsent older one (a
+//! burst of rewrites costs a handful of writes). Only a newer value for the same field ever
+//! drops one: a failed write is retried with backoff and jitter (honouring a 429's delay)
+//! until it succeeds, permanent failures included, which are reported as `failing` and logged
+//! at ERROR. The one exception is a SET, whose client is waiting: a permanent refusal is its
+//! answer, and a value from a watched file that the SET had replaced becomes pending again.
+//! On shutdown, [`WriteBack::flush`] retries without the long pauses until a deadline and
+//! reports by name and target — never by value — what it could not store.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -17,13 +26,19 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
-use crate::backend::{Backend, BackendError, ErrorKind, RetryPolicy, WriteOptions};
+use crate::backend::{Backend, BackendError, ErrorKind, FieldWrite, RetryPolicy, WriteOptions};
 use crate::reference::SecretRef;
 use crate::store::SecretStore;
 
-/// Backoff of write-back retries: from half a second up to this cap.
+/// Backoff of write-back retries after a transient failure: from half a second up to 30 s.
 const RETRY: RetryPolicy =
     RetryPolicy { attempts: u32::MAX, base: Duration::from_millis(500), max: Duration::from_secs(30) };
+/// Backoff after a permanent failure (missing item, auth): it is retried all the same, since
+/// dropping a rotation is worse, but slowly, so it does not burn the account's quota.
+const RETRY_PERMANENT: RetryPolicy =
+    RetryPolicy { attempts: u32::MAX, base: Duration::from_secs(5), max: Duration::from_secs(300) };
+/// Pause before redoing a read-modify-write that met a concurrent edit.
+const CONFLICT_PAUSE: Duration = Duration::from_millis(100);
 /// Longest pause between retries while flushing at shutdown.
 const FLUSH_PAUSE: Duration = Duration::from_millis(300);
 
@@ -42,40 +57,74 @@ struct Pending {
     value: Zeroizing<Vec<u8>>,
 }
 
-#[derive(Default)]
-struct TargetState {
+/// One field of an item, as the queue sees it.
+struct FieldState {
+    name: String,
+    reference: SecretRef,
     pending: Option<Pending>,
+    /// A watched file's value that a SET replaced before it was stored: if the SET is
+    /// refused, this one is pending again (only a newer value may drop a value).
+    fallback: Option<Pending>,
     /// Generation being written right now.
     in_flight: Option<u64>,
-    next_generation: u64,
+    /// Every generation up to this one is stored (or was superseded by a stored one).
+    stored: u64,
+    /// SET generations refused, with the reason (their clients are told).
+    refused: Vec<(u64, String)>,
     attempts: u32,
     last_error: Option<String>,
     writes: u64,
     last_write: Option<SystemTime>,
 }
 
-/// The outcome of a write for the generations that waited on it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Outcome {
-    None,
-    /// Every generation up to this one is stored (or superseded by a stored one).
-    Stored(u64),
-    /// This generation failed permanently and was dropped.
-    Refused(u64, String),
+impl FieldState {
+    fn is_pending(&self) -> bool {
+        self.pending.is_some() || self.in_flight.is_some() || self.fallback.is_some()
+    }
+
+    fn refuse(&mut self, generation: u64, reason: String) {
+        self.refused.push((generation, reason));
+        // Waiters read this within SET_WAIT; keep a short history only.
+        if self.refused.len() > 16 {
+            self.refused.remove(0);
+        }
+    }
 }
 
-struct Target {
-    name: String,
-    reference: SecretRef,
-    state: Mutex<TargetState>,
+/// The fields of one item and the worker's bookkeeping.
+#[derive(Default)]
+struct ItemState {
+    /// By reference text.
+    fields: BTreeMap<String, FieldState>,
+    next_generation: u64,
+}
+
+struct ItemQueue {
+    vault: String,
+    item: String,
+    state: Mutex<ItemState>,
     wake: Notify,
-    outcome_tx: watch::Sender<Outcome>,
+    /// A SET arrived: its client is waiting, so a backoff pause ends early.
+    set_wake: Notify,
+    /// Bumped after every write attempt; waiters then re-check their field.
+    progress_tx: watch::Sender<u64>,
 }
 
-impl Target {
-    fn lock(&self) -> std::sync::MutexGuard<'_, TargetState> {
+impl ItemQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ItemState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// What became of a SET's value within its wait.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetOutcome {
+    /// 1Password has it (or a newer value that replaced it).
+    Stored,
+    /// 1Password refused it for good; nothing changed.
+    Refused(String),
+    /// Still queued (outage, 429…): it will be stored when 1Password answers.
+    Pending(String),
 }
 
 /// A write that could not be stored before exit.
@@ -91,7 +140,8 @@ pub struct WriteBack {
     store: Arc<SecretStore>,
     options: WriteOptions,
     changes_tx: broadcast::Sender<Vec<String>>,
-    targets: Mutex<BTreeMap<String, Arc<Target>>>,
+    /// By (vault, item).
+    items: Mutex<BTreeMap<(String, String), Arc<ItemQueue>>>,
     flushing: CancellationToken,
 }
 
@@ -107,168 +157,256 @@ impl WriteBack {
             store,
             options,
             changes_tx,
-            targets: Mutex::new(BTreeMap::new()),
+            items: Mutex::new(BTreeMap::new()),
             flushing: CancellationToken::new(),
         })
     }
 
-    fn targets(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Target>>> {
-        self.targets.lock().unwrap_or_else(|e| e.into_inner())
+    fn items(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), Arc<ItemQueue>>> {
+        self.items.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The target's worker, started on first use.
-    fn target(self: &Arc<Self>, name: &str, reference: &SecretRef) -> Arc<Target> {
-        let key = reference.to_string();
-        let mut targets = self.targets();
-        if let Some(target) = targets.get(&key) {
-            return target.clone();
+    /// The item's queue, its worker started on first use.
+    fn queue(self: &Arc<Self>, reference: &SecretRef) -> Arc<ItemQueue> {
+        let key = (reference.vault.clone(), reference.item.clone());
+        let mut items = self.items();
+        if let Some(queue) = items.get(&key) {
+            return queue.clone();
         }
-        let target = Arc::new(Target {
-            name: name.to_string(),
-            reference: reference.clone(),
-            state: Mutex::new(TargetState::default()),
+        let queue = Arc::new(ItemQueue {
+            vault: key.0.clone(),
+            item: key.1.clone(),
+            state: Mutex::new(ItemState::default()),
             wake: Notify::new(),
-            outcome_tx: watch::channel(Outcome::None).0,
+            set_wake: Notify::new(),
+            progress_tx: watch::channel(0).0,
         });
-        targets.insert(key, target.clone());
-        let queue = self.clone();
-        let worker = target.clone();
-        tokio::spawn(async move { queue.work(worker).await });
-        target
+        items.insert(key, queue.clone());
+        let worker = (self.clone(), queue.clone());
+        tokio::spawn(async move { worker.0.work(worker.1).await });
+        queue
     }
 
-    /// Queues `value` for `reference`, replacing any unsent older value. Returns the
-    /// submission's generation.
+    /// Queues `value` for `reference`, replacing any unsent older value of that field.
+    /// Returns the submission's generation.
     pub fn submit(self: &Arc<Self>, name: &str, reference: &SecretRef, value: &[u8], origin: Origin) -> u64 {
-        let target = self.target(name, reference);
+        let queue = self.queue(reference);
         let generation = {
-            let mut state = target.lock();
+            let mut state = queue.lock();
             state.next_generation += 1;
             let generation = state.next_generation;
-            let replaced = state.pending.replace(Pending { generation, origin, value: Zeroizing::new(value.to_vec()) });
-            if replaced.is_some() {
-                tracing::debug!(name, reference = %reference, "newer value replaces an unsent one");
+            let field = state.fields.entry(reference.to_string()).or_insert_with(|| FieldState {
+                name: name.to_string(),
+                reference: reference.clone(),
+                pending: None,
+                fallback: None,
+                in_flight: None,
+                stored: 0,
+                refused: Vec::new(),
+                attempts: 0,
+                last_error: None,
+                writes: 0,
+                last_write: None,
+            });
+            field.name = name.to_string();
+            let new = Pending { generation, origin, value: Zeroizing::new(value.to_vec()) };
+            match field.pending.replace(new) {
+                // A SET that replaces a watched file's value keeps it as the fallback.
+                Some(old) if old.origin == Origin::Watch && origin == Origin::Set => field.fallback = Some(old),
+                Some(old) => {
+                    if old.origin == Origin::Set {
+                        field.refuse(old.generation, "replaced by a newer value before it was stored".into());
+                    }
+                    tracing::debug!(name, reference = %reference, "newer value replaces an unsent one");
+                }
+                None => {}
+            }
+            if origin == Origin::Watch {
+                // A newer value from the file: an older one kept for a SET's sake is moot.
+                field.fallback = None;
             }
             generation
         };
-        target.wake.notify_one();
+        queue.wake.notify_one();
+        if origin == Origin::Set {
+            queue.set_wake.notify_one();
+        }
         generation
     }
 
     /// Waits until generation `generation` of `reference` is stored (or superseded by a
-    /// stored newer one), fails permanently, or `limit` passes.
-    pub async fn wait_stored(&self, reference: &SecretRef, generation: u64, limit: Duration) -> Result<(), String> {
-        let Some(target) = self.targets().get(&reference.to_string()).cloned() else {
-            return Err("no such write-back target".into());
+    /// stored newer one), is refused, or `limit` passes.
+    pub async fn wait_stored(&self, reference: &SecretRef, generation: u64, limit: Duration) -> SetOutcome {
+        let key = (reference.vault.clone(), reference.item.clone());
+        let Some(queue) = self.items().get(&key).cloned() else {
+            return SetOutcome::Refused("no such write-back target".into());
         };
-        let mut outcome_rx = target.outcome_tx.subscribe();
+        let field_key = reference.to_string();
+        let mut progress_rx = queue.progress_tx.subscribe();
+        let check = |queue: &ItemQueue| -> Option<SetOutcome> {
+            let state = queue.lock();
+            let field = state.fields.get(&field_key)?;
+            if let Some((_, reason)) = field.refused.iter().find(|(g, _)| *g == generation) {
+                return Some(SetOutcome::Refused(reason.clone()));
+            }
+            (field.stored >= generation).then_some(SetOutcome::Stored)
+        };
         let wait = async {
             loop {
-                match &*outcome_rx.borrow_and_update() {
-                    Outcome::Stored(done) if *done >= generation => return Ok(()),
-                    Outcome::Refused(g, reason) if *g == generation => return Err(reason.clone()),
-                    _ => {}
+                progress_rx.borrow_and_update();
+                if let Some(outcome) = check(&queue) {
+                    return outcome;
                 }
-                if outcome_rx.changed().await.is_err() {
-                    return Err("write-back worker stopped".into());
+                if progress_rx.changed().await.is_err() {
+                    return SetOutcome::Pending("write-back worker stopped".into());
                 }
             }
         };
         match tokio::time::timeout(limit, wait).await {
-            Ok(result) => result,
-            Err(_) => Err(format!(
-                "not stored in 1Password yet ({}); op-bridge keeps retrying",
-                target.lock().last_error.clone().unwrap_or_else(|| "still writing".into())
-            )),
+            Ok(outcome) => outcome,
+            Err(_) => {
+                let state = queue.lock();
+                let reason = state.fields.get(&field_key).and_then(|f| f.last_error.clone());
+                SetOutcome::Pending(reason.unwrap_or_else(|| "still writing".into()))
+            }
         }
     }
 
-    /// Whether `name` has a write that is queued or in flight (a refresh must not overwrite
-    /// the newer local value with 1Password's older one).
+    /// Whether `name` has a value that is queued, in flight or held back for a SET (a refresh
+    /// must not overwrite the newer local value with 1Password's older one).
     pub fn is_pending(&self, name: &str) -> bool {
-        self.targets().values().any(|t| {
-            t.name == name && {
-                let state = t.lock();
-                state.pending.is_some() || state.in_flight.is_some()
-            }
-        })
+        self.items().values().any(|queue| queue.lock().fields.values().any(|f| f.name == name && f.is_pending()))
     }
 
-    async fn work(self: Arc<Self>, target: Arc<Target>) {
+    async fn work(self: Arc<Self>, queue: Arc<ItemQueue>) {
         loop {
-            let job = {
-                let mut state = target.lock();
-                let job = state.pending.take();
-                if let Some(job) = &job {
-                    state.in_flight = Some(job.generation);
-                }
-                job
+            // Every field change pending right now goes into this one read-modify-write.
+            let jobs: Vec<(String, Pending)> = {
+                let mut state = queue.lock();
+                state
+                    .fields
+                    .iter_mut()
+                    .filter_map(|(key, field)| {
+                        let job = field.pending.take()?;
+                        field.in_flight = Some(job.generation);
+                        Some((key.clone(), job))
+                    })
+                    .collect()
             };
-            let Some(job) = job else {
-                target.wake.notified().await;
+            if jobs.is_empty() {
+                queue.wake.notified().await;
                 continue;
+            }
+            let writes: Vec<FieldWrite> = {
+                let state = queue.lock();
+                jobs.iter()
+                    .map(|(key, job)| FieldWrite {
+                        reference: state.fields[key].reference.clone(),
+                        value: job.value.clone(),
+                    })
+                    .collect()
             };
-            let writes = [crate::backend::FieldWrite { reference: target.reference.clone(), value: job.value.clone() }];
-            let result = match self.backend.write_item(&writes, self.options).await {
-                Ok(mut fields) => fields.pop().unwrap_or(Ok(())),
-                Err(err) => Err(err),
-            };
-            let pause = self.finish(&target, job, result);
+            let result = self.backend.write_item(&writes, self.options).await;
+            drop(writes);
+            let pause = self.finish(&queue, jobs, result);
+            queue.progress_tx.send_modify(|n| *n += 1);
             if let Some(pause) = pause {
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
+                    _ = queue.set_wake.notified() => {}
                     _ = self.flushing.cancelled() => tokio::time::sleep(pause.min(FLUSH_PAUSE)).await,
                 }
             }
         }
     }
 
-    /// Books the result of one write; returns the pause before the next attempt, if any.
-    fn finish(&self, target: &Target, job: Pending, result: Result<(), BackendError>) -> Option<Duration> {
-        let mut state = target.lock();
-        state.in_flight = None;
-        match result {
-            Ok(()) => {
-                state.attempts = 0;
-                state.last_error = None;
-                state.writes += 1;
-                state.last_write = Some(SystemTime::now());
-                // Memory follows 1Password unless a newer value is already queued.
-                let newest = state.pending.is_none();
-                drop(state);
-                tracing::info!(name = %target.name, reference = %target.reference, "write-back stored");
-                if newest && self.store.set_value(&target.name, &job.value) {
-                    let _ = self.changes_tx.send(vec![target.name.clone()]);
-                }
-                target.outcome_tx.send_replace(Outcome::Stored(job.generation));
-                None
+    /// Books the result of one item write; returns the pause before the next attempt, if any.
+    fn finish(
+        &self,
+        queue: &ItemQueue,
+        jobs: Vec<(String, Pending)>,
+        result: Result<Vec<Result<(), BackendError>>, BackendError>,
+    ) -> Option<Duration> {
+        let results: Vec<Result<(), BackendError>> = match result {
+            Ok(per_field) if per_field.len() == jobs.len() => per_field,
+            Ok(_) => {
+                let err = BackendError::new(ErrorKind::Transient, "backend answered for the wrong number of fields");
+                jobs.iter().map(|_| Err(err.clone())).collect()
             }
-            Err(err) if job.origin == Origin::Set && err.kind.is_permanent() => {
-                state.last_error = Some(format!("{}: {}", err.kind.label(), err.message));
-                drop(state);
-                tracing::warn!(name = %target.name, reference = %target.reference, "SET refused by the backend: {err}");
-                target.outcome_tx.send_replace(Outcome::Refused(job.generation, err.message));
-                None
-            }
-            Err(err) => {
-                state.attempts += 1;
-                state.last_error = Some(format!("{}: {}", err.kind.label(), err.message));
-                if state.pending.is_none() {
-                    state.pending = Some(job);
+            Err(err) => jobs.iter().map(|_| Err(err.clone())).collect(),
+        };
+        let mut pause: Option<Duration> = None;
+        let mut changed = Vec::new();
+        let mut state = queue.lock();
+        for ((key, job), result) in jobs.into_iter().zip(results) {
+            let Some(field) = state.fields.get_mut(&key) else { continue };
+            field.in_flight = None;
+            match result {
+                Ok(()) => {
+                    field.attempts = 0;
+                    field.last_error = None;
+                    field.writes += 1;
+                    field.last_write = Some(SystemTime::now());
+                    field.stored = field.stored.max(job.generation);
+                    if field.fallback.as_ref().is_some_and(|f| f.generation < job.generation) {
+                        field.fallback = None;
+                    }
+                    tracing::info!(name = %field.name, reference = %field.reference, "write-back stored");
+                    // Memory follows 1Password unless a newer value is already queued.
+                    if field.pending.is_none() && self.store.set_value(&field.name, &job.value) {
+                        changed.push(field.name.clone());
+                    }
                 }
-                let attempt = state.attempts;
-                drop(state);
-                let pause = retry_pause(attempt, err.kind);
-                tracing::warn!(
-                    name = %target.name,
-                    reference = %target.reference,
-                    attempt,
-                    "write-back failed: {err}; retrying in {:.1}s",
-                    pause.as_secs_f64()
-                );
-                Some(pause)
+                Err(err) if job.origin == Origin::Set && err.kind.is_permanent() => {
+                    tracing::warn!(name = %field.name, reference = %field.reference, "SET refused by the backend: {err}");
+                    field.refuse(job.generation, err.message.clone());
+                    if field.pending.is_none() {
+                        // The watched file's value the SET had replaced is due again.
+                        field.pending = field.fallback.take();
+                        if field.pending.is_some() {
+                            pause = Some(pause.unwrap_or(Duration::ZERO));
+                        }
+                    }
+                }
+                Err(err) => {
+                    field.attempts += 1;
+                    field.last_error = Some(format!("{}: {}", err.kind.label(), err.message));
+                    if field.pending.is_none() {
+                        field.pending = Some(job);
+                    } else if job.origin == Origin::Set {
+                        field.refuse(job.generation, "replaced by a newer value before it was stored".into());
+                    }
+                    let wait = match err.kind {
+                        ErrorKind::Conflict => CONFLICT_PAUSE,
+                        kind if kind.is_permanent() => RETRY_PERMANENT.delay(field.attempts, kind),
+                        kind => RETRY.delay(field.attempts, kind),
+                    };
+                    if err.kind.is_permanent() {
+                        tracing::error!(
+                            name = %field.name,
+                            reference = %field.reference,
+                            attempt = field.attempts,
+                            "write-back failing: {err}; the value is kept and retried in {:.0}s",
+                            wait.as_secs_f64()
+                        );
+                    } else {
+                        tracing::warn!(
+                            name = %field.name,
+                            reference = %field.reference,
+                            attempt = field.attempts,
+                            "write-back failed: {err}; retrying in {:.1}s",
+                            wait.as_secs_f64()
+                        );
+                    }
+                    pause = Some(pause.map_or(wait, |p| p.min(wait)));
+                }
             }
         }
+        drop(state);
+        if !changed.is_empty() {
+            let _ = self.changes_tx.send(changed);
+        }
+        pause
     }
 
     /// Retries pending writes without long pauses until all are stored or `deadline`;
@@ -277,15 +415,20 @@ impl WriteBack {
         self.flushing.cancel();
         loop {
             let unwritten: Vec<Unwritten> = self
-                .targets()
+                .items()
                 .values()
-                .filter_map(|t| {
-                    let state = t.lock();
-                    (state.pending.is_some() || state.in_flight.is_some()).then(|| Unwritten {
-                        name: t.name.clone(),
-                        reference: t.reference.to_string(),
-                        reason: state.last_error.clone().unwrap_or_else(|| "write still in progress".into()),
-                    })
+                .flat_map(|queue| {
+                    let state = queue.lock();
+                    state
+                        .fields
+                        .values()
+                        .filter(|f| f.is_pending())
+                        .map(|f| Unwritten {
+                            name: f.name.clone(),
+                            reference: f.reference.to_string(),
+                            reason: f.last_error.clone().unwrap_or_else(|| "write still in progress".into()),
+                        })
+                        .collect::<Vec<_>>()
                 })
                 .collect();
             if unwritten.is_empty() || Instant::now() >= deadline {
@@ -295,32 +438,36 @@ impl WriteBack {
         }
     }
 
-    /// STATUS view: every target with its queue state; never a value.
+    /// STATUS view: every field with its queue state; never a value.
     pub fn status(&self) -> serde_json::Value {
         let now = SystemTime::now();
         let targets: Vec<serde_json::Value> = self
-            .targets()
+            .items()
             .values()
-            .map(|t| {
-                let state = t.lock();
-                json!({
-                    "name": t.name,
-                    "ref": t.reference.to_string(),
-                    "pending": state.pending.is_some(),
-                    "in_flight": state.in_flight.is_some(),
-                    "failed_attempts": state.attempts,
-                    "last_error": state.last_error,
-                    "writes": state.writes,
-                    "last_write_age_s": state.last_write.and_then(|t| now.duration_since(t).ok()).map(|d| d.as_secs()),
-                })
+            .flat_map(|queue| {
+                let state = queue.lock();
+                state
+                    .fields
+                    .values()
+                    .map(|f| {
+                        json!({
+                            "name": f.name,
+                            "ref": f.reference.to_string(),
+                            "item": format!("op://{}/{}", queue.vault, queue.item),
+                            "pending": f.pending.is_some() || f.fallback.is_some(),
+                            "in_flight": f.in_flight.is_some(),
+                            "failing": f.attempts > 0,
+                            "failed_attempts": f.attempts,
+                            "last_error": f.last_error,
+                            "writes": f.writes,
+                            "last_write_age_s": f.last_write.and_then(|t| now.duration_since(t).ok()).map(|d| d.as_secs()),
+                        })
+                    })
+                    .collect::<Vec<_>>()
             })
             .collect();
         let pending = targets.iter().filter(|t| t["pending"] == true || t["in_flight"] == true).count();
-        let failing = targets.iter().filter(|t| t["failed_attempts"].as_u64().unwrap_or(0) > 0).count();
+        let failing = targets.iter().filter(|t| t["failing"] == true).count();
         json!({ "pending": pending, "failing": failing, "targets": targets })
     }
-}
-
-fn retry_pause(attempt: u32, kind: ErrorKind) -> Duration {
-    RETRY.delay(attempt, kind)
 }

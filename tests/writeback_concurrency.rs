@@ -114,6 +114,8 @@ fn a_refresh_that_read_the_old_value_never_rolls_a_rotation_back() {
     assert!(eventually(Duration::from_secs(20), read_oauth), "the refresh never read OAuth: {:?}", fake.calls());
     write_file(&file, "C1");
     assert!(wait_store(&fake, "OAuth", "refresh", "C1"), "{}", broker.stderr());
+    // The fake logs a call when it ends, just after it changed the store.
+    assert!(eventually(Duration::from_secs(10), || !successful_edits(&fake).is_empty()));
     let stored_at = successful_edits(&fake).last().map(|c| c["ts"].as_f64().unwrap()).unwrap();
     let out = refresh.join().unwrap();
     let slow_done = fake

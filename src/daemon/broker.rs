@@ -9,17 +9,17 @@ use tokio::sync::{Mutex, broadcast};
 
 use crate::backend::{Backend, BackendError, ErrorKind, Value, WriteOptions};
 use crate::locked::lock_stats;
-use crate::protocol::{NOT_AVAILABLE, UNKNOWN_REF};
+use crate::protocol::{NOT_AVAILABLE, PENDING, UNKNOWN_REF};
 use crate::reference::SecretRef;
-use crate::store::{SecretStore, Source, State};
-use crate::writeback::{Origin, WriteBack};
+use crate::store::{Applied, SecretStore, Source, State};
+use crate::writeback::{Origin, SetOutcome, WriteBack};
 
 /// How long a SET waits for its write to reach the backend before answering that it is
 /// still being retried (below the client's default 10 s timeout).
-const SET_WAIT: Duration = Duration::from_secs(8);
+pub const DEFAULT_SET_WAIT: Duration = Duration::from_secs(8);
 
 /// Policy switches of the broker.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct BrokerPolicy {
     /// Refuse SET and DELETE.
     pub read_only: bool,
@@ -27,6 +27,14 @@ pub struct BrokerPolicy {
     pub allow_set_any: bool,
     /// Let a write create a missing item.
     pub create_items: bool,
+    /// How long a SET waits for 1Password before answering "accepted, not stored yet".
+    pub set_wait: Duration,
+}
+
+impl Default for BrokerPolicy {
+    fn default() -> BrokerPolicy {
+        BrokerPolicy { read_only: false, allow_set_any: false, create_items: false, set_wait: DEFAULT_SET_WAIT }
+    }
 }
 
 /// What one resolution pass did.
@@ -40,7 +48,8 @@ pub struct ResolveReport {
     pub dropped: Vec<String>,
     /// Names that could not be resolved, with the reason (value kept if there was one).
     pub failed: Vec<(String, BackendError)>,
-    /// Names not asked for because their write-back is pending (the local value is newer).
+    /// Names whose local value is newer than 1Password's answer: a write-back was pending, or
+    /// the value was captured or SET while the pass ran. They keep the local value.
     pub deferred: Vec<String>,
     pub elapsed: Duration,
 }
@@ -104,6 +113,9 @@ impl Broker {
         // 1Password's answer would be older, and asking would spend a rate-limited read.
         let (registered, deferred): (Vec<_>, Vec<_>) =
             self.store.references().into_iter().partition(|(name, _)| !self.writeback.is_pending(name));
+        // Noted before 1Password is asked: an answer is applied only to a slot nobody wrote
+        // since (a capture or SET during the pass is newer than what 1Password returned).
+        let seen = self.store.generations();
         let refs: Vec<SecretRef> = registered.iter().map(|(_, r)| r.clone()).collect();
         let results = self.backend.resolve(&refs).await;
         let mut report = ResolveReport {
@@ -112,15 +124,18 @@ impl Broker {
             ..ResolveReport::default()
         };
         for ((name, _), result) in registered.into_iter().zip(results) {
+            let seen = seen.get(&name).copied().unwrap_or(0);
             match result {
-                Ok(value) => {
-                    report.resolved += 1;
-                    if self.store.set_value(&name, &value) {
+                Ok(value) => match self.store.apply_resolved(&name, &value, seen) {
+                    Applied::Changed => {
+                        report.resolved += 1;
                         report.changed.push(name);
                     }
-                }
+                    Applied::Unchanged => report.resolved += 1,
+                    Applied::Superseded => report.deferred.push(name),
+                },
                 Err(err) if err.kind == ErrorKind::NotFound => {
-                    if self.store.drop_value(&name, format!("not found: {}", err.message)) {
+                    if self.store.drop_value(&name, format!("not found: {}", err.message), seen) {
                         report.dropped.push(name.clone());
                     }
                     report.failed.push((name, err));
@@ -167,7 +182,9 @@ impl Broker {
     }
 
     /// SET: the value goes through the write-back queue to the backend first; memory is
-    /// updated when the backend has it, so memory never holds a value 1Password lacks.
+    /// updated when the backend has it, so memory never holds a value 1Password lacks. Three
+    /// answers: stored (Ok), refused for good (nothing changed), or accepted but not stored
+    /// within the wait (an `ERR pending: …` reply: it stays queued and will be stored).
     pub async fn set(&self, name: &str, uri: Option<&str>, value: Value) -> Result<(), String> {
         if self.policy.read_only {
             return Err("read-only: SET is refused (--read-only)".into());
@@ -192,6 +209,7 @@ impl Broker {
             (Some(reg), None) => reg,
             (None, None) => return Err(format!("{name} has no registered reference; give one")),
         };
+        crate::backend::check_writable(&target).map_err(|e| e.message)?;
         if !self.store.register(name, Some(target.clone()), Source::Set) {
             // Registered to another reference, and --allow-set-any let the SET through:
             // the name now follows the reference it was written to.
@@ -199,12 +217,20 @@ impl Broker {
             self.store.register(name, Some(target.clone()), Source::Set);
         }
         let generation = self.writeback.submit(name, &target, &value, Origin::Set);
-        self.writeback
-            .wait_stored(&target, generation, SET_WAIT)
-            .await
-            .map_err(|e| format!("write to {target} failed: {e}"))?;
-        tracing::info!(name, reference = %target, "stored new value");
-        Ok(())
+        match self.writeback.wait_stored(&target, generation, self.policy.set_wait).await {
+            SetOutcome::Stored => {
+                tracing::info!(name, reference = %target, "stored new value");
+                Ok(())
+            }
+            SetOutcome::Refused(reason) => Err(format!("write to {target} refused: {reason}")),
+            SetOutcome::Pending(reason) => {
+                tracing::warn!(name, reference = %target, "SET accepted but not stored yet: {reason}");
+                Err(format!(
+                    "{PENDING}accepted, not stored in 1Password yet ({reason}); op-bridge keeps retrying and \
+                     will store it"
+                ))
+            }
+        }
     }
 
     /// DELETE: forgets a name in memory only; 1Password is never touched.
