@@ -177,8 +177,9 @@ impl Service {
         if !report.failed.is_empty() && !config.allow_missing {
             return Err(StartError::SecretsUnavailable(report.failure_summary()));
         }
-        let watcher =
-            crate::watch::start(&config.watches, broker.clone(), config.watch.clone()).await.map_err(StartError::Config)?;
+        let watcher = crate::watch::start(&config.watches, broker.clone(), config.watch.clone())
+            .await
+            .map_err(StartError::Config)?;
         if let Some(path) = &config.pid_file {
             std::fs::write(path, format!("{}\n", std::process::id()))
                 .map_err(|source| StartError::Io { action: format!("write pid file {}", path.display()), source })?;
