@@ -310,6 +310,12 @@ pub async fn read_request<R: AsyncBufRead + Unpin>(
                     let mut parts = rest.splitn(3, ' ');
                     let head = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
                     let raw = parts.next().ok_or_else(|| malformed("usage: SET NAME URI VALUE"))?;
+                    if continues_on_next_line(reader) {
+                        return Err(ProtocolError::BadFrame(
+                            "SET value spans lines; version 1 carries one-line values (send HELLO 2 and a framed SET)"
+                                .into(),
+                        ));
+                    }
                     let mut value = Zeroizing::new(Vec::with_capacity(raw.len()));
                     value.extend_from_slice(raw.as_bytes());
                     (head, value)
@@ -333,6 +339,31 @@ pub async fn read_request<R: AsyncBufRead + Unpin>(
         _ if word.is_empty() => Err(malformed("empty request")),
         _ => Err(malformed(format!("unknown command: {}", word.chars().take(32).collect::<String>()))),
     }
+}
+
+/// Command words a request line may start with.
+const COMMANDS: [&[u8]; 8] = [b"PING", b"LIST", b"GET", b"SET", b"DELETE", b"REFRESH", b"STATUS", b"HELLO"];
+
+/// Whether bytes already received after a version-1 SET line are the rest of its value (a
+/// multi-line value pasted into a line protocol) rather than the next request. Only what has
+/// arrived is looked at, without waiting: a value that goes on must be refused whole, never
+/// stored as its first line.
+fn continues_on_next_line<R: AsyncBufRead + Unpin>(reader: &mut R) -> bool {
+    use futures_util::FutureExt;
+    let Some(Ok(next)) = reader.fill_buf().now_or_never() else { return false };
+    if next.is_empty() {
+        return false;
+    }
+    let end = next.iter().position(|&b| matches!(b, b' ' | b'\r' | b'\n')).unwrap_or(next.len());
+    let word = &next[..end];
+    let complete = end < next.len();
+    !COMMANDS.iter().any(|c| {
+        if complete {
+            word.eq_ignore_ascii_case(c)
+        } else {
+            c.len() >= word.len() && c[..word.len()].eq_ignore_ascii_case(word)
+        }
+    })
 }
 
 /// Encodes a request for the wire (version 2 framing for SET values when `version` is V2).
@@ -516,6 +547,17 @@ mod tests {
             "Hello(2)",
         ];
         assert_eq!(got, want.iter().map(|s| Ok(s.to_string())).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn v1_set_whose_value_spans_lines_is_refused_whole() {
+        let got = parse_all(b"SET token - first line\nsecond line\nPING\n", Version::V1).await;
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(got[0].as_ref().unwrap_err().contains("spans lines"), "{got:?}");
+        // A SET followed by real requests (pipelined) is fine, whatever their case.
+        let got = parse_all(b"SET token - one\nget token\nPI", Version::V1).await;
+        assert!(got[0].as_ref().is_ok_and(|s| s.starts_with("Set")), "{got:?}");
+        assert!(got[1].as_ref().is_ok_and(|s| s.starts_with("GET")), "{got:?}");
     }
 
     #[tokio::test]

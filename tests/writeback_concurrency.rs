@@ -351,3 +351,17 @@ fn a_concurrent_edit_elsewhere_is_not_overwritten() {
     let conflicts = fake.calls_of(&["item", "edit"]).iter().filter(|c| c["exit"] == 1).count();
     assert!(conflicts >= 1, "inconclusive: no edit met the concurrent change: {:?}", fake.calls());
 }
+
+#[test]
+fn a_v1_set_whose_value_spans_lines_is_refused_never_half_stored() {
+    let dir = TestDir::new("wbc-v1");
+    let fake = FakeOp::new(&dir, json!({"Dev": {"API": {"key": "k0"}}}));
+    let broker = BrokerBuilder::new(&dir, "daemon").fake_op(&fake).env("OP_KEY_REF", "op://Dev/API/key").start();
+    let reply = raw_exchange(&broker.socket, b"SET KEY - first-line\nsecond-line\n", Duration::from_secs(10)).unwrap();
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("ERR") && reply.contains("spans lines"), "{reply}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(broker.client(&["get", "KEY"], None).stdout, b"k0");
+    assert_eq!(get(&fake.read_store(), "API", "key").as_deref(), Some("k0"));
+    assert!(successful_edits(&fake).is_empty(), "{:?}", fake.calls());
+}
