@@ -371,17 +371,28 @@ impl WriteBack {
                 Err(err) => {
                     field.attempts += 1;
                     field.last_error = Some(format!("{}: {}", err.kind.label(), err.message));
-                    if field.pending.is_none() {
-                        field.pending = Some(job);
-                    } else if job.origin == Origin::Set {
-                        field.refuse(job.generation, "replaced by a newer value before it was stored".into());
+                    let kind = err.kind;
+                    match &field.pending {
+                        None => field.pending = Some(job),
+                        // A SET arrived while this file value was being written: if the SET
+                        // is refused, this value is due again.
+                        Some(newer) if newer.origin == Origin::Set && job.origin == Origin::Watch => {
+                            if field.fallback.as_ref().is_none_or(|f| f.generation < job.generation) {
+                                field.fallback = Some(job);
+                            }
+                        }
+                        Some(_) if job.origin == Origin::Set => {
+                            field.refuse(job.generation, "replaced by a newer value before it was stored".into());
+                        }
+                        // A newer value replaces this one.
+                        Some(_) => {}
                     }
-                    let wait = match err.kind {
+                    let wait = match kind {
                         ErrorKind::Conflict => CONFLICT_PAUSE,
                         kind if kind.is_permanent() => RETRY_PERMANENT.delay(field.attempts, kind),
                         kind => RETRY.delay(field.attempts, kind),
                     };
-                    if err.kind.is_permanent() {
+                    if kind.is_permanent() {
                         tracing::error!(
                             name = %field.name,
                             reference = %field.reference,
@@ -469,5 +480,138 @@ impl WriteBack {
         let pending = targets.iter().filter(|t| t["pending"] == true || t["in_flight"] == true).count();
         let failing = targets.iter().filter(|t| t["failing"] == true).count();
         json!({ "pending": pending, "failing": failing, "targets": targets })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use tokio::sync::Semaphore;
+
+    use super::*;
+    use crate::backend::{BoxFuture, ItemWriteResult, Value};
+
+    /// A backend whose writes wait for the test to open a gate, then answer as scripted.
+    struct Scripted {
+        calls: Mutex<Vec<Vec<(String, Vec<u8>)>>>,
+        outcomes: Mutex<VecDeque<Option<ErrorKind>>>,
+        gate: Semaphore,
+    }
+
+    impl Backend for Scripted {
+        fn resolve<'a>(&'a self, refs: &'a [SecretRef]) -> BoxFuture<'a, Vec<Result<Value, BackendError>>> {
+            Box::pin(async move { refs.iter().map(|_| Err(BackendError::new(ErrorKind::NotFound, "x"))).collect() })
+        }
+
+        fn write_item<'a>(&'a self, writes: &'a [FieldWrite], _: WriteOptions) -> BoxFuture<'a, ItemWriteResult> {
+            Box::pin(async move {
+                let call = writes.iter().map(|w| (w.reference.field.clone(), w.value.to_vec())).collect();
+                self.calls.lock().unwrap().push(call);
+                self.gate.acquire().await.unwrap().forget();
+                match self.outcomes.lock().unwrap().pop_front().flatten() {
+                    None => Ok(writes.iter().map(|_| Ok(())).collect()),
+                    Some(kind) => Err(BackendError::new(kind, "scripted failure")),
+                }
+            })
+        }
+
+        fn updated_at<'a>(&'a self, _: &'a SecretRef) -> BoxFuture<'a, Result<Option<SystemTime>, BackendError>> {
+            Box::pin(async { Ok(None) })
+        }
+
+        fn describe(&self) -> String {
+            "scripted".into()
+        }
+    }
+
+    fn setup(outcomes: &[Option<ErrorKind>]) -> (Arc<Scripted>, Arc<SecretStore>, Arc<WriteBack>) {
+        let backend =
+            Arc::new(Scripted { calls: Mutex::default(), outcomes: Mutex::default(), gate: Semaphore::new(0) });
+        backend.outcomes.lock().unwrap().extend(outcomes.iter().copied());
+        let store = Arc::new(SecretStore::new());
+        let queue = WriteBack::new(backend.clone(), store.clone(), WriteOptions::default(), broadcast::channel(8).0);
+        (backend, store, queue)
+    }
+
+    fn field(name: &str) -> SecretRef {
+        SecretRef::parse(&format!("op://v/item/{name}")).unwrap()
+    }
+
+    async fn until(what: &str, check: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    #[tokio::test]
+    async fn fields_pending_together_go_in_one_write() {
+        let (backend, _store, queue) = setup(&[]);
+        queue.submit("A", &field("a"), b"a1", Origin::Watch);
+        until("the first write", || backend.calls.lock().unwrap().len() == 1).await;
+        // While the first write runs, two more fields of the item change.
+        queue.submit("B", &field("b"), b"b1", Origin::Watch);
+        queue.submit("C", &field("c"), b"c1", Origin::Watch);
+        queue.submit("B", &field("b"), b"b2", Origin::Watch);
+        backend.gate.add_permits(10);
+        let flushed = queue.flush(Instant::now() + Duration::from_secs(5)).await;
+        assert!(flushed.is_empty());
+        let calls = backend.calls.lock().unwrap().clone();
+        let expect = |pairs: &[(&str, &str)]| -> Vec<(String, Vec<u8>)> {
+            pairs.iter().map(|(f, v)| (f.to_string(), v.as_bytes().to_vec())).collect()
+        };
+        assert_eq!(calls, vec![expect(&[("a", "a1")]), expect(&[("b", "b2"), ("c", "c1")])]);
+    }
+
+    #[tokio::test]
+    async fn a_refused_set_brings_back_the_capture_it_replaced_in_flight() {
+        // The capture fails (item missing), the SET meanwhile is refused, the capture is
+        // written again and, once the item exists, stored.
+        let (backend, store, queue) = setup(&[Some(ErrorKind::NotFound), Some(ErrorKind::NotFound), None]);
+        store.set_value("A", b"captured");
+        queue.submit("A", &field("a"), b"captured", Origin::Watch);
+        until("the capture's write", || backend.calls.lock().unwrap().len() == 1).await;
+        let generation = queue.submit("A", &field("a"), b"set-value", Origin::Set);
+        backend.gate.add_permits(2);
+        let outcome = queue.wait_stored(&field("a"), generation, Duration::from_secs(5)).await;
+        assert!(matches!(outcome, SetOutcome::Refused(_)), "{outcome:?}");
+        assert!(queue.is_pending("A"), "the capture was dropped with the refused SET");
+        backend.gate.add_permits(1);
+        assert!(queue.flush(Instant::now() + Duration::from_secs(5)).await.is_empty());
+        let calls = backend.calls.lock().unwrap().clone();
+        let values: Vec<&[u8]> = calls.iter().map(|c| c[0].1.as_slice()).collect();
+        assert_eq!(values, vec![&b"captured"[..], b"set-value", b"captured"]);
+        assert_eq!(store.with_value("A", |v| v.to_vec()).unwrap(), b"captured");
+    }
+
+    #[tokio::test]
+    async fn a_failing_value_is_only_dropped_by_a_newer_one() {
+        let (backend, store, queue) = setup(&[Some(ErrorKind::Transient)]);
+        queue.submit("A", &field("a"), b"v1", Origin::Watch);
+        until("the first write", || backend.calls.lock().unwrap().len() == 1).await;
+        queue.submit("A", &field("a"), b"v2", Origin::Watch);
+        backend.gate.add_permits(10);
+        assert!(queue.flush(Instant::now() + Duration::from_secs(5)).await.is_empty());
+        let calls = backend.calls.lock().unwrap().clone();
+        let values: Vec<&[u8]> = calls.iter().map(|c| c[0].1.as_slice()).collect();
+        assert_eq!(values, vec![&b"v1"[..], b"v2"], "v1 failed and must not be retried after v2 replaced it");
+        assert_eq!(store.with_value("A", |v| v.to_vec()).unwrap(), b"v2");
+    }
+
+    #[tokio::test]
+    async fn a_permanent_failure_of_a_capture_stays_pending_and_failing() {
+        let (backend, _store, queue) = setup(&[Some(ErrorKind::NotFound); 8]);
+        queue.submit("A", &field("a"), b"v1", Origin::Watch);
+        backend.gate.add_permits(1);
+        until("the failure", || queue.status()["failing"] == 1).await;
+        assert!(queue.is_pending("A"));
+        let unwritten = queue.flush(Instant::now() + Duration::from_millis(200)).await;
+        assert_eq!(unwritten.len(), 1);
+        assert_eq!(unwritten[0].reference, "op://v/item/a");
+        assert!(!format!("{unwritten:?}").contains("v1"));
     }
 }
