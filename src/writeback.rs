@@ -492,9 +492,12 @@ mod tests {
     use super::*;
     use crate::backend::{BoxFuture, ItemWriteResult, Value};
 
+    /// One write call as the backend saw it: (field, value) per field.
+    type Call = Vec<(String, Vec<u8>)>;
+
     /// A backend whose writes wait for the test to open a gate, then answer as scripted.
     struct Scripted {
-        calls: Mutex<Vec<Vec<(String, Vec<u8>)>>>,
+        calls: Mutex<Vec<Call>>,
         outcomes: Mutex<VecDeque<Option<ErrorKind>>>,
         gate: Semaphore,
     }
