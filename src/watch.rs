@@ -37,12 +37,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
+use crate::backend::Backend;
 use crate::backend::file::write_atomic;
-use crate::daemon::broker::Broker;
 use crate::locked::{LockedBytes, extend_zeroizing};
 use crate::protocol::{MAX_VALUE, normalize_name};
 use crate::reference::SecretRef;
+use crate::store::SecretStore;
 use crate::writeback::Origin;
+use crate::writeback::WriteBack;
 
 /// Longest a continuously rewritten file waits before it is captured anyway.
 pub const MAX_DELAY: Duration = Duration::from_secs(2);
@@ -89,6 +91,17 @@ fn name_from_path(path: &Path) -> Option<String> {
     let name: String =
         stem.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
     normalize_name(&name).ok()
+}
+
+/// What the watcher needs of the broker, and nothing more: the store, the write-back queue,
+/// the backend (to ask when an item last changed) and the notifications of changed names.
+#[derive(Clone)]
+pub struct WatchContext {
+    pub store: Arc<SecretStore>,
+    pub writeback: Arc<WriteBack>,
+    pub backend: Arc<dyn Backend>,
+    /// Names whose value changed in memory (a refresh, a stored SET).
+    pub changes_tx: tokio::sync::broadcast::Sender<Vec<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -204,7 +217,7 @@ fn canonical_target(path: &Path) -> Result<PathBuf, String> {
 /// newer value), then watches them.
 pub async fn start(
     specs: &[WatchSpec],
-    broker: Arc<Broker>,
+    broker: WatchContext,
     options: WatchOptions,
 ) -> Result<Option<WatchHandle>, String> {
     if specs.is_empty() {
@@ -277,7 +290,7 @@ impl Directories {
     }
 }
 
-async fn initial_sync(spec: WatchSpec, broker: &Broker, options: &WatchOptions) -> Result<FileState, String> {
+async fn initial_sync(spec: WatchSpec, broker: &WatchContext, options: &WatchOptions) -> Result<FileState, String> {
     let resolved = broker.store.with_value_generation(&spec.name, |v, g| (Zeroizing::new(v.to_vec()), g));
     let mut state =
         FileState { spec, last_seen: None, due: None, burst_start: None, writer_open: false, file_generation: 0 };
@@ -328,10 +341,10 @@ async fn initial_sync(spec: WatchSpec, broker: &Broker, options: &WatchOptions) 
 /// Whether a watched file that differs from 1Password holds the newer value: its mtime is
 /// later (to the second) than the item's last change in 1Password. When 1Password cannot
 /// say, the file wins: 1Password keeps an item's history, a lost local rotation is gone.
-async fn file_is_newer(spec: &WatchSpec, broker: &Broker) -> bool {
+async fn file_is_newer(spec: &WatchSpec, broker: &WatchContext) -> bool {
     let seconds = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).ok();
     let modified = std::fs::metadata(&spec.path).and_then(|m| m.modified()).ok().and_then(seconds);
-    let updated = match broker.backend().updated_at(&spec.reference).await {
+    let updated = match broker.backend.updated_at(&spec.reference).await {
         Ok(updated) => updated.and_then(seconds),
         Err(err) => {
             tracing::warn!(name = %spec.name, "cannot tell when {} last changed ({err}); the watched file wins", spec.reference);
@@ -358,12 +371,12 @@ async fn event_loop(
     mut states: Vec<FileState>,
     mut dirs: Directories,
     mut events_rx: mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
-    broker: Arc<Broker>,
+    broker: WatchContext,
     options: WatchOptions,
     stop: CancellationToken,
 ) {
     let index: HashMap<PathBuf, usize> = states.iter().enumerate().map(|(i, s)| (s.spec.path.clone(), i)).collect();
-    let mut changes_rx = broker.subscribe_changes();
+    let mut changes_rx = broker.changes_tx.subscribe();
     let mut rearm_tick = tokio::time::interval(REARM_INTERVAL);
     rearm_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -457,7 +470,7 @@ fn on_event(states: &mut [FileState], index: &HashMap<PathBuf, usize>, event: &n
     }
 }
 
-fn capture(state: &mut FileState, broker: &Broker, options: &WatchOptions, final_pass: bool) {
+fn capture(state: &mut FileState, broker: &WatchContext, options: &WatchOptions, final_pass: bool) {
     let now = Instant::now();
     let name = state.spec.name.clone();
     let path = state.spec.path.clone();
@@ -503,7 +516,7 @@ fn capture(state: &mut FileState, broker: &Broker, options: &WatchOptions, final
 /// A refresh or SET changed the value in memory: bring the file up to date, but only from a
 /// value newer than the one the file holds, and never over a local change not yet captured
 /// or still on its way to 1Password (that one is newer).
-fn rewrite_from_store(state: &mut FileState, broker: &Broker) {
+fn rewrite_from_store(state: &mut FileState, broker: &WatchContext) {
     let name = &state.spec.name;
     if broker.writeback.is_pending(name) || state.due.is_some() {
         return;

@@ -164,6 +164,16 @@ impl Broker {
         self.changes_tx.subscribe()
     }
 
+    /// The narrow handle the file watcher works with.
+    pub fn watch_context(&self) -> crate::watch::WatchContext {
+        crate::watch::WatchContext {
+            store: self.store.clone(),
+            writeback: self.writeback.clone(),
+            backend: self.backend.clone(),
+            changes_tx: self.changes_tx.clone(),
+        }
+    }
+
     /// GET: the value of a name, or of the name registered for an `op://` reference.
     pub fn lookup<R>(&self, target: &str, f: impl FnOnce(&[u8]) -> R) -> Result<R, String> {
         let name: std::borrow::Cow<'_, str> = if target.starts_with("op://") {

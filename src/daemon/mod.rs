@@ -177,7 +177,7 @@ impl Service {
         if !report.failed.is_empty() && !config.allow_missing {
             return Err(StartError::SecretsUnavailable(report.failure_summary()));
         }
-        let watcher = crate::watch::start(&config.watches, broker.clone(), config.watch.clone())
+        let watcher = crate::watch::start(&config.watches, broker.watch_context(), config.watch.clone())
             .await
             .map_err(StartError::Config)?;
         if let Some(path) = &config.pid_file {
