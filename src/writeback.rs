@@ -37,6 +37,10 @@ const RETRY: RetryPolicy =
 /// dropping a rotation is worse, but slowly, so it does not burn the account's quota.
 const RETRY_PERMANENT: RetryPolicy =
     RetryPolicy { attempts: u32::MAX, base: Duration::from_secs(5), max: Duration::from_secs(300) };
+/// How long an idle item worker waits after the first change before it writes: fields rotated
+/// together (an access and a refresh token) are captured a few milliseconds apart, and this
+/// lets one edit carry them all.
+const GATHER: Duration = Duration::from_millis(150);
 /// Pause before redoing a read-modify-write that met a concurrent edit.
 const CONFLICT_PAUSE: Duration = Duration::from_millis(100);
 /// Longest pause between retries while flushing at shutdown.
@@ -280,6 +284,12 @@ impl WriteBack {
 
     async fn work(self: Arc<Self>, queue: Arc<ItemQueue>) {
         loop {
+            let idle = !queue.lock().fields.values().any(|f| f.pending.is_some());
+            if idle {
+                // A submission made since the check left a permit: nothing is missed.
+                queue.wake.notified().await;
+            }
+            tokio::time::sleep(GATHER).await;
             // Every field change pending right now goes into this one read-modify-write.
             let jobs: Vec<(String, Pending)> = {
                 let mut state = queue.lock();
@@ -294,7 +304,6 @@ impl WriteBack {
                     .collect()
             };
             if jobs.is_empty() {
-                queue.wake.notified().await;
                 continue;
             }
             let writes: Vec<FieldWrite> = {

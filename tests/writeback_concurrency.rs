@@ -83,6 +83,7 @@ fn two_fields_rotated_within_50ms_cost_one_edit() {
         .start();
     let edits_before = successful_edits(&fake).len();
     write_file(&access, "A1");
+    std::thread::sleep(Duration::from_millis(40));
     write_file(&refresh, "R1");
     assert!(wait_store(&fake, "OAuth", "access", "A1"), "{}", fake.read_store());
     assert!(wait_store(&fake, "OAuth", "refresh", "R1"), "{}", fake.read_store());
