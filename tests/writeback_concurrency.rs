@@ -28,6 +28,26 @@ fn watch_arg(path: &Path, reference: &str) -> [String; 2] {
     ["--watch".into(), format!("{}={reference}", path.display())]
 }
 
+/// A daemon watching `file` for `reference`, with a short debounce.
+fn watching(dir: &TestDir, fake: &FakeOp, file: &Path, reference: &str) -> BrokerBuilder {
+    BrokerBuilder::new(dir, "daemon").fake_op(fake).args(watch_arg(file, reference)).args(["--debounce", "100ms"])
+}
+
+/// An OAuth item with an access and a refresh token, each watched in its own file.
+fn oauth_pair(tag: &str, debounce: &str) -> (TestDir, FakeOp, PathBuf, PathBuf, Broker) {
+    let dir = TestDir::new(tag);
+    let fake = FakeOp::new(&dir, json!({"Dev": {"OAuth": {"access": "A0", "refresh": "R0"}}}));
+    let (access, refresh) = (dir.join("creds/access"), dir.join("creds/refresh"));
+    let broker = BrokerBuilder::new(&dir, "daemon")
+        .fake_op(&fake)
+        .args(watch_arg(&access, "op://Dev/OAuth/access"))
+        .args(watch_arg(&refresh, "op://Dev/OAuth/refresh"))
+        .args(["--debounce", debounce])
+        .start();
+    assert_eq!(std::fs::read_to_string(&access).unwrap(), "A0");
+    (dir, fake, access, refresh, broker)
+}
+
 fn successful_edits(fake: &FakeOp) -> Vec<Json> {
     fake.calls_of(&["item", "edit"]).into_iter().filter(|c| c["exit"] == 0).collect()
 }
@@ -40,16 +60,7 @@ fn status(broker: &Broker) -> Json {
 
 #[test]
 fn two_fields_of_one_item_are_both_kept() {
-    let dir = TestDir::new("wbc-two");
-    let fake = FakeOp::new(&dir, json!({"Dev": {"OAuth": {"access": "A0", "refresh": "R0"}}}));
-    let (access, refresh) = (dir.join("creds/access"), dir.join("creds/refresh"));
-    let broker = BrokerBuilder::new(&dir, "daemon")
-        .fake_op(&fake)
-        .args(watch_arg(&access, "op://Dev/OAuth/access"))
-        .args(watch_arg(&refresh, "op://Dev/OAuth/refresh"))
-        .args(["--debounce", "100ms"])
-        .start();
-    assert_eq!(std::fs::read_to_string(&access).unwrap(), "A0");
+    let (_dir, fake, access, refresh, broker) = oauth_pair("wbc-two", "100ms");
     // Every op call takes 700 ms from here on, so both captures land while one write runs;
     // and no version check saves a read-modify-write that overwrites another.
     fake.control(json!({"delay_ms": 700, "no_version_check": true}));
@@ -72,15 +83,7 @@ fn two_fields_of_one_item_are_both_kept() {
 
 #[test]
 fn two_fields_rotated_within_50ms_cost_one_edit() {
-    let dir = TestDir::new("wbc-one");
-    let fake = FakeOp::new(&dir, json!({"Dev": {"OAuth": {"access": "A0", "refresh": "R0"}}}));
-    let (access, refresh) = (dir.join("creds/access"), dir.join("creds/refresh"));
-    let broker = BrokerBuilder::new(&dir, "daemon")
-        .fake_op(&fake)
-        .args(watch_arg(&access, "op://Dev/OAuth/access"))
-        .args(watch_arg(&refresh, "op://Dev/OAuth/refresh"))
-        .args(["--debounce", "200ms"])
-        .start();
+    let (_dir, fake, access, refresh, broker) = oauth_pair("wbc-one", "200ms");
     let edits_before = successful_edits(&fake).len();
     write_file(&access, "A1");
     std::thread::sleep(Duration::from_millis(40));
@@ -152,11 +155,7 @@ fn writes_after_the_watched_directory_is_deleted_and_made_again_are_stored() {
     let fake = FakeOp::new(&dir, json!({"Dev": {"OAuth": {"refresh": "C0"}}}));
     let config = dir.join("config");
     let file = config.join("creds.json");
-    let broker = BrokerBuilder::new(&dir, "daemon")
-        .fake_op(&fake)
-        .args(watch_arg(&file, "op://Dev/OAuth/refresh"))
-        .args(["--debounce", "100ms"])
-        .start();
+    let broker = watching(&dir, &fake, &file, "op://Dev/OAuth/refresh").start();
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "C0");
     std::fs::remove_dir_all(&config).unwrap();
     std::fs::create_dir(&config).unwrap();
@@ -200,11 +199,7 @@ fn a_watch_on_a_field_that_does_not_exist_yet_starts_and_creates_it() {
     let dir = TestDir::new("wbc-newf");
     let fake = FakeOp::new(&dir, json!({"Dev": {"oauth": {"client_id": "abc"}}}));
     let file = dir.join("creds/refresh_token");
-    let broker = BrokerBuilder::new(&dir, "daemon")
-        .fake_op(&fake)
-        .args(watch_arg(&file, "op://Dev/oauth/refresh_token"))
-        .args(["--debounce", "100ms"])
-        .start();
+    let broker = watching(&dir, &fake, &file, "op://Dev/oauth/refresh_token").start();
     assert!(!file.exists());
     write_file(&file, "first-refresh-token");
     assert!(wait_store(&fake, "oauth", "refresh_token", "first-refresh-token"), "{}", broker.stderr());
@@ -254,11 +249,7 @@ fn a_restart_with_a_stale_watched_file_keeps_1passwords_newer_value() {
         .unwrap();
     assert!(edit.status.success(), "{edit:?}");
     let edits_before = successful_edits(&fake).len();
-    let broker = BrokerBuilder::new(&dir, "daemon")
-        .fake_op(&fake)
-        .args(watch_arg(&file, "op://Dev/OAuth/refresh"))
-        .args(["--debounce", "100ms"])
-        .start();
+    let broker = watching(&dir, &fake, &file, "op://Dev/OAuth/refresh").start();
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(get(&fake.read_store(), "OAuth", "refresh").as_deref(), Some("rotated-elsewhere"));
     assert_eq!(successful_edits(&fake).len(), edits_before, "the stale file was written back");
@@ -276,11 +267,7 @@ fn a_watched_file_newer_than_1password_is_written_back_at_start() {
     std::fs::create_dir_all(file.parent().unwrap()).unwrap();
     // Rotated locally while op-bridge was down (the fake's item was last updated in 2024).
     std::fs::write(&file, "rotated-while-down").unwrap();
-    let _broker = BrokerBuilder::new(&dir, "daemon")
-        .fake_op(&fake)
-        .args(watch_arg(&file, "op://Dev/OAuth/refresh"))
-        .args(["--debounce", "100ms"])
-        .start();
+    let _broker = watching(&dir, &fake, &file, "op://Dev/OAuth/refresh").start();
     assert!(wait_store(&fake, "OAuth", "refresh", "rotated-while-down"));
 }
 
@@ -339,11 +326,7 @@ fn a_concurrent_edit_elsewhere_is_not_overwritten() {
     let dir = TestDir::new("wbc-conflict");
     let fake = FakeOp::new(&dir, json!({"Dev": {"OAuth": {"refresh": "R0", "note": "n0"}}}));
     let file = dir.join("creds/refresh");
-    let broker = BrokerBuilder::new(&dir, "daemon")
-        .fake_op(&fake)
-        .args(watch_arg(&file, "op://Dev/OAuth/refresh"))
-        .args(["--debounce", "100ms"])
-        .start();
+    let broker = watching(&dir, &fake, &file, "op://Dev/OAuth/refresh").start();
     // Another client edits the note between op-bridge's read of the item and its write.
     fake.control(json!({"concurrent_edit": {"item": "OAuth", "assign": "note=n1"}}));
     write_file(&file, "R1");
