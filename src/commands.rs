@@ -6,6 +6,7 @@ use std::io::{Read, Write};
 use zeroize::Zeroizing;
 
 use crate::backend::RetryPolicy;
+use crate::backend::op::RunAs;
 use crate::cli::{BrokerArgs, ClientArgs, RefreshArgs, SetArgs, StatusArgs};
 use crate::client::{Client, ClientError};
 use crate::daemon::broker::BrokerPolicy;
@@ -45,6 +46,7 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
             timeout: args.op_timeout,
             concurrency: usize::from(args.concurrency),
             retry: RetryPolicy { attempts: args.retries, ..RetryPolicy::default() },
+            user: args.op_user.as_ref().map(|u| RunAs { uid: u.uid, gid: u.gid, home: u.home.clone() }),
         },
         other => match other.strip_prefix("file:") {
             Some(path) if !path.is_empty() => BackendSpec::File(path.into()),
