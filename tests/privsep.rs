@@ -471,3 +471,24 @@ fn op_user_runs_op_under_that_uid_and_home() {
         assert_ne!(line, format!("{APP}:{APP}:/root"), "op kept op-bridge's HOME\n{shown}");
     }
 }
+
+/// Kubernetes `runAsUser: 1000` with an image whose entrypoint says `--user node`: op-bridge
+/// is not root, the uid is already right (the group need not be), nothing is switched.
+#[test]
+fn a_non_root_op_bridge_accepts_only_its_own_uid() {
+    let scene = Scene::new("psk");
+    scene.fake.control(json!({}));
+    chown_tree(scene.dir.path(), APP, APP);
+    let socket = scene.dir.join("s.sock");
+    let setpriv = ["setpriv", "--reuid", "1000", "--regid", "1234", "--clear-groups"];
+    let own = format!("{APP}:{APP}");
+    let output = scene.run(&setpriv, &socket, &scene.fake_op, &["--user", &own], &["sh", "-c", "echo uid=$(id -u) gid=$(id -g)"]);
+    let shown = describe(&output);
+    assert_eq!(output.status.code(), Some(0), "{shown}");
+    assert_eq!(field(&output, "uid"), "1000 gid=1234", "{shown}");
+
+    let output = scene.run(&setpriv, &socket, &scene.fake_op, &["--user", "1001"], &["true"]);
+    let shown = describe(&output);
+    assert_eq!(output.status.code(), Some(2), "{shown}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("needs op-bridge to run as root"), "{shown}");
+}

@@ -29,8 +29,8 @@ pub enum PrivsepError {
     UnknownGroup(String),
     #[error("cannot read {path}: {source}")]
     Read { path: &'static str, source: io::Error },
-    #[error("running as uid {uid} gid {gid} needs op-bridge to run as root (it runs as uid {ours})")]
-    NotRoot { uid: u32, gid: u32, ours: u32 },
+    #[error("running as uid {uid} needs op-bridge to run as root (it runs as uid {ours})")]
+    NotRoot { uid: u32, ours: u32 },
     #[error("cannot give uid {uid} the socket {path}: {source}")]
     Socket { path: PathBuf, uid: u32, source: io::Error },
     #[error(
@@ -153,9 +153,11 @@ impl Identity {
         Identity::resolve_in(spec, &read(PASSWD)?, &read(GROUP)?, nix::unistd::getgid().as_raw())
     }
 
-    /// Whether a process running as op-bridge already is this identity (nothing to drop).
+    /// Whether op-bridge already runs as this uid: then there is nothing to switch, as under
+    /// Kubernetes `runAsUser` or `docker run --user` with an image whose entrypoint says
+    /// `--user node`, whatever group the platform chose.
     pub fn is_current(&self) -> bool {
-        nix::unistd::getuid().as_raw() == self.uid && nix::unistd::getgid().as_raw() == self.gid
+        nix::unistd::getuid().as_raw() == self.uid
     }
 }
 
@@ -165,7 +167,7 @@ pub fn parse_user(spec: &str) -> Result<Identity, String> {
     let identity = Identity::resolve(spec).map_err(|e| e.to_string())?;
     let ours = nix::unistd::getuid().as_raw();
     if ours != 0 && !identity.is_current() {
-        return Err(PrivsepError::NotRoot { uid: identity.uid, gid: identity.gid, ours }.to_string());
+        return Err(PrivsepError::NotRoot { uid: identity.uid, ours }.to_string());
     }
     Ok(identity)
 }
@@ -180,9 +182,10 @@ pub struct Switch {
 }
 
 impl Switch {
-    /// None when there is nothing to change (op-bridge already runs as `identity`).
+    /// None when op-bridge is not root: [`parse_user`] then only let through its own uid,
+    /// and the command simply keeps op-bridge's identity.
     pub fn to(identity: &Identity) -> Option<Switch> {
-        (nix::unistd::getuid().as_raw() == 0 || !identity.is_current()).then(|| Switch {
+        (nix::unistd::getuid().as_raw() == 0).then(|| Switch {
             uid: identity.uid,
             gid: identity.gid,
             groups: identity.groups.clone(),
@@ -241,6 +244,9 @@ impl Checked<'_> {
 /// when op-bridge owns it and it holds nothing but the socket — the private directory
 /// op-bridge creates for it; any other directory is left alone and reported.
 pub fn grant_socket(socket: &Path, user: &Identity) -> Result<(), PrivsepError> {
+    if user.is_current() {
+        return Ok(()); // the socket is theirs already
+    }
     let socket_err = |source| PrivsepError::Socket { path: socket.to_path_buf(), uid: user.uid, source };
     // lchown: never follow a link someone may have put in the socket's place.
     std::os::unix::fs::lchown(socket, Some(user.uid), Some(user.gid)).map_err(socket_err)?;
