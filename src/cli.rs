@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::supervise::privsep::{Identity, parse_user};
+use crate::supervise::privsep::check_user_spec;
 
 /// The default socket path, shared with existing deployments.
 pub const DEFAULT_SOCKET: &str = "/tmp/op-bridge.sock";
@@ -175,8 +175,8 @@ pub struct BrokerArgs {
     pub request_timeout: Duration,
     /// Run `op` as this USER[:GROUP] (names or numbers; default: op-bridge's own uid), so
     /// neither the command nor op-bridge shares a uid with the processes holding the token.
-    #[arg(long, env = "OP_BRIDGE_OP_USER", value_name = "USER[:GROUP]", value_parser = parse_user)]
-    pub op_user: Option<Identity>,
+    #[arg(long, env = "OP_BRIDGE_OP_USER", value_name = "USER[:GROUP]", value_parser = check_user_spec)]
+    pub op_user: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -224,8 +224,8 @@ pub struct RunArgs {
     /// Run the command as USER[:GROUP] (names or numbers; supplementary groups from
     /// /etc/group, HOME from /etc/passwd) while op-bridge stays root; the socket is handed
     /// to that user.
-    #[arg(long, env = "OP_BRIDGE_USER", value_name = "USER[:GROUP]", value_parser = parse_user)]
-    pub user: Option<Identity>,
+    #[arg(long, env = "OP_BRIDGE_USER", value_name = "USER[:GROUP]", value_parser = check_user_spec)]
+    pub user: Option<String>,
     /// The command to supervise.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<OsString>,

@@ -15,6 +15,7 @@ use crate::daemon::listener::ServeOptions;
 use crate::daemon::{BackendSpec, BrokerConfig};
 use crate::locked::extend_zeroizing;
 use crate::protocol::{MAX_VALUE, Request};
+use crate::supervise::privsep::resolve_user;
 use crate::watch::{WatchOptions, WatchSpec};
 
 /// A client command's failure.
@@ -46,7 +47,10 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
             timeout: args.op_timeout,
             concurrency: usize::from(args.concurrency),
             retry: RetryPolicy { attempts: args.retries, ..RetryPolicy::default() },
-            user: args.op_user.as_ref().map(|u| RunAs { uid: u.uid, gid: u.gid, home: u.home.clone() }),
+            user: match &args.op_user {
+                Some(spec) => resolve_user(spec).map(|u| Some(RunAs { uid: u.uid, gid: u.gid, home: u.home }))?,
+                None => None,
+            },
         },
         other => match other.strip_prefix("file:") {
             Some(path) if !path.is_empty() => BackendSpec::File(path.into()),

@@ -38,7 +38,7 @@ me = os.getpid()
 found, op_pids, op_env_read, op_env_denied = [], set(), set(), set()
 counts = {"scans": 0, "environ_read": 0, "environ_denied": 0, "mem_read": 0, "refresh_failed": 0}
 
-def scan_mem(pid):
+def scan_mem(pid, cmdline):
     try:
         maps = open(f"/proc/{pid}/maps").read().splitlines()
         mem = open(f"/proc/{pid}/mem", "rb", buffering=0)
@@ -56,7 +56,7 @@ def scan_mem(pid):
             try:
                 mem.seek(start)
                 if needle in mem.read(end - start):
-                    found.append(["memory", pid, parts[-1]])
+                    found.append(["memory", pid, parts[-1], cmdline.decode(errors="replace")])
             except (OSError, OverflowError, ValueError):
                 pass
 
@@ -90,7 +90,7 @@ def scan():
             op_env_read.add(pid)
         if needle in environ:
             found.append(["environ", pid, cmdline.decode(errors="replace")])
-        scan_mem(pid)
+        scan_mem(pid, cmdline)
 
 for _ in range(rounds):
     refresh = subprocess.Popen([bridge, "refresh"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -238,6 +238,11 @@ impl Scene {
     }
 }
 
+/// Held while a scanner runs. Two scanners of the same uid would read each other's memory,
+/// and with it each other's needle: the one scanned second would then "find" the first's
+/// token in the second's heap.
+static SCANNING: Mutex<()> = Mutex::new(());
+
 /// `key=value` lines of the child's stdout.
 fn field(output: &Output, key: &str) -> String {
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -271,7 +276,9 @@ fn a_command_run_with_user_never_finds_the_token_yet_reads_its_secrets() {
     let socket = private.join("s.sock");
     let child = scene.child_script(&scene.fake_op);
     let user = format!("{APP}:{APP}");
+    let scanning = SCANNING.lock().unwrap_or_else(|e| e.into_inner());
     let output = scene.run(&[], &socket, &scene.fake_op, &["--user", &user], &["sh", child.to_str().unwrap()]);
+    drop(scanning);
     let shown = describe(&output);
     assert_eq!(output.status.code(), Some(0), "{shown}");
 
@@ -323,7 +330,9 @@ fn same_uid_run(tag: &str, mode: u32) -> (Output, Json) {
     let child = scene.child_script(&op);
     let socket = scene.dir.join("s.sock");
     let setpriv = ["setpriv", "--reuid", "1000", "--regid", "1000", "--clear-groups"];
+    let scanning = SCANNING.lock().unwrap_or_else(|e| e.into_inner());
     let output = scene.run(&setpriv, &socket, &op, &[], &["sh", child.to_str().unwrap()]);
+    drop(scanning);
     assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
     assert_eq!(field(&output, "uid"), APP.to_string());
     assert_eq!(field(&output, "get"), "sk-privsep-value");

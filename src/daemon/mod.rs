@@ -71,6 +71,9 @@ pub enum StartError {
     OpNotFound(String),
     #[error("{0}")]
     Config(String),
+    /// A command-line value that is well-formed but wrong here (an unknown `--user`).
+    #[error("{0}")]
+    Usage(String),
     #[error("required secrets could not be resolved: {0}")]
     SecretsUnavailable(String),
     #[error("cannot {action}: {source}")]

@@ -161,9 +161,20 @@ impl Identity {
     }
 }
 
-/// The clap value parser of `--user` and `--op-user`: an unknown user or group, or a switch
-/// op-bridge has not the privilege for, is a command-line error (exit 2).
-pub fn parse_user(spec: &str) -> Result<Identity, String> {
+/// The clap value parser of `--user` and `--op-user`: the shape only. Names are looked up
+/// when the broker starts ([`resolve_user`]), so parsing a command line never depends on the
+/// machine it is parsed on.
+pub fn check_user_spec(spec: &str) -> Result<String, String> {
+    let (user, group) = spec.split_once(':').unwrap_or((spec, "x"));
+    if user.is_empty() || group.is_empty() || group.contains(':') {
+        return Err(PrivsepError::Invalid(spec.to_string()).to_string());
+    }
+    Ok(spec.to_string())
+}
+
+/// Resolves `--user`/`--op-user` on this system: an unknown user or group, or a switch
+/// op-bridge has not the privilege for, is a usage error (exit 2).
+pub fn resolve_user(spec: &str) -> Result<Identity, String> {
     let identity = Identity::resolve(spec).map_err(|e| e.to_string())?;
     let ours = nix::unistd::getuid().as_raw();
     if ours != 0 && !identity.is_current() {
@@ -182,7 +193,7 @@ pub struct Switch {
 }
 
 impl Switch {
-    /// None when op-bridge is not root: [`parse_user`] then only let through its own uid,
+    /// None when op-bridge is not root: [`resolve_user`] then only let through its own uid,
     /// and the command simply keeps op-bridge's identity.
     pub fn to(identity: &Identity) -> Option<Switch> {
         (nix::unistd::getuid().as_raw() == 0).then(|| Switch {
@@ -413,6 +424,16 @@ mod tests {
             assert!(resolve(bad).is_err(), "{bad:?} accepted");
         }
         assert!(matches!(resolve("+nis"), Err(PrivsepError::UnknownUser(_))));
+    }
+
+    #[test]
+    fn the_command_line_checks_only_the_shape() {
+        for good in ["node", "1000", "1000:1000", "node:docker", "nobody-on-this-host"] {
+            assert_eq!(check_user_spec(good).as_deref(), Ok(good));
+        }
+        for bad in ["", ":", "node:", ":node", "a:b:c"] {
+            assert!(check_user_spec(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     fn meta_with_mode(dir: &Path, name: &str, mode: u32) -> std::fs::Metadata {
