@@ -35,7 +35,7 @@ import json, os, subprocess, sys
 needle = open(sys.argv[1], "rb").read().strip()
 bridge, rounds, op_path = sys.argv[2], int(sys.argv[3]), sys.argv[4].encode()
 me = os.getpid()
-found, op_pids, op_env_read, op_env_denied = [], set(), set(), set()
+found, op_pids, op_env_read, op_env_denied = set(), set(), set(), set()
 counts = {"scans": 0, "environ_read": 0, "environ_denied": 0, "mem_read": 0, "refresh_failed": 0}
 
 def scan_mem(pid, cmdline):
@@ -56,7 +56,7 @@ def scan_mem(pid, cmdline):
             try:
                 mem.seek(start)
                 if needle in mem.read(end - start):
-                    found.append(["memory", pid, parts[-1], cmdline.decode(errors="replace")])
+                    found.add(("memory", pid, parts[-1], cmdline.decode(errors="replace")))
             except (OSError, OverflowError, ValueError):
                 pass
 
@@ -75,7 +75,7 @@ def scan():
         if is_op:
             op_pids.add(pid)
         if needle in cmdline:
-            found.append(["cmdline", pid, cmdline.decode(errors="replace")])
+            found.add(("cmdline", pid, cmdline.decode(errors="replace")))
         try:
             environ = open(f"/proc/{pid}/environ", "rb").read()
         except PermissionError:
@@ -89,7 +89,7 @@ def scan():
         if is_op:
             op_env_read.add(pid)
         if needle in environ:
-            found.append(["environ", pid, cmdline.decode(errors="replace")])
+            found.add(("environ", pid, cmdline.decode(errors="replace")))
         scan_mem(pid, cmdline)
 
 for _ in range(rounds):
@@ -99,7 +99,7 @@ for _ in range(rounds):
     if refresh.returncode != 0:
         counts["refresh_failed"] += 1
 scan()
-print(json.dumps({"found": found, "op_pids": sorted(op_pids), "op_environ_read": sorted(op_env_read),
+print(json.dumps({"found": sorted(found), "op_pids": sorted(op_pids), "op_environ_read": sorted(op_env_read),
                   "op_environ_denied": sorted(op_env_denied), **counts}), flush=True)
 "#;
 
@@ -258,7 +258,10 @@ fn field(output: &Output, key: &str) -> String {
 fn scan_report(output: &Output) -> Json {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let line = stdout.lines().rev().find(|l| l.starts_with('{'));
-    serde_json::from_str(line.unwrap_or_else(|| panic!("no scan report\n{}", describe(output)))).unwrap()
+    let report: Json =
+        serde_json::from_str(line.unwrap_or_else(|| panic!("no scan report\n{}", describe(output)))).unwrap();
+    eprintln!("scan report: {report}");
+    report
 }
 
 fn count(report: &Json, key: &str) -> usize {
@@ -380,7 +383,11 @@ fn named_user() -> (u32, u32, u32) {
         check(Command::new("groupadd").arg(EXTRA_GROUP));
     }
     if !exists("passwd", NAMED_USER) {
-        check(Command::new("useradd").args(["-M", "-U", "-d", "/home/opbridge-ps", "-s", "/usr/sbin/nologin"]).arg(NAMED_USER));
+        check(
+            Command::new("useradd")
+                .args(["-M", "-U", "-d", "/home/opbridge-ps", "-s", "/usr/sbin/nologin"])
+                .arg(NAMED_USER),
+        );
     }
     check(Command::new("usermod").args(["-a", "-G", EXTRA_GROUP, NAMED_USER]));
     let id = |flag: &str| -> u32 {
@@ -491,7 +498,13 @@ fn a_non_root_op_bridge_accepts_only_its_own_uid() {
     let socket = scene.dir.join("s.sock");
     let setpriv = ["setpriv", "--reuid", "1000", "--regid", "1234", "--clear-groups"];
     let own = format!("{APP}:{APP}");
-    let output = scene.run(&setpriv, &socket, &scene.fake_op, &["--user", &own], &["sh", "-c", "echo uid=$(id -u) gid=$(id -g)"]);
+    let output = scene.run(
+        &setpriv,
+        &socket,
+        &scene.fake_op,
+        &["--user", &own],
+        &["sh", "-c", "echo uid=$(id -u) gid=$(id -g)"],
+    );
     let shown = describe(&output);
     assert_eq!(output.status.code(), Some(0), "{shown}");
     assert_eq!(field(&output, "uid"), "1000 gid=1234", "{shown}");

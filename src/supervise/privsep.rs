@@ -74,7 +74,12 @@ fn passwd_entries(text: &str) -> impl Iterator<Item = PasswdEntry<'_>> {
         if fields.len() < 7 || fields[0].is_empty() || fields[0].starts_with(['#', '+', '-']) {
             return None;
         }
-        Some(PasswdEntry { name: fields[0], uid: fields[2].parse().ok()?, gid: fields[3].parse().ok()?, home: fields[5] })
+        Some(PasswdEntry {
+            name: fields[0],
+            uid: fields[2].parse().ok()?,
+            gid: fields[3].parse().ok()?,
+            home: fields[5],
+        })
     })
 }
 
@@ -269,7 +274,8 @@ pub fn grant_socket(socket: &Path, user: &Identity) -> Result<(), PrivsepError> 
         if checked.can_search(&meta) {
             continue;
         }
-        let unreachable = || PrivsepError::Unreachable { socket: socket.to_path_buf(), dir: dir.to_path_buf(), uid: user.uid };
+        let unreachable =
+            || PrivsepError::Unreachable { socket: socket.to_path_buf(), dir: dir.to_path_buf(), uid: user.uid };
         if dir != parent || meta.uid() != nix::unistd::getuid().as_raw() || !holds_only(dir, socket.file_name()) {
             return Err(unreachable());
         }

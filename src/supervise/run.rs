@@ -276,7 +276,11 @@ pub async fn run(mut config: BrokerConfig, args: RunArgs) -> Result<u8, StartErr
     if let Some(user) = &user {
         config.serve.allow_uids.push(user.uid);
         if user.gid_defaulted && user.gid == 0 && user.uid != 0 {
-            tracing::warn!("--user {}: no passwd entry and no group given, so the command runs with gid 0 (as with gosu); give one: --user {}:GID", user.uid, user.uid);
+            tracing::warn!(
+                "--user {}: no passwd entry and no group given, so the command runs with gid 0 (as with gosu); give one: --user {}:GID",
+                user.uid,
+                user.uid
+            );
         }
     }
     if let BackendSpec::Op { path, user: op_user, .. } = &config.backend
