@@ -271,10 +271,12 @@ fn count(report: &Json, key: &str) -> usize {
 #[test]
 fn a_command_run_with_user_never_finds_the_token_yet_reads_its_secrets() {
     let scene = Scene::new("psu");
-    // The socket in a private, empty directory of root's: op-bridge must open it to the
-    // app's group (search only) for `get` to work.
+    // The socket in a private directory of root's that holds nothing else open to others:
+    // op-bridge must open it to the app's group (search only) for `get` to work.
     let private = scene.dir.join("private");
     std::fs::create_dir(&private).unwrap();
+    std::fs::write(private.join("owner-only"), b"x").unwrap();
+    chmod(&private.join("owner-only"), 0o600);
     chmod(&private, 0o700);
     let socket = private.join("s.sock");
     let child = scene.child_script(&scene.fake_op);
@@ -439,12 +441,14 @@ fn an_unknown_user_or_group_is_a_usage_error() {
 }
 
 #[test]
-fn a_socket_directory_the_user_cannot_search_is_refused_unless_it_is_ours_and_empty() {
+fn a_socket_directory_the_user_cannot_search_is_left_alone_when_opening_it_would_expose_more() {
     let scene = Scene::new("psd");
     scene.fake.control(json!({}));
     let shared = scene.dir.join("shared");
     std::fs::create_dir(&shared).unwrap();
+    // A file others may read: searching the directory would give the app its contents.
     std::fs::write(shared.join("other-file"), b"not the socket").unwrap();
+    chmod(&shared.join("other-file"), 0o644);
     chmod(&shared, 0o700);
     let user = format!("{APP}:{APP}");
     let output = scene.run(&[], &shared.join("s.sock"), &scene.fake_op, &["--user", &user], &["true"]);

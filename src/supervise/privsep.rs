@@ -257,8 +257,9 @@ impl Checked<'_> {
 /// Hands the bound socket to `user`: the socket file becomes theirs (mode 0600 stays, so
 /// nobody else gets through the file permissions), and every directory above it must let
 /// them search. The socket's own directory is opened to their group (search only, 0710)
-/// when op-bridge owns it and it holds nothing but the socket — the private directory
-/// op-bridge creates for it; any other directory is left alone and reported.
+/// when op-bridge owns it and searching it exposes nothing but the socket (every other
+/// entry is owner-only) — the private directory op-bridge creates for it. Any other
+/// directory (a home directory, say) is left alone and reported.
 pub fn grant_socket(socket: &Path, user: &Identity) -> Result<(), PrivsepError> {
     if user.is_current() {
         return Ok(()); // the socket is theirs already
@@ -276,7 +277,7 @@ pub fn grant_socket(socket: &Path, user: &Identity) -> Result<(), PrivsepError> 
         }
         let unreachable =
             || PrivsepError::Unreachable { socket: socket.to_path_buf(), dir: dir.to_path_buf(), uid: user.uid };
-        if dir != parent || meta.uid() != nix::unistd::getuid().as_raw() || !holds_only(dir, socket.file_name()) {
+        if dir != parent || meta.uid() != nix::unistd::getuid().as_raw() || !exposes_only(dir, socket.file_name()) {
             return Err(unreachable());
         }
         std::os::unix::fs::chown(dir, None, Some(user.gid)).map_err(socket_err)?;
@@ -286,17 +287,16 @@ pub fn grant_socket(socket: &Path, user: &Identity) -> Result<(), PrivsepError> 
     Ok(())
 }
 
-/// Whether `dir`'s only entry is `name`.
-fn holds_only(dir: &Path, name: Option<&OsStr>) -> bool {
+/// Whether search permission on `dir` would give access to nothing but the entry `name`:
+/// every other entry is owner-only (a symlink, mode 0777, never is).
+fn exposes_only(dir: &Path, name: Option<&OsStr>) -> bool {
     let Ok(entries) = std::fs::read_dir(dir) else { return false };
-    let mut seen = 0;
-    for entry in entries {
-        match entry {
-            Ok(entry) if Some(entry.file_name().as_os_str()) == name => seen += 1,
-            _ => return false,
-        }
-    }
-    seen == 1
+    entries.into_iter().all(|entry| {
+        entry.is_ok_and(|entry| {
+            Some(entry.file_name().as_os_str()) == name
+                || entry.metadata().is_ok_and(|meta| meta.permissions().mode() & 0o077 == 0)
+        })
+    })
 }
 
 /// What the start-up check found about the `op` binary.
