@@ -518,3 +518,21 @@ fn a_non_root_op_bridge_accepts_only_its_own_uid() {
     assert_eq!(output.status.code(), Some(2), "{shown}");
     assert!(String::from_utf8_lossy(&output.stderr).contains("needs op-bridge to run as root"), "{shown}");
 }
+
+/// gosu's rule for a bare uid with no passwd entry: op-bridge's own gid (root's, here), which
+/// op-bridge points out.
+#[test]
+fn a_bare_uid_without_a_group_gets_op_bridges_gid_and_a_warning() {
+    let scene = Scene::new("psg");
+    scene.fake.control(json!({}));
+    let uid = "4242";
+    assert!(!Command::new("getent").args(["passwd", uid]).output().unwrap().status.success(), "uid {uid} exists");
+    let socket = scene.dir.join("s.sock");
+    let script = "echo ids=$(id -u):$(id -g):$(id -G); echo home=$HOME";
+    let output = scene.run(&[], &socket, &scene.fake_op, &["--user", uid], &["sh", "-c", script]);
+    let shown = describe(&output);
+    assert_eq!(output.status.code(), Some(0), "{shown}");
+    assert_eq!(field(&output, "ids"), "4242:0:0", "{shown}");
+    assert_eq!(field(&output, "home"), "/", "{shown}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("runs with gid 0"), "{shown}");
+}
