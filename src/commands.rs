@@ -48,7 +48,14 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
             concurrency: usize::from(args.concurrency),
             retry: RetryPolicy { attempts: args.retries, ..RetryPolicy::default() },
             user: match &args.op_user {
-                Some(spec) => resolve_user(spec).map(|u| Some(RunAs { uid: u.uid, gid: u.gid, home: u.home }))?,
+                // Not root: resolve_user let only op-bridge's own uid through; nothing to switch.
+                Some(spec) => resolve_user(spec).map(|u| {
+                    (nix::unistd::getuid().is_root() || !u.is_current()).then_some(RunAs {
+                        uid: u.uid,
+                        gid: u.gid,
+                        home: u.home,
+                    })
+                })?,
                 None => None,
             },
         },

@@ -513,6 +513,11 @@ fn a_non_root_op_bridge_accepts_only_its_own_uid() {
     assert_eq!(output.status.code(), Some(0), "{shown}");
     assert_eq!(field(&output, "uid"), "1000 gid=1234", "{shown}");
 
+    // --op-user naming op-bridge's own uid switches nothing either (no setgid to a group
+    // op-bridge is not in).
+    let output = scene.run(&setpriv, &socket, &scene.fake_op, &["--op-user", &own], &["true"]);
+    assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
+
     let output = scene.run(&setpriv, &socket, &scene.fake_op, &["--user", "1001"], &["true"]);
     let shown = describe(&output);
     assert_eq!(output.status.code(), Some(2), "{shown}");
