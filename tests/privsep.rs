@@ -457,6 +457,22 @@ fn a_socket_directory_the_user_cannot_search_is_left_alone_when_opening_it_would
     assert!(String::from_utf8_lossy(&output.stderr).contains("is not searchable by it"), "{shown}");
     let meta = std::fs::metadata(&shared).unwrap();
     assert_eq!((meta.gid(), meta.permissions().mode() & 0o777), (0, 0o700), "the directory was changed");
+
+    // The socket's own directory could be opened, but one above it is closed: nothing changes.
+    let closed = scene.dir.join("closed");
+    let inner = closed.join("inner");
+    std::fs::create_dir_all(&inner).unwrap();
+    chmod(&inner, 0o700);
+    chmod(&closed, 0o700);
+    let output = scene.run(&[], &inner.join("s.sock"), &scene.fake_op, &["--user", &user], &["true"]);
+    let shown = describe(&output);
+    assert_eq!(output.status.code(), Some(125), "{shown}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains(&format!("directory {} is not", closed.display())),
+        "{shown}"
+    );
+    let meta = std::fs::metadata(&inner).unwrap();
+    assert_eq!((meta.gid(), meta.permissions().mode() & 0o777), (0, 0o700), "the inner directory was changed");
 }
 
 #[test]

@@ -270,19 +270,26 @@ pub fn grant_socket(socket: &Path, user: &Identity) -> Result<(), PrivsepError> 
     let checked = Checked { uid: user.uid, gid: user.gid, groups: &user.groups };
     let parent = socket.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let parent = std::fs::canonicalize(parent).map_err(socket_err)?;
+    let mut open_parent = false;
     for dir in parent.ancestors() {
         let meta = std::fs::metadata(dir).map_err(socket_err)?;
         if checked.can_search(&meta) {
             continue;
         }
-        let unreachable =
-            || PrivsepError::Unreachable { socket: socket.to_path_buf(), dir: dir.to_path_buf(), uid: user.uid };
         if dir != parent || meta.uid() != nix::unistd::getuid().as_raw() || !exposes_only(dir, socket.file_name()) {
-            return Err(unreachable());
+            return Err(PrivsepError::Unreachable {
+                socket: socket.to_path_buf(),
+                dir: dir.to_path_buf(),
+                uid: user.uid,
+            });
         }
-        std::os::unix::fs::chown(dir, None, Some(user.gid)).map_err(socket_err)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o710)).map_err(socket_err)?;
-        tracing::info!(dir = %dir.display(), gid = user.gid, "socket directory opened to the command's group (search only, 0710)");
+        open_parent = true;
+    }
+    // Only once every directory above is known to be searchable: a refused start changes nothing.
+    if open_parent {
+        std::os::unix::fs::chown(&parent, None, Some(user.gid)).map_err(socket_err)?;
+        std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o710)).map_err(socket_err)?;
+        tracing::info!(dir = %parent.display(), gid = user.gid, "socket directory opened to the command's group (search only, 0710)");
     }
     Ok(())
 }
