@@ -572,3 +572,43 @@ fn the_image_runs_op_bridge_as_root_the_app_as_node_and_op_execute_only() {
     let entrypoint = lines.iter().find(|l| l.starts_with("ENTRYPOINT ")).expect("an ENTRYPOINT");
     assert_eq!(*entrypoint, r#"ENTRYPOINT ["op-bridge", "run", "--user", "node", "--"]"#);
 }
+
+/// `--watch` under `--user`: op-bridge (root) writes the app's credential files, which must
+/// stay the app's — a root-owned 0600 file would lock the app out of its own OAuth token.
+#[test]
+fn a_watched_file_written_by_a_root_op_bridge_stays_the_users() {
+    let scene = Scene::new("psw");
+    scene.fake.control(json!({}));
+    let home = scene.dir.join("home");
+    std::fs::create_dir(&home).unwrap();
+    chown(&home, APP, APP);
+    chmod(&home, 0o700);
+    let creds = home.join("creds.json");
+    let socket = scene.dir.join("s.sock");
+    let user = format!("{APP}:{APP}");
+    let watch = format!("{}=CREDS=op://AI/OpenAI/credential", creds.display());
+    let script =
+        format!("echo read=$(cat {0}); echo owner=$(stat -c %u:%g:%a {0}); printf rotated > {0}", creds.display());
+    let output = scene.run(&[], &socket, &scene.fake_op, &["--user", &user, "--watch", &watch], &["sh", "-c", &script]);
+    let shown = describe(&output);
+    assert_eq!(output.status.code(), Some(0), "{shown}");
+    assert_eq!(field(&output, "read"), "sk-privsep-value", "{shown}");
+    assert_eq!(field(&output, "owner"), format!("{APP}:{APP}:600"), "{shown}");
+    assert_eq!(std::fs::read_to_string(&creds).unwrap(), "rotated", "{shown}");
+}
+
+/// Replacing a file keeps its owner as well as its mode (op-bridge as root rewriting a file
+/// of the app's when a refresh changes a watched value).
+#[test]
+fn an_atomic_rewrite_keeps_the_files_owner() {
+    require_root();
+    let dir = TestDir::new("psa");
+    let path = dir.join("creds.json");
+    std::fs::write(&path, b"old").unwrap();
+    chown(&path, 4242, 4343);
+    chmod(&path, 0o640);
+    op_bridge::backend::file::write_atomic(&path, b"new", Some(0o600)).unwrap();
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!((meta.uid(), meta.gid(), meta.permissions().mode() & 0o777), (4242, 4343, 0o640));
+    assert_eq!(std::fs::read(&path).unwrap(), b"new");
+}
