@@ -8,6 +8,8 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::supervise::privsep::check_user_spec;
+
 /// The default socket path, shared with existing deployments.
 pub const DEFAULT_SOCKET: &str = "/tmp/op-bridge.sock";
 
@@ -175,6 +177,10 @@ pub struct BrokerArgs {
     /// A request must be complete this long after its first byte.
     #[arg(long, env = "OP_BRIDGE_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
+    /// Run `op` as this USER[:GROUP] (names or numbers; default: op-bridge's own uid), so
+    /// neither the command nor op-bridge shares a uid with the processes holding the token.
+    #[arg(long, env = "OP_BRIDGE_OP_USER", value_name = "USER[:GROUP]", value_parser = check_user_spec)]
+    pub op_user: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -219,6 +225,11 @@ pub struct RunArgs {
     /// SIGHUP: refresh secrets, forward to the child, or both.
     #[arg(long, env = "OP_BRIDGE_HUP", value_enum, default_value_t = HupMode::Refresh)]
     pub hup: HupMode,
+    /// Run the command as USER[:GROUP] (names or numbers; supplementary groups from
+    /// /etc/group, HOME from /etc/passwd) while op-bridge stays root; the socket is handed
+    /// to that user.
+    #[arg(long, env = "OP_BRIDGE_USER", value_name = "USER[:GROUP]", value_parser = check_user_spec)]
+    pub user: Option<String>,
     /// The command to supervise.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<OsString>,

@@ -6,6 +6,7 @@ use std::io::{Read, Write};
 use zeroize::Zeroizing;
 
 use crate::backend::RetryPolicy;
+use crate::backend::op::RunAs;
 use crate::cli::{BrokerArgs, ClientArgs, RefreshArgs, SetArgs, StatusArgs};
 use crate::client::{Client, ClientError};
 use crate::daemon::broker::BrokerPolicy;
@@ -14,6 +15,7 @@ use crate::daemon::listener::ServeOptions;
 use crate::daemon::{BackendSpec, BrokerConfig};
 use crate::locked::extend_zeroizing;
 use crate::protocol::{MAX_VALUE, Request};
+use crate::supervise::privsep::resolve_user;
 use crate::watch::{WatchOptions, WatchSpec};
 
 /// A client command's failure.
@@ -45,6 +47,17 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
             timeout: args.op_timeout,
             concurrency: usize::from(args.concurrency),
             retry: RetryPolicy { attempts: args.retries, ..RetryPolicy::default() },
+            user: match &args.op_user {
+                // Not root: resolve_user let only op-bridge's own uid through; nothing to switch.
+                Some(spec) => resolve_user(spec).map(|u| {
+                    (nix::unistd::getuid().is_root() || !u.is_current()).then_some(RunAs {
+                        uid: u.uid,
+                        gid: u.gid,
+                        home: u.home,
+                    })
+                })?,
+                None => None,
+            },
         },
         other => match other.strip_prefix("file:") {
             Some(path) if !path.is_empty() => BackendSpec::File(path.into()),

@@ -16,8 +16,8 @@
 //!   error classification and retry policy.
 //! - [`daemon`]: the broker, the socket listener (bind, peer check, limits), connections,
 //!   the audit log, and `op-bridge daemon`.
-//! - [`supervise`]: the reaper (the only `waitpid`), spawning and signal forwarding, and
-//!   `op-bridge run`.
+//! - [`supervise`]: the reaper (the only `waitpid`), spawning and signal forwarding,
+//!   `op-bridge run`, and privilege separation (`run --user`, `--op-user`, the `op` mode check).
 //! - [`watch`]: credential-file watching (capture, debounce, materialization);
 //!   [`writeback`]: the per-target write-back queue that never drops a rotation.
 //! - [`hardening`]: no dumps, not dumpable, memlock reporting.

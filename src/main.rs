@@ -74,6 +74,7 @@ where
             tracing::error!("{err}");
             ExitCode::from(match err {
                 StartError::SecretsUnavailable(_) => exit::SECRETS_UNAVAILABLE,
+                StartError::Usage(_) => exit::USAGE,
                 _ => exit::START_FAILED,
             })
         }

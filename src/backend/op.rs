@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -46,6 +47,16 @@ pub struct OpOptions {
     /// Most `op` processes running at once.
     pub concurrency: usize,
     pub retry: RetryPolicy,
+    /// `--op-user`: run `op` under this uid/gid (None: op-bridge's own).
+    pub user: Option<RunAs>,
+}
+
+/// The identity `op` processes run as, with the home directory its configuration lives in.
+#[derive(Debug, Clone)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
 }
 
 pub struct OpCli {
@@ -72,6 +83,10 @@ impl OpCli {
             .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // privsep (--op-user): op runs under its own uid, its config under that user's HOME.
+        if let Some(user) = &self.options.user {
+            command.uid(user.uid).gid(user.gid).env("HOME", &user.home);
+        }
         let (mut child, process) = self.reaper.spawn(&mut command).map_err(|err| {
             BackendError::new(ErrorKind::Invalid, format!("cannot run {}: {err}", self.options.path.display()))
         })?;

@@ -18,7 +18,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::file::FileVault;
-use crate::backend::op::{OpCli, OpOptions};
+use crate::backend::op::{OpCli, OpOptions, RunAs};
 use crate::backend::{Backend, ErrorKind, RetryPolicy};
 use crate::protocol::normalize_name;
 use crate::reference::SecretRef;
@@ -39,6 +39,8 @@ pub enum BackendSpec {
         timeout: Duration,
         concurrency: usize,
         retry: RetryPolicy,
+        /// `--op-user`: who `op` runs as (None: op-bridge's own uid).
+        user: Option<RunAs>,
     },
     File(PathBuf),
 }
@@ -69,6 +71,9 @@ pub enum StartError {
     OpNotFound(String),
     #[error("{0}")]
     Config(String),
+    /// A command-line value that is well-formed but wrong here (an unknown `--user`).
+    #[error("{0}")]
+    Usage(String),
     #[error("required secrets could not be resolved: {0}")]
     SecretsUnavailable(String),
     #[error("cannot {action}: {source}")]
@@ -100,12 +105,13 @@ pub fn discover(env: impl IntoIterator<Item = (String, String)>, prefix: &str, s
 fn build_backend(spec: &BackendSpec, reaper: &Reaper) -> Result<Arc<dyn Backend>, StartError> {
     Ok(match spec {
         BackendSpec::File(path) => Arc::new(FileVault::new(path.clone())),
-        BackendSpec::Op { path, timeout, concurrency, retry } => {
+        BackendSpec::Op { path, timeout, concurrency, retry, user } => {
             let path = match path {
                 Some(path) => path.clone(),
                 None => which::which("op").map_err(|e| StartError::OpNotFound(e.to_string()))?,
             };
-            let options = OpOptions { path, timeout: *timeout, concurrency: *concurrency, retry: *retry };
+            let options =
+                OpOptions { path, timeout: *timeout, concurrency: *concurrency, retry: *retry, user: user.clone() };
             Arc::new(OpCli::new(options, reaper.clone()))
         }
     })

@@ -8,6 +8,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
 
+use super::privsep::{Identity, Switch};
 use super::reaper::{Process, Reaper};
 
 /// Why the command could not be started.
@@ -54,21 +55,28 @@ pub fn owns_terminal() -> bool {
 /// Spawns `argv` with exactly `env`, through the reaper. With `terminal` (op-bridge owned the
 /// terminal's foreground when the first command started), the command joins op-bridge's
 /// session in a group of its own and takes the foreground, even from a predecessor that
-/// still holds it after exiting; otherwise it gets a session of its own.
+/// still holds it after exiting; otherwise it gets a session of its own. With `user`
+/// (`run --user`) the command runs as that user, with `HOME` from its passwd entry.
 pub fn spawn(
     reaper: &Reaper,
     argv: &[OsString],
     env: &[(OsString, OsString)],
     terminal: bool,
+    user: Option<&Identity>,
 ) -> Result<Process, SpawnError> {
     let program = argv.first().ok_or_else(|| SpawnError::NotFound(String::new()))?;
     let path = locate(program, env)?;
     let mut command = Command::new(&path);
     command.arg0(program).args(&argv[1..]).env_clear().envs(env.iter().map(|(k, v)| (k, v)));
+    if let Some(user) = user {
+        // gosu's rule: HOME is the user's, whatever the environment said.
+        command.env("HOME", &user.home);
+    }
+    let switch = user.and_then(Switch::to);
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
-    // (setpgid, setsid, sigprocmask, tcsetpgrp, signal, getpid).
+    // (setpgid, setsid, sigprocmask, tcsetpgrp, signal, getpid, setgroups, setgid, setuid).
     unsafe {
-        command.pre_exec(move || prepare_child(terminal));
+        command.pre_exec(move || prepare_child(terminal, switch.as_ref()));
     }
     let shown = program.to_string_lossy().into_owned();
     match reaper.spawn(&mut command) {
@@ -83,7 +91,7 @@ const KERNEL_SIGNALS: libc::c_int = 64;
 const KERNEL_SIGSET_BYTES: libc::size_t = 8;
 
 /// Runs in the child between fork and exec.
-fn prepare_child(terminal: bool) -> io::Result<()> {
+fn prepare_child(terminal: bool, switch: Option<&Switch>) -> io::Result<()> {
     // SAFETY: plain syscalls on the current process; all async-signal-safe.
     unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
@@ -122,6 +130,10 @@ fn prepare_child(terminal: bool) -> io::Result<()> {
         let mut none: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+    }
+    // Last, so everything above still runs with op-bridge's privileges (tcsetpgrp, setsid).
+    if let Some(switch) = switch {
+        switch.apply()?;
     }
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! Process supervision: the reaper (the one `waitpid`), spawning, signals and the init loop
-//! of `op-bridge run`. Nothing outside this module calls `waitpid` or `kill`.
+//! of `op-bridge run`, and privilege separation (`run --user`). Nothing outside this module
+//! calls `waitpid` or `kill`.
 
 pub mod child;
+pub mod privsep;
 pub mod reaper;
 pub mod run;
 

@@ -23,9 +23,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::child::{self, SpawnError};
+use super::privsep::{self, Identity};
 use super::reaper::{Exit, Process, Reaper};
 use crate::cli::{HupMode, RunArgs};
-use crate::daemon::{BrokerConfig, Service, StartError, utf8_env};
+use crate::daemon::{BackendSpec, BrokerConfig, Service, StartError, utf8_env};
 
 /// Signals forwarded to the child. SIGCHLD is the reaper's; SIGKILL and SIGSTOP cannot be
 /// caught; SIGPIPE, SIGSEGV, SIGBUS, SIGFPE and SIGILL are about op-bridge itself.
@@ -208,9 +209,10 @@ fn spawn_command(
     child_env: &ChildEnv,
     service: &Service,
     terminal: bool,
+    user: Option<&Identity>,
 ) -> Result<Result<Process, SpawnError>, StartError> {
     let env = child_env.build(service).map_err(StartError::SecretsUnavailable)?;
-    Ok(child::spawn(reaper, &args.command, &env, terminal))
+    Ok(child::spawn(reaper, &args.command, &env, terminal, user))
 }
 
 fn absolute(path: &std::path::Path) -> std::path::PathBuf {
@@ -252,7 +254,7 @@ impl Supervised {
 }
 
 /// Runs the init; returns op-bridge's exit code.
-pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> {
+pub async fn run(mut config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> {
     let config_err = |e: String| StartError::Config(e);
     let on_change: OnChange = args.on_change.parse().map_err(config_err)?;
     let io_err = |action: &str| {
@@ -268,6 +270,25 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
 
     let child_env = ChildEnv::new(&args, &config).map_err(config_err)?;
 
+    // Privilege separation (--user): the command's uid may connect; tell once at start when
+    // it could read the token from the environment of the `op` processes.
+    let user = args.user.as_deref().map(privsep::resolve_user).transpose().map_err(StartError::Usage)?;
+    if let Some(user) = &user {
+        config.serve.allow_uids.push(user.uid);
+        if user.gid_defaulted && user.gid == 0 && user.uid != 0 {
+            tracing::warn!(
+                "--user {}: no passwd entry and no group given, so the command runs with gid 0 (as with gosu); give one: --user {}:GID",
+                user.uid,
+                user.uid
+            );
+        }
+    }
+    if let BackendSpec::Op { path, user: op_user, .. } = &config.backend
+        && let Some(op) = path.clone().or_else(|| which::which("op").ok())
+    {
+        privsep::warn_if_op_exposed(&op, op_user.as_ref().map(|u| (u.uid, u.gid)), user.as_ref().map(|u| u.uid));
+    }
+
     // Resolve secrets, but let a stop signal abort a slow start-up.
     let service = tokio::select! {
         started = Service::start(&config, &reaper, utf8_env()) => Arc::new(started?),
@@ -276,6 +297,9 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
             return Ok(u8::try_from(128 + number).unwrap_or(255));
         }
     };
+    if let Some(user) = &user {
+        privsep::grant_socket(service.socket_path(), user).map_err(|e| config_err(e.to_string()))?;
+    }
     let shutdown = CancellationToken::new();
     let server = {
         let service = service.clone();
@@ -287,7 +311,7 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
     // Decided once: a restarted command takes the terminal back from its predecessor.
     let terminal = child::owns_terminal();
     let outcome = async {
-        let process = match spawn_command(&reaper, &args, &child_env, &service, terminal)? {
+        let process = match spawn_command(&reaper, &args, &child_env, &service, terminal, user.as_ref())? {
             Ok(process) => process,
             Err(err) => {
                 tracing::error!("{err}");
@@ -323,7 +347,7 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
                 exit = child.process.wait() => {
                     if restarting && !stopping {
                         reap_group(&child.process, args.grace).await;
-                        let process = match spawn_command(&reaper, &args, &child_env, &service, terminal)? {
+                        let process = match spawn_command(&reaper, &args, &child_env, &service, terminal, user.as_ref())? {
                             Ok(process) => process,
                             Err(err) => {
                                 tracing::error!("restart failed: {err}");
