@@ -138,6 +138,9 @@ pub enum ProtocolError {
     BadFrame(String),
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
+    /// The server's budget of bytes in flight is spent; the frame was not read.
+    #[error("busy: too many bytes in flight; retry later")]
+    Busy,
 }
 
 impl ProtocolError {
@@ -270,6 +273,18 @@ pub async fn read_request<R: AsyncBufRead + Unpin>(
     version: Version,
     line: &mut Zeroizing<Vec<u8>>,
 ) -> Result<Option<Request>, ProtocolError> {
+    read_request_admitting(reader, version, line, &mut |_| true).await
+}
+
+/// [`read_request`], asking `admit(len)` before a framed value of `len` bytes is read into
+/// memory. A refusal is [`ProtocolError::Busy`]: the frame is left unread, so the
+/// connection cannot be resynchronised and must be closed.
+pub async fn read_request_admitting<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    version: Version,
+    line: &mut Zeroizing<Vec<u8>>,
+    admit: &mut (dyn FnMut(usize) -> bool + Send),
+) -> Result<Option<Request>, ProtocolError> {
     if !read_line(reader, line).await? {
         return Ok(None);
     }
@@ -313,6 +328,9 @@ pub async fn read_request<R: AsyncBufRead + Unpin>(
                     let (head, len) = rest.trim_end().rsplit_once(' ').unwrap_or(("", rest));
                     let len =
                         len.parse::<u64>().map_err(|_| ProtocolError::BadFrame("usage: SET NAME URI <len>".into()))?;
+                    if len <= MAX_VALUE as u64 && !admit(len as usize) {
+                        return Err(ProtocolError::Busy);
+                    }
                     let value = read_frame(reader, len).await?;
                     (head.split_once(' ').unwrap_or((head, "")), value)
                 }
@@ -373,37 +391,35 @@ pub enum Response<'a> {
 }
 
 /// Appends one encoded reply to `out`. Values are framed in version 2; in version 1 a value
-/// that cannot be sent on one line becomes an ERR (never a truncated value).
+/// that cannot be sent on one line becomes an ERR (never a truncated value). When `out` must
+/// grow, its old allocation is wiped first (it may hold earlier values of a pipeline).
 pub fn encode_response(out: &mut Vec<u8>, response: &Response<'_>, version: Version) {
     match response {
-        Response::Ok => out.extend_from_slice(b"OK\n"),
-        Response::Text(text) => {
-            out.extend_from_slice(b"OK ");
-            out.extend_from_slice(one_line(text).as_bytes());
-            out.push(b'\n');
-        }
-        Response::Err(text) => {
-            out.extend_from_slice(b"ERR ");
-            out.extend_from_slice(one_line(text).as_bytes());
-            out.push(b'\n');
-        }
+        Response::Ok => append(out, &[b"OK\n"]),
+        Response::Text(text) => append(out, &[b"OK ", one_line(text).as_bytes(), b"\n"]),
+        Response::Err(text) => append(out, &[b"ERR ", one_line(text).as_bytes(), b"\n"]),
         Response::Value(value) => match version {
-            Version::V2 => {
-                out.reserve(value.len() + 24);
-                out.extend_from_slice(format!("OK {}\n", value.len()).as_bytes());
-                out.extend_from_slice(value);
-                out.push(b'\n');
-            }
+            Version::V2 => append(out, &[format!("OK {}\n", value.len()).as_bytes(), value, b"\n"]),
             Version::V1 if value.iter().any(|b| matches!(b, b'\r' | b'\n' | 0)) => {
-                out.extend_from_slice(b"ERR value contains a line break or NUL byte; use HELLO 2 for framed values\n");
+                append(out, &[b"ERR value contains a line break or NUL byte; use HELLO 2 for framed values\n"])
             }
-            Version::V1 => {
-                out.reserve(value.len() + 4);
-                out.extend_from_slice(b"OK ");
-                out.extend_from_slice(value);
-                out.push(b'\n');
-            }
+            Version::V1 => append(out, &[b"OK ", value, b"\n"]),
         },
+    }
+}
+
+/// Appends `parts` to `out`, growing it at most once and wiping the allocation it leaves.
+fn append(out: &mut Vec<u8>, parts: &[&[u8]]) {
+    let wanted = out.len() + parts.iter().map(|p| p.len()).sum::<usize>();
+    if wanted > out.capacity() {
+        let mut grown = Vec::with_capacity(wanted.next_power_of_two().max(256));
+        grown.extend_from_slice(out);
+        // `Vec::zeroize` wipes the whole capacity, then the old allocation is freed.
+        zeroize::Zeroize::zeroize(out);
+        *out = grown;
+    }
+    for part in parts {
+        out.extend_from_slice(part);
     }
 }
 
