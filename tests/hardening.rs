@@ -136,7 +136,15 @@ fn the_audit_log_has_a_line_for_every_request_and_no_value() {
     );
     // One client command: its pipelined HELLO and the request.
     assert!(broker.client(&["ping"], None).status.success());
-    let text = std::fs::read_to_string(&audit).unwrap();
+    // The audit log is written by a background thread (non-blocking): wait for the last line.
+    let mut text = String::new();
+    let complete = common::eventually(Duration::from_secs(10), || {
+        text = std::fs::read_to_string(&audit).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        lines.iter().filter(|l| l.contains(r#""command":"HELLO""#)).count() >= 2
+            && lines.last().is_some_and(|l| l.contains(r#""command":"PING""#))
+    });
+    assert!(complete, "{text}");
     let all: Vec<Json> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     // The harness's readiness probes come first.
     let probes = all.iter().take_while(|l| l["command"] == "PING").count();
