@@ -302,6 +302,7 @@ fn client_refreshes_are_coalesced_and_rate_limited_but_sighup_is_not() {
     assert!(replies.iter().all(|r| r.starts_with("OK refreshed 4")), "{replies:?}");
     assert!(replies.iter().any(|r| r.contains("result of a refresh")), "reused results must say so: {replies:?}");
     let spent = fake.calls().len() - per_pass;
+    eprintln!("measured: 60 client REFRESH cost {spent} op calls; one refresh costs {per_pass}");
     assert!(spent <= 2 * per_pass, "60 REFRESH cost {spent} op calls ({per_pass} per refresh)");
 
     // SIGHUP is the operator's: never limited.
@@ -358,6 +359,8 @@ fn many_large_frames_stay_within_the_budget_and_ping_still_answers() {
     let after = raw_exchange(&broker.socket, b"PING\n", LIMIT).unwrap();
     assert_eq!(after, b"OK pong\n", "PING after the flood");
     let hwm = vm_hwm_kb(broker.pid());
+    let busy = replies.iter().filter(|r| r.contains("busy")).count();
+    eprintln!("measured: 300 x 1 MiB SET frames: VmHWM {} kB, {busy} refused as busy", hwm);
     assert!(hwm < 128 * 1024, "op-bridge's peak RSS was {} MB", hwm / 1024);
 }
 
@@ -393,13 +396,22 @@ fn no_copy_of_a_value_remains_after_gets_and_delete() {
     let backend = file_vault(&dir, json!({"dev": {"api": {"key": value}}}));
     let broker = BrokerBuilder::new(&dir, "daemon").arg(&backend).env("OP_API_REF", "op://dev/api/key").start();
 
-    let mut pipeline = String::from("HELLO 2\n");
-    for _ in 0..600 {
-        pipeline.push_str("GET API\n");
-    }
-    let replies = raw_exchange(&broker.socket, pipeline.as_bytes(), LIMIT).unwrap();
+    // 600 pipelined GETs in version 1, and eight connections pipelining 600 each in
+    // version 2 at once (how an OpenClaw batch and its neighbours arrive).
+    let replies = raw_exchange(&broker.socket, "GET API\n".repeat(600).as_bytes(), LIMIT).unwrap();
     let served = replies.windows(value.len()).filter(|w| *w == value.as_bytes()).count();
     assert_eq!(served, 600);
+    let parallel: Vec<_> = (0..8)
+        .map(|_| {
+            let socket = broker.socket.clone();
+            let pipeline = format!("HELLO 2\n{}", "GET API\n".repeat(600));
+            std::thread::spawn(move || raw_exchange(&socket, pipeline.as_bytes(), LIMIT).unwrap())
+        })
+        .collect();
+    for handle in parallel {
+        let replies = handle.join().unwrap();
+        assert_eq!(replies.windows(value.len()).filter(|w| *w == value.as_bytes()).count(), 600);
+    }
     let batch = br#"{"protocolVersion":1,"provider":"op","ids":["API","dev/api/key","API"]}"#;
     let out = broker.client(&["get"], Some(batch));
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains(&value), "{}", describe(&out));
@@ -409,6 +421,7 @@ fn no_copy_of_a_value_remains_after_gets_and_delete() {
     let out = broker.client(&["delete", "API"], None);
     assert!(out.status.success(), "{}", describe(&out));
     let left = copies_in_memory(broker.pid(), value.as_bytes());
+    eprintln!("measured: copies of the value in op-bridge's memory: {held} while held, {left} after DELETE");
     assert_eq!(left, 0, "{left} copies of the value remain in op-bridge's memory after DELETE");
 }
 
@@ -458,6 +471,7 @@ fn a_stalled_stderr_never_stops_the_broker_or_the_init() {
     let status = raw_exchange(&socket, b"STATUS\n", LIMIT).unwrap();
     let status: serde_json::Value = serde_json::from_slice(&status[3..]).unwrap();
     assert!(status["logging"]["dropped"].as_u64().unwrap() > 0, "dropped lines must be counted: {status}");
+    eprintln!("measured: 4,000 PINGs with stderr stalled; STATUS logging = {}", status["logging"]);
     let _ = daemon.kill();
     let _ = daemon.wait();
 
