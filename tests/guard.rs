@@ -181,7 +181,11 @@ with_daemon "setpriv --reuid 1000 --regid 1000 --clear-groups" 'echo "uid1000: $
     let out = in_private_run(&script);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", describe(&out));
-    assert!(text.contains("root: 700 root socket"), "as root: /run/op-bridge 0700 holding the socket\n{}", describe(&out));
+    assert!(
+        text.contains("root: 700 root socket"),
+        "as root: /run/op-bridge 0700 holding the socket\n{}",
+        describe(&out)
+    );
     assert!(text.contains("xdg: socket"), "$XDG_RUNTIME_DIR wins\n{}", describe(&out));
     assert!(
         text.contains("uid1000: socket 1000 run-dir:0"),
@@ -269,10 +273,8 @@ fn allow_uid_lets_exactly_the_listed_uids_read() {
 #[test]
 fn client_refreshes_are_coalesced_and_rate_limited_but_sighup_is_not() {
     let dir = TestDir::new("g-refresh");
-    let fake = FakeOp::new(
-        &dir,
-        json!({"Private": {"A": {"key": "a"}, "B": {"key": "b"}, "C": {"user": "u", "pass": "p"}}}),
-    );
+    let fake =
+        FakeOp::new(&dir, json!({"Private": {"A": {"key": "a"}, "B": {"key": "b"}, "C": {"user": "u", "pass": "p"}}}));
     // Slow enough that the parallel REFRESHes arrive while one is running.
     fake.control(json!({"delay_ms": 300}));
     let broker = BrokerBuilder::new(&dir, "daemon")

@@ -66,7 +66,8 @@ fn secrets_are_in_locked_memory_under_the_default_limit() {
     broker.wait_ready(Duration::from_secs(20));
     let locked_kb = status_field(broker.pid(), "VmLck:");
     assert!(locked_kb >= 3 * 4, "VmLck {locked_kb} kB\n{}", broker.stderr());
-    let status: Json = serde_json::from_slice(&broker.client(&["status", "--json", "--server-uid", NOBODY], None).stdout).unwrap();
+    let status: Json =
+        serde_json::from_slice(&broker.client(&["status", "--json", "--server-uid", NOBODY], None).stdout).unwrap();
     assert!(status["memory"]["locked_bytes"].as_u64().unwrap() >= 5 * 4096, "{status}");
     assert_eq!(status["memory"]["unlocked_bytes"], 0);
     assert!(!broker.stderr().contains("could not lock"));

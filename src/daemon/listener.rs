@@ -119,7 +119,9 @@ fn prepare_run_dir(dir: &Path) -> Result<(), BindError> {
         Ok(meta) if meta.uid() != nix::unistd::geteuid().as_raw() && meta.uid() != 0 => {
             Err(unsafe_dir(format!("it belongs to uid {}", meta.uid())))
         }
-        Ok(meta) if meta.mode() & 0o022 != 0 => Err(unsafe_dir(format!("it is writable by others (mode {:o})", meta.mode() & 0o7777))),
+        Ok(meta) if meta.mode() & 0o022 != 0 => {
+            Err(unsafe_dir(format!("it is writable by others (mode {:o})", meta.mode() & 0o7777)))
+        }
         Ok(_) => Ok(()),
     }
 }

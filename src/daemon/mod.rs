@@ -136,9 +136,8 @@ impl Service {
         let socket = listener::bind_allowing(&config.socket, &config.serve.allow_uids)?;
         let audit =
             match &config.audit_log {
-                Some(path) => Some(Arc::new(AuditLog::open(path, config.audit_log_strict).map_err(|source| StartError::Io {
-                    action: format!("open audit log {}", path.display()),
-                    source,
+                Some(path) => Some(Arc::new(AuditLog::open(path, config.audit_log_strict).map_err(|source| {
+                    StartError::Io { action: format!("open audit log {}", path.display()), source }
                 })?)),
                 None => None,
             };
