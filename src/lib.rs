@@ -17,7 +17,7 @@
 //! - [`backend`]: the `Backend` trait with the `op` CLI and JSON-file implementations,
 //!   error classification and retry policy.
 //! - [`daemon`]: the broker, the socket listener (bind, peer check, limits), connections,
-//!   the audit log, and `op-bridge daemon`.
+//!   the in-flight byte budget, the REFRESH gate, the audit log, and `op-bridge daemon`.
 //! - [`supervise`]: the reaper (the only `waitpid`), spawning and signal forwarding, and
 //!   `op-bridge run`.
 //! - [`watch`]: credential-file watching (capture, debounce, materialization);
