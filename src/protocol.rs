@@ -154,11 +154,23 @@ fn malformed(msg: impl Into<String>) -> ProtocolError {
     ProtocolError::Malformed(msg.into())
 }
 
+/// Bytes of a request line that need no admission (see [`read_request_admitting`]).
+pub const FREE_LINE: usize = 4096;
+
 /// Reads one line (without its terminator) into `buf`. Returns `false` on a clean EOF
 /// before any byte. Never buffers more than [`MAX_LINE`] bytes.
 pub async fn read_line<R: AsyncBufRead + Unpin>(
     reader: &mut R,
     buf: &mut Zeroizing<Vec<u8>>,
+) -> Result<bool, ProtocolError> {
+    read_line_admitting(reader, buf, &mut |_| true).await
+}
+
+/// [`read_line`], asking `admit(n)` for every `n` bytes the line grows beyond [`FREE_LINE`].
+async fn read_line_admitting<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Zeroizing<Vec<u8>>,
+    admit: &mut (dyn FnMut(usize) -> bool + Send),
 ) -> Result<bool, ProtocolError> {
     buf.clear();
     loop {
@@ -173,6 +185,10 @@ pub async fn read_line<R: AsyncBufRead + Unpin>(
         // +1 leaves room for the '\r' of a maximal "\r\n"-terminated line.
         if buf.len() + chunk.len() > MAX_LINE + 1 {
             return Err(ProtocolError::LineTooLong);
+        }
+        let beyond_free = (buf.len() + chunk.len()).saturating_sub(FREE_LINE.max(buf.len()));
+        if beyond_free > 0 && !admit(beyond_free) {
+            return Err(ProtocolError::Busy);
         }
         extend_zeroizing(buf, chunk);
         let used = chunk.len() + usize::from(found);
@@ -277,15 +293,16 @@ pub async fn read_request<R: AsyncBufRead + Unpin>(
 }
 
 /// [`read_request`], asking `admit(len)` before a framed value of `len` bytes is read into
-/// memory. A refusal is [`ProtocolError::Busy`]: the frame is left unread, so the
-/// connection cannot be resynchronised and must be closed.
+/// memory, and for every byte of a request line beyond [`FREE_LINE`]. A refusal is
+/// [`ProtocolError::Busy`]: the rest of the request is left unread, so the connection
+/// cannot be resynchronised and must be closed.
 pub async fn read_request_admitting<R: AsyncBufRead + Unpin>(
     reader: &mut R,
     version: Version,
     line: &mut Zeroizing<Vec<u8>>,
     admit: &mut (dyn FnMut(usize) -> bool + Send),
 ) -> Result<Option<Request>, ProtocolError> {
-    if !read_line(reader, line).await? {
+    if !read_line_admitting(reader, line, admit).await? {
         return Ok(None);
     }
     let text = std::str::from_utf8(line).map_err(|_| ProtocolError::InvalidUtf8)?;
@@ -593,6 +610,39 @@ mod tests {
         assert_eq!(got.len(), 2);
         assert!(got[0].is_err() && got[1].is_ok());
         assert!(matches!(parse(b"PING", Version::V1).await, Err(ProtocolError::Truncated)));
+    }
+
+    #[tokio::test]
+    async fn admission_is_asked_for_frames_and_long_lines_only() {
+        let mut asked = Vec::new();
+        let mut line = Zeroizing::new(Vec::new());
+        let mut wire: &[u8] = b"SET a - 5\nhello\nPING\n";
+        let mut yes = |n: usize| {
+            asked.push(n);
+            true
+        };
+        assert!(read_request_admitting(&mut wire, Version::V2, &mut line, &mut yes).await.unwrap().is_some());
+        assert!(read_request_admitting(&mut wire, Version::V2, &mut line, &mut yes).await.unwrap().is_some());
+        assert_eq!(asked, [5]);
+
+        let mut refused = |_| false;
+        let mut wire: &[u8] = b"SET a - 5\nhello\n";
+        let got = read_request_admitting(&mut wire, Version::V2, &mut line, &mut refused).await;
+        assert!(matches!(got, Err(ProtocolError::Busy)), "{got:?}");
+        assert_eq!(wire, b"hello\n", "a refused frame is left unread");
+
+        let long = format!("GET {}\n", "A".repeat(FREE_LINE + 100));
+        let mut wire = long.as_bytes();
+        let got = read_request_admitting(&mut wire, Version::V1, &mut line, &mut refused).await;
+        assert!(matches!(got, Err(ProtocolError::Busy)), "{got:?}");
+        let mut total = 0;
+        let mut count = |n: usize| {
+            total += n;
+            true
+        };
+        let mut wire = long.as_bytes();
+        let _ = read_request_admitting(&mut wire, Version::V1, &mut line, &mut count).await;
+        assert_eq!(total, long.len() - 1 - FREE_LINE, "exactly the bytes beyond the free part");
     }
 
     #[tokio::test]

@@ -28,6 +28,10 @@ use crate::protocol::{self, ProtocolError, Request, Response, Version};
 
 /// Bytes of replies buffered before they are written even mid-pipeline.
 const FLUSH_AT: usize = 64 * 1024;
+/// Capacity a connection keeps between requests; a buffer grown beyond it by one long line
+/// or one large reply is wiped and freed, so idle connections hold little memory.
+const KEEP_LINE: usize = 4096;
+const KEEP_OUT: usize = 2 * FLUSH_AT;
 
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -149,11 +153,14 @@ impl Connection {
             }
             active = true;
             // A framed value is read into memory only once the budget has room for it.
-            let mut frame_permit = None;
+            let mut frame_permit: Option<BytePermit> = None;
             let budget = self.shared.budget.clone();
             let mut admit = |len: usize| match budget.try_take(len) {
                 Some(permit) => {
-                    frame_permit = Some(permit);
+                    match &mut frame_permit {
+                        Some(held) => held.absorb(permit),
+                        None => frame_permit = Some(permit),
+                    }
                     true
                 }
                 None => false,
@@ -174,7 +181,6 @@ impl Connection {
                 Ok(Ok(None)) => Step::Close,
                 Ok(Ok(Some(request))) => {
                     let step = self.dispatch(request, &mut out).await;
-                    drop(frame_permit);
                     wipe(&mut line);
                     step
                 }
@@ -191,6 +197,10 @@ impl Connection {
                     if err.is_fatal() { Step::Close } else { Step::Continue }
                 }
             };
+            if line.capacity() > KEEP_LINE {
+                line = Zeroizing::new(Vec::new());
+            }
+            drop(frame_permit);
             if matches!(step, Step::Close) {
                 let _ = self.flush(&mut out).await;
                 return;
@@ -317,6 +327,9 @@ impl Connection {
             }
         };
         wipe(out);
+        if out.capacity() > KEEP_OUT {
+            *out = Zeroizing::new(Vec::with_capacity(4096));
+        }
         self.reply_permit = None;
         written
     }
