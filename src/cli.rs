@@ -181,8 +181,8 @@ pub struct BrokerArgs {
     /// the last result (SIGHUP and the refresh timer are not limited).
     #[arg(long, env = "OP_BRIDGE_REFRESH_MIN_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub refresh_min_interval: Duration,
-    /// Bytes of framed values and replies in flight across all connections; beyond it a
-    /// frame gets `ERR busy` without being read.
+    /// Bytes in flight across all connections (framed values, long request lines, replies
+    /// not yet written); beyond it a frame gets `ERR busy` without being read.
     #[arg(long, env = "OP_BRIDGE_MAX_INFLIGHT_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_inflight_bytes: usize,
     /// Make the audit log blocking (a request waits for its line) instead of lossy.

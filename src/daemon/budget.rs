@@ -1,5 +1,5 @@
-//! The global budget of bytes in flight: framed values being read and replies being built,
-//! across every connection. A request that would overspend it is refused (`ERR busy`) before
+//! The global budget of bytes in flight: framed values being read, request lines beyond
+//! their free first 4 KiB, and replies built but not yet written, across every connection. A request that would overspend it is refused (`ERR busy`) before
 //! its bytes are read, so no number of clients can take PID 1's memory past the budget plus
 //! the fixed per-connection buffers (bounded by `--max-connections`).
 
