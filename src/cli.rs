@@ -10,8 +10,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::supervise::privsep::check_user_spec;
 
-/// The default socket path, shared with existing deployments.
-pub const DEFAULT_SOCKET: &str = "/tmp/op-bridge.sock";
+/// The last-resort socket path (see [`crate::socket_path`] for the default).
+pub const DEFAULT_SOCKET: &str = crate::socket_path::LAST_RESORT;
 
 #[derive(Debug, Parser)]
 #[command(name = "op-bridge", version, about = "1Password secret broker and container init for AI agents")]
@@ -45,12 +45,17 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
-    /// Socket of the broker.
-    #[arg(long, env = "OP_BRIDGE_SOCKET", default_value = DEFAULT_SOCKET)]
+    /// Socket of the broker (default: $XDG_RUNTIME_DIR/op-bridge.sock, else
+    /// /run/op-bridge/op-bridge.sock, else /tmp/op-bridge.sock).
+    #[arg(long, env = "OP_BRIDGE_SOCKET", default_value_os_t = crate::socket_path::default_for_client())]
     pub socket: PathBuf,
     /// How long to wait for the broker's answer.
     #[arg(long, env = "OP_BRIDGE_CLIENT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// Also trust a server running as this uid (root and the client's own uid always are);
+    /// any other server is refused before a byte is sent.
+    #[arg(long, env = "OP_BRIDGE_SERVER_UID", value_name = "UID")]
+    pub server_uid: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -105,8 +110,9 @@ pub enum LogFormat {
 
 #[derive(Debug, Clone, Args)]
 pub struct BrokerArgs {
-    /// Socket to serve on.
-    #[arg(long, env = "OP_BRIDGE_SOCKET", default_value = DEFAULT_SOCKET)]
+    /// Socket to serve on (default: $XDG_RUNTIME_DIR/op-bridge.sock, else
+    /// /run/op-bridge/op-bridge.sock, else /tmp/op-bridge.sock when /run is not writable).
+    #[arg(long, env = "OP_BRIDGE_SOCKET", default_value_os_t = crate::socket_path::default_for_server())]
     pub socket: PathBuf,
     /// Reference discovery: variables named {prefix}NAME{suffix} holding op://… become NAME.
     #[arg(long, env = "OP_BRIDGE_PREFIX", default_value = "OP_")]
@@ -181,6 +187,17 @@ pub struct BrokerArgs {
     /// neither the command nor op-bridge shares a uid with the processes holding the token.
     #[arg(long, env = "OP_BRIDGE_OP_USER", value_name = "USER[:GROUP]", value_parser = check_user_spec)]
     pub op_user: Option<String>,
+    /// Socket clients cause at most one refresh per this interval; a REFRESH within it gets
+    /// the last result (SIGHUP and the refresh timer are not limited).
+    #[arg(long, env = "OP_BRIDGE_REFRESH_MIN_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub refresh_min_interval: Duration,
+    /// Bytes in flight across all connections (framed values, long request lines, replies
+    /// not yet written); beyond it a frame gets `ERR busy` without being read.
+    #[arg(long, env = "OP_BRIDGE_MAX_INFLIGHT_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_inflight_bytes: usize,
+    /// Make the audit log blocking (a request waits for its line) instead of lossy.
+    #[arg(long, env = "OP_BRIDGE_AUDIT_LOG_STRICT", value_parser = BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub audit_log_strict: bool,
 }
 
 #[derive(Debug, Args)]

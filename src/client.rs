@@ -1,15 +1,20 @@
 //! The typed client of the socket protocol. It always speaks version 2, pipelining `HELLO 2`
 //! with its first request so the upgrade costs no round trip.
+//!
+//! Before a byte is sent, the client checks who serves the socket (SO_PEERCRED): root, its
+//! own uid, or the one uid it was told to trust. Anyone else could have bound the path first
+//! to collect what clients send (a SET's value) or to feed them false values.
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use zeroize::Zeroizing;
 
+use crate::bufio::ZeroizingReader;
 use crate::locked::extend_zeroizing;
 use crate::protocol::{self, ProtocolError, Reply, Request, Version};
 
@@ -17,6 +22,12 @@ use crate::protocol::{self, ProtocolError, Reply, Request, Version};
 pub enum ClientError {
     #[error("cannot reach op-bridge at {path}: {source}")]
     Unreachable { path: PathBuf, source: io::Error },
+    #[error(
+        "refusing to talk to {path}: it is served by uid {server}, not by root or uid {own}; another \
+         process may be posing as op-bridge (if op-bridge really runs as uid {server}, pass --server-uid \
+         {server})"
+    )]
+    UntrustedServer { path: PathBuf, server: u32, own: u32 },
     #[error("op-bridge at {path} did not answer within {after:?}")]
     Timeout { path: PathBuf, after: Duration },
     #[error("bad reply from op-bridge: {0}")]
@@ -39,7 +50,7 @@ impl ClientError {
 
 pub struct Client {
     path: PathBuf,
-    reader: BufReader<OwnedReadHalf>,
+    reader: ZeroizingReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
     version: Version,
     hello_sent: bool,
@@ -47,16 +58,32 @@ pub struct Client {
 }
 
 impl Client {
+    /// Connects to a server of root or our own uid.
     pub async fn connect(path: &Path, timeout: Duration) -> Result<Client, ClientError> {
+        Self::connect_trusting(path, timeout, None).await
+    }
+
+    /// Connects to a server of root, our own uid, or `server_uid`; any other is refused
+    /// before anything is written.
+    pub async fn connect_trusting(
+        path: &Path,
+        timeout: Duration,
+        server_uid: Option<u32>,
+    ) -> Result<Client, ClientError> {
         let unreachable = |source| ClientError::Unreachable { path: path.to_path_buf(), source };
         let stream = match tokio::time::timeout(timeout, UnixStream::connect(path)).await {
             Ok(stream) => stream.map_err(unreachable)?,
             Err(_) => return Err(ClientError::Timeout { path: path.to_path_buf(), after: timeout }),
         };
+        let server = stream.peer_cred().map_err(unreachable)?.uid();
+        let own = nix::unistd::geteuid().as_raw();
+        if server != 0 && server != own && Some(server) != server_uid {
+            return Err(ClientError::UntrustedServer { path: path.to_path_buf(), server, own });
+        }
         let (read, writer) = stream.into_split();
         Ok(Client {
             path: path.to_path_buf(),
-            reader: BufReader::new(read),
+            reader: ZeroizingReader::new(read),
             writer,
             version: Version::V2,
             hello_sent: false,

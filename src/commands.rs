@@ -84,8 +84,11 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
             max_connections: args.max_connections.max(1),
             limits: Limits { idle: args.idle_timeout, request: args.request_timeout },
             drain: std::time::Duration::from_secs(2),
+            refresh_min_interval: args.refresh_min_interval,
+            max_inflight_bytes: args.max_inflight_bytes,
         },
         audit_log: args.audit_log.clone(),
+        audit_log_strict: args.audit_log_strict,
         pid_file: args.pid_file.clone(),
         allow_missing: args.allow_missing,
         watches,
@@ -93,8 +96,9 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
     })
 }
 
-async fn connect(args: &ClientArgs) -> Result<Client, CommandError> {
-    Ok(Client::connect(&args.socket, args.timeout).await?)
+/// Connects, trusting only a server of root, our own uid or `--server-uid`.
+pub(crate) async fn connect(args: &ClientArgs) -> Result<Client, CommandError> {
+    Ok(Client::connect_trusting(&args.socket, args.timeout, args.server_uid).await?)
 }
 
 /// `get NAME`: the raw value on stdout, byte-exact, no newline added.

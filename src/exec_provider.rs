@@ -33,7 +33,6 @@ use zeroize::Zeroizing;
 
 use crate::backend::op::scrub;
 use crate::cli::ClientArgs;
-use crate::client::Client;
 use crate::commands::CommandError;
 use crate::protocol::{NOT_AVAILABLE, Reply, Request, UNKNOWN_REF, normalize_name};
 use crate::reference::SecretRef;
@@ -221,7 +220,7 @@ pub async fn answer(args: &ClientArgs, ids: &[String]) -> Result<Zeroizing<Vec<u
     }
     let mut values = Map::new();
     if !requests.is_empty() {
-        let replies = Client::connect(&args.socket, args.timeout).await?.call_many(&requests).await?;
+        let replies = crate::commands::connect(args).await?.call_many(&requests).await?;
         for (id, reply) in asked.into_iter().zip(replies) {
             match reply {
                 // OpenClaw requires a non-empty string for every credential.

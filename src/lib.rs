@@ -10,19 +10,23 @@
 //!   translation of options into configuration.
 //! - [`protocol`]: the wire format (requests, replies, framing, limits); knows nothing of
 //!   the store. [`client`]: the typed client, built on `protocol` only.
+//! - [`bufio`]: the fixed-size, wiped read buffer for streams that carry values.
+//! - [`socket_path`]: the default socket path shared by servers and clients.
 //! - [`reference`]: `op://` reference parsing.
 //! - [`store`]: the secret store; [`locked`]: the locked, zeroizing buffers it keeps values in.
 //! - [`backend`]: the `Backend` trait with the `op` CLI and JSON-file implementations,
 //!   error classification and retry policy.
 //! - [`daemon`]: the broker, the socket listener (bind, peer check, limits), connections,
-//!   the audit log, and `op-bridge daemon`.
+//!   the in-flight byte budget, the REFRESH gate, the audit log, and `op-bridge daemon`.
 //! - [`supervise`]: the reaper (the only `waitpid`), spawning and signal forwarding,
 //!   `op-bridge run`, and privilege separation (`run --user`, `--op-user`, the `op` mode check).
 //! - [`watch`]: credential-file watching (capture, debounce, materialization);
 //!   [`writeback`]: the per-target write-back queue that never drops a rotation.
 //! - [`hardening`]: no dumps, not dumpable, memlock reporting.
+//! - [`logging`]: the lossy non-blocking writers behind stderr logging and the audit log.
 
 pub mod backend;
+pub mod bufio;
 pub mod cli;
 pub mod client;
 pub mod commands;
@@ -30,8 +34,10 @@ pub mod daemon;
 pub mod exec_provider;
 pub mod hardening;
 pub mod locked;
+pub mod logging;
 pub mod protocol;
 pub mod reference;
+pub mod socket_path;
 pub mod store;
 pub mod supervise;
 pub mod watch;

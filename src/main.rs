@@ -30,9 +30,12 @@ fn init_logging(args: &BrokerArgs) -> Result<(), String> {
         .log_level
         .parse()
         .map_err(|_| format!("invalid --log-level '{}' (error, warn, info, debug, trace)", args.log_level))?;
+    // A stalled stderr reader must never freeze PID 1: lines are queued and, when the queue
+    // is full, dropped and counted (STATUS `logging.dropped`).
+    let stderr = op_bridge::logging::non_blocking(op_bridge::logging::Sink::Stderr, std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_max_level(level)
-        .with_writer(std::io::stderr)
+        .with_writer(stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     match args.log_format {

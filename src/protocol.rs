@@ -143,6 +143,9 @@ pub enum ProtocolError {
     BadFrame(String),
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
+    /// The server's budget of bytes in flight is spent; the frame was not read.
+    #[error("busy: too many bytes in flight; retry later")]
+    Busy,
 }
 
 impl ProtocolError {
@@ -156,11 +159,23 @@ fn malformed(msg: impl Into<String>) -> ProtocolError {
     ProtocolError::Malformed(msg.into())
 }
 
+/// Bytes of a request line that need no admission (see [`read_request_admitting`]).
+pub const FREE_LINE: usize = 4096;
+
 /// Reads one line (without its terminator) into `buf`. Returns `false` on a clean EOF
 /// before any byte. Never buffers more than [`MAX_LINE`] bytes.
 pub async fn read_line<R: AsyncBufRead + Unpin>(
     reader: &mut R,
     buf: &mut Zeroizing<Vec<u8>>,
+) -> Result<bool, ProtocolError> {
+    read_line_admitting(reader, buf, &mut |_| true).await
+}
+
+/// [`read_line`], asking `admit(n)` for every `n` bytes the line grows beyond [`FREE_LINE`].
+async fn read_line_admitting<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Zeroizing<Vec<u8>>,
+    admit: &mut (dyn FnMut(usize) -> bool + Send),
 ) -> Result<bool, ProtocolError> {
     buf.clear();
     loop {
@@ -175,6 +190,10 @@ pub async fn read_line<R: AsyncBufRead + Unpin>(
         // +1 leaves room for the '\r' of a maximal "\r\n"-terminated line.
         if buf.len() + chunk.len() > MAX_LINE + 1 {
             return Err(ProtocolError::LineTooLong);
+        }
+        let beyond_free = (buf.len() + chunk.len()).saturating_sub(FREE_LINE.max(buf.len()));
+        if beyond_free > 0 && !admit(beyond_free) {
+            return Err(ProtocolError::Busy);
         }
         extend_zeroizing(buf, chunk);
         let used = chunk.len() + usize::from(found);
@@ -275,7 +294,20 @@ pub async fn read_request<R: AsyncBufRead + Unpin>(
     version: Version,
     line: &mut Zeroizing<Vec<u8>>,
 ) -> Result<Option<Request>, ProtocolError> {
-    if !read_line(reader, line).await? {
+    read_request_admitting(reader, version, line, &mut |_| true).await
+}
+
+/// [`read_request`], asking `admit(len)` before a framed value of `len` bytes is read into
+/// memory, and for every byte of a request line beyond [`FREE_LINE`]. A refusal is
+/// [`ProtocolError::Busy`]: the rest of the request is left unread, so the connection
+/// cannot be resynchronised and must be closed.
+pub async fn read_request_admitting<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    version: Version,
+    line: &mut Zeroizing<Vec<u8>>,
+    admit: &mut (dyn FnMut(usize) -> bool + Send),
+) -> Result<Option<Request>, ProtocolError> {
+    if !read_line_admitting(reader, line, admit).await? {
         return Ok(None);
     }
     let text = std::str::from_utf8(line).map_err(|_| ProtocolError::InvalidUtf8)?;
@@ -324,6 +356,9 @@ pub async fn read_request<R: AsyncBufRead + Unpin>(
                     let (head, len) = rest.trim_end().rsplit_once(' ').unwrap_or(("", rest));
                     let len =
                         len.parse::<u64>().map_err(|_| ProtocolError::BadFrame("usage: SET NAME URI <len>".into()))?;
+                    if len <= MAX_VALUE as u64 && !admit(len as usize) {
+                        return Err(ProtocolError::Busy);
+                    }
                     let value = read_frame(reader, len).await?;
                     (head.split_once(' ').unwrap_or((head, "")), value)
                 }
@@ -409,37 +444,35 @@ pub enum Response<'a> {
 }
 
 /// Appends one encoded reply to `out`. Values are framed in version 2; in version 1 a value
-/// that cannot be sent on one line becomes an ERR (never a truncated value).
+/// that cannot be sent on one line becomes an ERR (never a truncated value). When `out` must
+/// grow, its old allocation is wiped first (it may hold earlier values of a pipeline).
 pub fn encode_response(out: &mut Vec<u8>, response: &Response<'_>, version: Version) {
     match response {
-        Response::Ok => out.extend_from_slice(b"OK\n"),
-        Response::Text(text) => {
-            out.extend_from_slice(b"OK ");
-            out.extend_from_slice(one_line(text).as_bytes());
-            out.push(b'\n');
-        }
-        Response::Err(text) => {
-            out.extend_from_slice(b"ERR ");
-            out.extend_from_slice(one_line(text).as_bytes());
-            out.push(b'\n');
-        }
+        Response::Ok => append(out, &[b"OK\n"]),
+        Response::Text(text) => append(out, &[b"OK ", one_line(text).as_bytes(), b"\n"]),
+        Response::Err(text) => append(out, &[b"ERR ", one_line(text).as_bytes(), b"\n"]),
         Response::Value(value) => match version {
-            Version::V2 => {
-                out.reserve(value.len() + 24);
-                out.extend_from_slice(format!("OK {}\n", value.len()).as_bytes());
-                out.extend_from_slice(value);
-                out.push(b'\n');
-            }
+            Version::V2 => append(out, &[format!("OK {}\n", value.len()).as_bytes(), value, b"\n"]),
             Version::V1 if value.iter().any(|b| matches!(b, b'\r' | b'\n' | 0)) => {
-                out.extend_from_slice(b"ERR value contains a line break or NUL byte; use HELLO 2 for framed values\n");
+                append(out, &[b"ERR value contains a line break or NUL byte; use HELLO 2 for framed values\n"])
             }
-            Version::V1 => {
-                out.reserve(value.len() + 4);
-                out.extend_from_slice(b"OK ");
-                out.extend_from_slice(value);
-                out.push(b'\n');
-            }
+            Version::V1 => append(out, &[b"OK ", value, b"\n"]),
         },
+    }
+}
+
+/// Appends `parts` to `out`, growing it at most once and wiping the allocation it leaves.
+fn append(out: &mut Vec<u8>, parts: &[&[u8]]) {
+    let wanted = out.len() + parts.iter().map(|p| p.len()).sum::<usize>();
+    if wanted > out.capacity() {
+        let mut grown = Vec::with_capacity(wanted.next_power_of_two().max(256));
+        grown.extend_from_slice(out);
+        // `Vec::zeroize` wipes the whole capacity, then the old allocation is freed.
+        zeroize::Zeroize::zeroize(out);
+        *out = grown;
+    }
+    for part in parts {
+        out.extend_from_slice(part);
     }
 }
 
@@ -624,6 +657,39 @@ mod tests {
         assert_eq!(got.len(), 2);
         assert!(got[0].is_err() && got[1].is_ok());
         assert!(matches!(parse(b"PING", Version::V1).await, Err(ProtocolError::Truncated)));
+    }
+
+    #[tokio::test]
+    async fn admission_is_asked_for_frames_and_long_lines_only() {
+        let mut asked = Vec::new();
+        let mut line = Zeroizing::new(Vec::new());
+        let mut wire: &[u8] = b"SET a - 5\nhello\nPING\n";
+        let mut yes = |n: usize| {
+            asked.push(n);
+            true
+        };
+        assert!(read_request_admitting(&mut wire, Version::V2, &mut line, &mut yes).await.unwrap().is_some());
+        assert!(read_request_admitting(&mut wire, Version::V2, &mut line, &mut yes).await.unwrap().is_some());
+        assert_eq!(asked, [5]);
+
+        let mut refused = |_| false;
+        let mut wire: &[u8] = b"SET a - 5\nhello\n";
+        let got = read_request_admitting(&mut wire, Version::V2, &mut line, &mut refused).await;
+        assert!(matches!(got, Err(ProtocolError::Busy)), "{got:?}");
+        assert_eq!(wire, b"hello\n", "a refused frame is left unread");
+
+        let long = format!("GET {}\n", "A".repeat(FREE_LINE + 100));
+        let mut wire = long.as_bytes();
+        let got = read_request_admitting(&mut wire, Version::V1, &mut line, &mut refused).await;
+        assert!(matches!(got, Err(ProtocolError::Busy)), "{got:?}");
+        let mut total = 0;
+        let mut count = |n: usize| {
+            total += n;
+            true
+        };
+        let mut wire = long.as_bytes();
+        let _ = read_request_admitting(&mut wire, Version::V1, &mut line, &mut count).await;
+        assert_eq!(total, long.len() - 1 - FREE_LINE, "exactly the bytes beyond the free part");
     }
 
     #[tokio::test]

@@ -217,6 +217,8 @@ fn refresh_and_sighup_pick_up_changes_serve_stale_and_drop_deleted() {
         .env("OP_API_REF", "op://Private/Api/key")
         .env("OP_OTHER_REF", "op://Private/Other/key")
         .args(["--retries", "1"])
+        // Each REFRESH here must reach 1Password; clients are rate-limited by default.
+        .args(["--refresh-min-interval", "0"])
         .start();
     assert_get(&broker.socket, "API", b"v1", "at start");
 
@@ -464,7 +466,7 @@ fn secret_values_never_leak() {
         .env("OP_API_REF", "op://Private/Api/key")
         .env("OP_MULTI_A_REF", "op://Private/Multi/a")
         .env("OP_MULTI_B_REF", "op://Private/Multi/b")
-        .args(["--log-level", "trace", "--allow-set-any", "--retries", "1"])
+        .args(["--log-level", "trace", "--allow-set-any", "--retries", "1", "--refresh-min-interval", "0"])
         .arg(format!("--audit-log={}", audit.display()))
         .start();
     let mut shown = Vec::<(String, Vec<u8>)>::new();

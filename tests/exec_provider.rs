@@ -218,15 +218,17 @@ fn daemon_down_fails_the_batch_with_a_reason() {
 
 #[test]
 fn default_socket_is_used_with_an_empty_environment() {
-    // With no --socket and no OP_BRIDGE_SOCKET, the client uses /tmp/op-bridge.sock. Only
-    // checkable when nothing else on this machine is serving there.
-    if std::path::Path::new(op_bridge::cli::DEFAULT_SOCKET).exists() {
-        eprintln!("skipped: {} exists on this machine", op_bridge::cli::DEFAULT_SOCKET);
+    // With no --socket, no OP_BRIDGE_SOCKET and no XDG_RUNTIME_DIR, the client uses
+    // /run/op-bridge/op-bridge.sock (DESIGN §2). Only checkable when no op-bridge on this
+    // machine made /run/op-bridge or the /tmp last resort.
+    use op_bridge::socket_path::{LAST_RESORT, RUN_DIR, RUN_SOCKET};
+    if std::path::Path::new(RUN_DIR).exists() || std::path::Path::new(LAST_RESORT).exists() {
+        eprintln!("skipped: {RUN_DIR} or {LAST_RESORT} exists on this machine");
         return;
     }
     let out = exec_get(&[], CAPTURED_REQUEST);
     assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains(op_bridge::cli::DEFAULT_SOCKET), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(RUN_SOCKET), "{}", describe(&out));
 }
 
 #[test]

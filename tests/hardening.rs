@@ -66,7 +66,8 @@ fn secrets_are_in_locked_memory_under_the_default_limit() {
     broker.wait_ready(Duration::from_secs(20));
     let locked_kb = status_field(broker.pid(), "VmLck:");
     assert!(locked_kb >= 3 * 4, "VmLck {locked_kb} kB\n{}", broker.stderr());
-    let status: Json = serde_json::from_slice(&broker.client(&["status", "--json"], None).stdout).unwrap();
+    let status: Json =
+        serde_json::from_slice(&broker.client(&["status", "--json", "--server-uid", NOBODY], None).stdout).unwrap();
     assert!(status["memory"]["locked_bytes"].as_u64().unwrap() >= 5 * 4096, "{status}");
     assert_eq!(status["memory"]["unlocked_bytes"], 0);
     assert!(!broker.stderr().contains("could not lock"));
@@ -81,7 +82,8 @@ fn a_too_small_memlock_limit_is_reported_once_and_serving_goes_on() {
         BrokerBuilder::new(&dir, "daemon").arg(backend).env("OP_A_REF", "op://v/i/a").env("OP_B_REF", "op://v/i/b");
     let mut broker = as_nobody(&dir, builder, &["prlimit", "--memlock=0:0"]);
     broker.wait_ready(Duration::from_secs(20));
-    assert_eq!(broker.client(&["get", "A"], None).stdout, b"alpha-secret");
+    // A root client trusts a server of another uid only when told to.
+    assert_eq!(broker.client(&["get", "A", "--server-uid", NOBODY], None).stdout, b"alpha-secret");
     let stderr = broker.stderr();
     assert_eq!(stderr.matches("could not lock all secret memory").count(), 1, "{stderr}");
     assert!(stderr.contains("needed 8192 bytes") && stderr.contains("RLIMIT_MEMLOCK is 0 bytes"), "{stderr}");
@@ -136,7 +138,15 @@ fn the_audit_log_has_a_line_for_every_request_and_no_value() {
     );
     // One client command: its pipelined HELLO and the request.
     assert!(broker.client(&["ping"], None).status.success());
-    let text = std::fs::read_to_string(&audit).unwrap();
+    // The audit log is written by a background thread (non-blocking): wait for the last line.
+    let mut text = String::new();
+    let complete = common::eventually(Duration::from_secs(10), || {
+        text = std::fs::read_to_string(&audit).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        lines.iter().filter(|l| l.contains(r#""command":"HELLO""#)).count() >= 2
+            && lines.last().is_some_and(|l| l.contains(r#""command":"PING""#))
+    });
+    assert!(complete, "{text}");
     let all: Vec<Json> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     // The harness's readiness probes come first.
     let probes = all.iter().take_while(|l| l["command"] == "PING").count();

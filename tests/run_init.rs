@@ -727,6 +727,8 @@ fn on_change_restart_restarts_once_per_changing_refresh_as_pid1() {
         .env("OP_A_REF", "op://vault/item/a")
         .env("OP_B_REF", "op://vault/item/b")
         .args(["--export", "A", "--on-change", "restart", "--grace", "10s"])
+        // Several REFRESH in a row must each reach the backend (clients are rate-limited).
+        .args(["--refresh-min-interval", "0"])
         .args(sh(script));
     let mut init = Init::start(builder, Mode::Pid1, &dir);
     init.await_content("log", "first start", |t| t.lines().count() == 1);
@@ -836,6 +838,8 @@ fn restart_keeps_the_command_when_an_exported_secret_disappears_as_pid1() {
     let builder = run_builder(&dir, r#"{"vault":{"item":{"a":"v0"}}}"#)
         .env("OP_A_REF", "op://vault/item/a")
         .args(["--export", "A", "--on-change", "restart", "--grace", "10s"])
+        // Several REFRESH in a row must each reach the backend (clients are rate-limited).
+        .args(["--refresh-min-interval", "0"])
         .args(sh(script));
     let mut init = Init::start(builder, Mode::Pid1, &dir);
     init.await_content("log", "first start", |t| t.lines().count() == 1);

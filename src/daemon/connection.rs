@@ -4,11 +4,16 @@
 //! buffered, so pipelined requests cost one write. A protocol error becomes an `ERR` reply;
 //! a fatal one (oversized line or frame, a request cut off, a timeout mid-request) also
 //! closes the connection. Nothing here can take the server down.
+//!
+//! Every buffer that may hold a value is wiped before it is reused or freed: the read buffer
+//! ([`ZeroizingReader`]), the request line, the reply buffer. Framed SET values and GET
+//! replies are paid for from the global [`ByteBudget`]; REFRESH goes through the
+//! [`RefreshGate`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::sync::CancellationToken;
@@ -16,10 +21,17 @@ use zeroize::{Zeroize, Zeroizing};
 
 use super::audit::AuditLog;
 use super::broker::Broker;
+use super::budget::{ByteBudget, BytePermit};
+use super::refresh::RefreshGate;
+use crate::bufio::ZeroizingReader;
 use crate::protocol::{self, ProtocolError, Request, Response, Version};
 
 /// Bytes of replies buffered before they are written even mid-pipeline.
 const FLUSH_AT: usize = 64 * 1024;
+/// Capacity a connection keeps between requests; a buffer grown beyond it by one long line
+/// or one large reply is wiped and freed, so idle connections hold little memory.
+const KEEP_LINE: usize = 4096;
+const KEEP_OUT: usize = 2 * FLUSH_AT;
 
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -59,11 +71,21 @@ impl Peer {
     }
 }
 
+/// What every connection shares besides the broker.
+#[derive(Clone)]
+pub struct Shared {
+    pub budget: Arc<ByteBudget>,
+    pub refresh: Arc<RefreshGate>,
+}
+
 pub struct Connection {
-    reader: BufReader<OwnedReadHalf>,
+    reader: ZeroizingReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
     peer: Peer,
     broker: Arc<Broker>,
+    shared: Shared,
+    /// Budget held by the replies buffered in `out`, given back when they are written.
+    reply_permit: Option<BytePermit>,
     audit: Option<Arc<AuditLog>>,
     limits: Limits,
     version: Version,
@@ -81,13 +103,16 @@ impl Connection {
         broker: Arc<Broker>,
         audit: Option<Arc<AuditLog>>,
         limits: Limits,
+        shared: Shared,
     ) -> Self {
         let (read, writer) = stream.into_split();
         Connection {
-            reader: BufReader::with_capacity(16 * 1024, read),
+            reader: ZeroizingReader::new(read),
             writer,
             peer,
             broker,
+            shared,
+            reply_permit: None,
             audit,
             limits,
             version: Version::V1,
@@ -127,15 +152,26 @@ impl Connection {
                 }
             }
             active = true;
-            let read = if self.request_is_buffered() {
-                Ok(protocol::read_request(&mut self.reader, self.version, &mut line).await)
+            // A framed value is read into memory only once the budget has room for it.
+            let mut frame_permit: Option<BytePermit> = None;
+            let budget = self.shared.budget.clone();
+            let mut admit = |len: usize| match budget.try_take(len) {
+                Some(permit) => {
+                    match &mut frame_permit {
+                        Some(held) => held.absorb(permit),
+                        None => frame_permit = Some(permit),
+                    }
+                    true
+                }
+                None => false,
+            };
+            let buffered = self.request_is_buffered();
+            let reading = protocol::read_request_admitting(&mut self.reader, self.version, &mut line, &mut admit);
+            let read = if buffered {
+                Ok(reading.await)
             } else {
                 // The rest of the request must arrive within the request timeout.
-                tokio::time::timeout(
-                    self.limits.request,
-                    protocol::read_request(&mut self.reader, self.version, &mut line),
-                )
-                .await
+                tokio::time::timeout(self.limits.request, reading).await
             };
             let step = match read {
                 Err(_) => {
@@ -150,10 +186,21 @@ impl Connection {
                 }
                 Ok(Err(err)) => {
                     wipe(&mut line);
+                    if matches!(err, ProtocolError::Busy) {
+                        tracing::warn!(
+                            pid = self.peer.pid,
+                            used = self.shared.budget.used(),
+                            "in-flight byte budget spent; refusing a framed value"
+                        );
+                    }
                     self.reply_error(&mut out, None, &err);
                     if err.is_fatal() { Step::Close } else { Step::Continue }
                 }
             };
+            if line.capacity() > KEEP_LINE {
+                line = Zeroizing::new(Vec::new());
+            }
+            drop(frame_permit);
             if matches!(step, Step::Close) {
                 let _ = self.flush(&mut out).await;
                 return;
@@ -217,26 +264,28 @@ impl Connection {
             }
             Request::Get(target) => {
                 let version = self.version;
-                broker.lookup(&target, |value| ok(out, Response::Value(value), version))
+                let budget = &self.shared.budget;
+                let held = &mut self.reply_permit;
+                broker
+                    .lookup(&target, |value| match budget.try_take(value.len()) {
+                        Some(permit) => {
+                            match held {
+                                Some(held) => held.absorb(permit),
+                                None => *held = Some(permit),
+                            }
+                            ok(out, Response::Value(value), version);
+                            Ok(())
+                        }
+                        None => Err(protocol::ProtocolError::Busy.to_string()),
+                    })
+                    .and_then(|encoded| encoded)
             }
             Request::Delete(name) => broker.delete(&name).map(|()| ok(out, Response::Ok, self.version)),
             Request::Set { name, uri, value } => {
                 broker.set(&name, uri.as_deref(), value).await.map(|()| ok(out, Response::Ok, self.version))
             }
             Request::Refresh => {
-                let report = broker.resolve_all().await;
-                super::log_report("refresh", &report);
-                if report.failed.iter().all(|(_, e)| e.kind == crate::backend::ErrorKind::NotFound) {
-                    ok(out, Response::Text(format!("refreshed {}", report.resolved)), self.version);
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "refreshed {} of {}; kept last values for: {}",
-                        report.resolved,
-                        report.total,
-                        report.failure_summary()
-                    ))
-                }
+                self.shared.refresh.refresh().await.map(|text| ok(out, Response::Text(text), self.version))
             }
         };
         match result {
@@ -260,6 +309,7 @@ impl Connection {
             Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => 0,
             Err(err) => {
                 wipe(out);
+                self.reply_permit = None;
                 return Err(err);
             }
         };
@@ -277,6 +327,10 @@ impl Connection {
             }
         };
         wipe(out);
+        if out.capacity() > KEEP_OUT {
+            *out = Zeroizing::new(Vec::with_capacity(4096));
+        }
+        self.reply_permit = None;
         written
     }
 }

@@ -1,9 +1,13 @@
 //! The Unix socket: safe binding, the peer check, and the accept loop with its limits.
 //!
 //! Binding refuses to replace a live socket (another daemon answers on it), a symlink or any
-//! non-socket file, and removes a stale socket left by a killed daemon. The socket is created
-//! owner-only. Every connection's peer uid (SO_PEERCRED) must be allowed; connections beyond
-//! the limit get `ERR busy` and are closed, so a flood never stalls the accept loop.
+//! non-socket file, and removes a stale socket left by a killed daemon only when it is ours
+//! to remove: owned by our uid, or we are root and nothing answers on it. A socket of another
+//! uid that we cannot probe (we are not root) is refused with its owner named. The socket is
+//! created owner-only; `--allow-uid` uids get a POSIX ACL entry on it (and search on the
+//! directory op-bridge manages), so the kernel lets exactly them connect. Every connection's
+//! peer uid (SO_PEERCRED) must still be allowed; connections beyond the limit get `ERR busy`
+//! and are closed, so a flood never stalls the accept loop.
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -19,7 +23,10 @@ use tokio_util::task::TaskTracker;
 
 use super::audit::AuditLog;
 use super::broker::Broker;
-use super::connection::{Connection, Limits, Peer};
+use super::budget::ByteBudget;
+use super::connection::{Connection, Limits, Peer, Shared};
+use super::refresh::RefreshGate;
+use crate::socket_path::RUN_DIR;
 
 /// Longest path a `sockaddr_un` holds.
 const MAX_SOCKET_PATH: usize = 107;
@@ -32,6 +39,13 @@ pub enum BindError {
     NotASocket { path: PathBuf, kind: &'static str },
     #[error("socket path {0} is longer than {MAX_SOCKET_PATH} bytes")]
     PathTooLong(PathBuf),
+    #[error(
+        "refusing to replace {path}: it belongs to uid {owner}, and only root may decide whether another \
+         uid's socket is stale; remove it or choose another --socket"
+    )]
+    ForeignSocket { path: PathBuf, owner: u32 },
+    #[error("refusing to use socket directory {path}: {why}")]
+    UnsafeDirectory { path: PathBuf, why: String },
     #[error("cannot {action} {path}: {source}")]
     Io { action: &'static str, path: PathBuf, source: io::Error },
 }
@@ -83,19 +97,62 @@ fn file_kind(meta: &std::fs::Metadata) -> &'static str {
 
 /// Binds `path` owner-only, after checking what is there now.
 pub fn bind(path: &Path) -> Result<BoundSocket, BindError> {
+    bind_allowing(path, &[])
+}
+
+/// Creates op-bridge's own socket directory under `/run` (0700), or checks the one that is
+/// there: a real directory, owned by us or root, writable by nobody else.
+fn prepare_run_dir(dir: &Path) -> Result<(), BindError> {
+    let unsafe_dir = |why: String| BindError::UnsafeDirectory { path: dir.to_path_buf(), why };
+    match std::fs::symlink_metadata(dir) {
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new().mode(0o700).create(dir).map_err(|source| BindError::Io {
+                action: "create socket directory",
+                path: dir.to_path_buf(),
+                source,
+            })?;
+            Ok(())
+        }
+        Err(source) => Err(BindError::Io { action: "inspect socket directory", path: dir.to_path_buf(), source }),
+        Ok(meta) if !meta.file_type().is_dir() => Err(unsafe_dir(format!("it is {}", file_kind(&meta)))),
+        Ok(meta) if meta.uid() != nix::unistd::geteuid().as_raw() && meta.uid() != 0 => {
+            Err(unsafe_dir(format!("it belongs to uid {}", meta.uid())))
+        }
+        Ok(meta) if meta.mode() & 0o022 != 0 => {
+            Err(unsafe_dir(format!("it is writable by others (mode {:o})", meta.mode() & 0o7777)))
+        }
+        Ok(_) => Ok(()),
+    }
+}
+
+/// Binds `path` owner-only and lets `allow_uids` connect too (see the module notes).
+pub fn bind_allowing(path: &Path, allow_uids: &[u32]) -> Result<BoundSocket, BindError> {
     let io_err = |action, source| BindError::Io { action, path: path.to_path_buf(), source };
     if path.as_os_str().len() > MAX_SOCKET_PATH {
         return Err(BindError::PathTooLong(path.to_path_buf()));
     }
+    let managed_dir = path.parent().filter(|dir| *dir == Path::new(RUN_DIR));
+    if let Some(dir) = managed_dir {
+        prepare_run_dir(dir)?;
+    }
+    let own_uid = nix::unistd::geteuid().as_raw();
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => return Err(BindError::AlreadyServing(path.to_path_buf())),
-            Err(err) if err.kind() == io::ErrorKind::ConnectionRefused => {
-                tracing::info!(path = %path.display(), "removing stale socket");
-                std::fs::remove_file(path).map_err(|e| io_err("remove stale socket", e))?;
+        Ok(meta) if meta.file_type().is_socket() => {
+            // Only root can probe (and remove) another uid's socket for sure; a non-root
+            // daemon would get EACCES, or remove a live server's file from under it.
+            if meta.uid() != own_uid && own_uid != 0 {
+                return Err(BindError::ForeignSocket { path: path.to_path_buf(), owner: meta.uid() });
             }
-            Err(err) => return Err(io_err("probe existing socket", err)),
-        },
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => return Err(BindError::AlreadyServing(path.to_path_buf())),
+                Err(err) if err.kind() == io::ErrorKind::ConnectionRefused => {
+                    tracing::info!(path = %path.display(), owner = meta.uid(), "removing stale socket");
+                    std::fs::remove_file(path).map_err(|e| io_err("remove stale socket", e))?;
+                }
+                Err(err) => return Err(io_err("probe existing socket", err)),
+            }
+        }
         Ok(meta) => return Err(BindError::NotASocket { path: path.to_path_buf(), kind: file_kind(&meta) }),
         Err(err) if err.kind() == io::ErrorKind::NotFound => {}
         Err(err) => return Err(io_err("inspect", err)),
@@ -108,7 +165,38 @@ pub fn bind(path: &Path) -> Result<BoundSocket, BindError> {
     let listener = bound.map_err(|e| io_err("bind", e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| io_err("chmod", e))?;
     let meta = std::fs::symlink_metadata(path).map_err(|e| io_err("inspect", e))?;
-    Ok(BoundSocket { listener, path: path.to_path_buf(), identity: (meta.dev(), meta.ino()) })
+    let bound = BoundSocket { listener, path: path.to_path_buf(), identity: (meta.dev(), meta.ino()) };
+    let others: Vec<u32> = allow_uids.iter().copied().filter(|&uid| uid != own_uid && uid != 0).collect();
+    if !others.is_empty() {
+        open_to(path, managed_dir, &others).map_err(|e| io_err("grant --allow-uid access to", e))?;
+    }
+    Ok(bound)
+}
+
+/// Lets `uids` connect to the socket (and search its managed directory) by ACL; where the
+/// filesystem has no ACLs, the socket is made connectable by every uid instead (a WARN says
+/// so) and the peer check alone keeps the others out.
+fn open_to(path: &Path, managed_dir: Option<&Path>, uids: &[u32]) -> io::Result<()> {
+    let granted = super::acl::grant_users(path, uids, super::acl::READ_WRITE).and_then(|()| match managed_dir {
+        Some(dir) => super::acl::grant_users(dir, uids, super::acl::SEARCH),
+        None => Ok(()),
+    });
+    match granted {
+        Ok(()) => Ok(()),
+        Err(err) if err.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            tracing::warn!(
+                path = %path.display(),
+                "the filesystem has no POSIX ACLs: the socket is open to every uid for --allow-uid, \
+                 and only the peer check refuses the uids that are not allowed"
+            );
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+            if let Some(dir) = managed_dir {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
+            }
+            Ok(())
+        }
+        Err(err) => Err(err),
+    }
 }
 
 /// Settings of the accept loop.
@@ -120,6 +208,10 @@ pub struct ServeOptions {
     pub limits: Limits,
     /// How long shutdown waits for open connections to finish.
     pub drain: Duration,
+    /// Clients cause at most one resolution pass per this interval (REFRESH).
+    pub refresh_min_interval: Duration,
+    /// Bytes of framed values and replies in flight across all connections.
+    pub max_inflight_bytes: usize,
 }
 
 /// Accepts connections until `shutdown`, then drains them (bounded by `drain`).
@@ -132,6 +224,10 @@ pub async fn serve(
 ) {
     let own_uid = nix::unistd::getuid().as_raw();
     let permits = Arc::new(Semaphore::new(options.max_connections));
+    let shared = Shared {
+        budget: ByteBudget::new(options.max_inflight_bytes),
+        refresh: RefreshGate::new(broker.clone(), options.refresh_min_interval),
+    };
     let tracker = TaskTracker::new();
     loop {
         let accepted = tokio::select! {
@@ -167,7 +263,8 @@ pub async fn serve(
             refuse(stream, "ERR busy: too many connections\n".to_string());
             continue;
         };
-        let connection = Connection::new(stream, peer, broker.clone(), audit.clone(), options.limits.clone());
+        let connection =
+            Connection::new(stream, peer, broker.clone(), audit.clone(), options.limits.clone(), shared.clone());
         let cancel = shutdown.clone();
         tracker.spawn(async move {
             connection.run(cancel).await;

@@ -5,10 +5,13 @@
 //! spends a single `op` call), then every reference is resolved, then the server accepts.
 //! Clients that connect in between simply wait for their first answer.
 
+mod acl;
 pub mod audit;
 pub mod broker;
+pub mod budget;
 pub mod connection;
 pub mod listener;
+pub mod refresh;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -55,6 +58,8 @@ pub struct BrokerConfig {
     pub policy: BrokerPolicy,
     pub serve: ServeOptions,
     pub audit_log: Option<PathBuf>,
+    /// Make the audit log blocking: a request waits until its line is written.
+    pub audit_log_strict: bool,
     pub pid_file: Option<PathBuf>,
     /// Start even when some references cannot be resolved.
     pub allow_missing: bool,
@@ -134,12 +139,11 @@ impl Service {
         reaper: &Reaper,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Service, StartError> {
-        let socket = listener::bind(&config.socket)?;
+        let socket = listener::bind_allowing(&config.socket, &config.serve.allow_uids)?;
         let audit =
             match &config.audit_log {
-                Some(path) => Some(Arc::new(AuditLog::open(path).map_err(|source| StartError::Io {
-                    action: format!("open audit log {}", path.display()),
-                    source,
+                Some(path) => Some(Arc::new(AuditLog::open(path, config.audit_log_strict).map_err(|source| {
+                    StartError::Io { action: format!("open audit log {}", path.display()), source }
                 })?)),
                 None => None,
             };
