@@ -171,6 +171,23 @@ pub struct BrokerArgs {
     /// A request must be complete this long after its first byte.
     #[arg(long, env = "OP_BRIDGE_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
+    /// Sealed restart cache and write-back journal (needs OP_SERVICE_ACCOUNT_TOKEN or
+    /// OP_CONNECT_TOKEN: the key is derived from it).
+    #[arg(long, env = "OP_BRIDGE_CACHE")]
+    pub cache: Option<PathBuf>,
+    /// A cache younger than this is used at start with no 1Password call.
+    #[arg(long, env = "OP_BRIDGE_CACHE_FRESH", default_value = "10m", value_parser = parse_duration)]
+    pub cache_fresh: Duration,
+    /// An older cache is used only while 1Password is unavailable, and not past this age.
+    #[arg(long, env = "OP_BRIDGE_CACHE_MAX_STALE", default_value = "24h", value_parser = parse_duration)]
+    pub cache_max_stale: Duration,
+    /// Re-resolve every secret this often (± 10% jitter); 0 or unset: never.
+    #[arg(long, env = "OP_BRIDGE_REFRESH_INTERVAL", value_parser = parse_duration)]
+    pub refresh_interval: Option<Duration>,
+    /// Reads per hour the token may spend (1000 on Teams); a refresh interval that would
+    /// exceed it is warned about at start.
+    #[arg(long, env = "OP_BRIDGE_READ_BUDGET", default_value_t = 1000)]
+    pub read_budget: u64,
 }
 
 #[derive(Debug, Args)]

@@ -20,9 +20,12 @@
 //!   `op-bridge run`.
 //! - [`watch`]: credential-file watching (capture, debounce, materialization);
 //!   [`writeback`]: the per-target write-back queue that never drops a rotation.
+//! - [`cache`]: the sealed restart cache and the write-back journal; [`refresh`]: the
+//!   periodic refresh timer and the read meter.
 //! - [`hardening`]: no dumps, not dumpable, memlock reporting.
 
 pub mod backend;
+pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod commands;
@@ -32,6 +35,7 @@ pub mod hardening;
 pub mod locked;
 pub mod protocol;
 pub mod reference;
+pub mod refresh;
 pub mod store;
 pub mod supervise;
 pub mod watch;

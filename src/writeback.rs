@@ -93,6 +93,8 @@ pub struct WriteBack {
     changes_tx: broadcast::Sender<Vec<String>>,
     targets: Mutex<BTreeMap<String, Arc<Target>>>,
     flushing: CancellationToken,
+    /// Durable journal (issue 13, `--cache`): accepted writes are sealed to disk until stored.
+    journal: std::sync::OnceLock<crate::cache::Journal>,
 }
 
 impl WriteBack {
@@ -109,6 +111,7 @@ impl WriteBack {
             changes_tx,
             targets: Mutex::new(BTreeMap::new()),
             flushing: CancellationToken::new(),
+            journal: std::sync::OnceLock::new(),
         })
     }
 
@@ -137,6 +140,11 @@ impl WriteBack {
         target
     }
 
+    /// Journals every accepted write from now on (issue 13; set once, at start).
+    pub fn attach_journal(&self, journal: crate::cache::Journal) {
+        let _ = self.journal.set(journal);
+    }
+
     /// Queues `value` for `reference`, replacing any unsent older value. Returns the
     /// submission's generation.
     pub fn submit(self: &Arc<Self>, name: &str, reference: &SecretRef, value: &[u8], origin: Origin) -> u64 {
@@ -145,6 +153,10 @@ impl WriteBack {
             let mut state = target.lock();
             state.next_generation += 1;
             let generation = state.next_generation;
+            // Journal hook (issue 13): sealed to disk before the write is acknowledged.
+            if let Some(journal) = self.journal.get() {
+                journal.record(name, reference, generation, value);
+            }
             let replaced = state.pending.replace(Pending { generation, origin, value: Zeroizing::new(value.to_vec()) });
             if replaced.is_some() {
                 tracing::debug!(name, reference = %reference, "newer value replaces an unsent one");
@@ -237,6 +249,10 @@ impl WriteBack {
                 let newest = state.pending.is_none();
                 drop(state);
                 tracing::info!(name = %target.name, reference = %target.reference, "write-back stored");
+                // Journal hook (issue 13): stored, so no longer needs replaying.
+                if let Some(journal) = self.journal.get() {
+                    journal.settle(&target.reference, job.generation);
+                }
                 if newest && self.store.set_value(&target.name, &job.value) {
                     let _ = self.changes_tx.send(vec![target.name.clone()]);
                 }
@@ -247,6 +263,10 @@ impl WriteBack {
                 state.last_error = Some(format!("{}: {}", err.kind.label(), err.message));
                 drop(state);
                 tracing::warn!(name = %target.name, reference = %target.reference, "SET refused by the backend: {err}");
+                // Journal hook (issue 13): refused for good, and its client was told.
+                if let Some(journal) = self.journal.get() {
+                    journal.settle(&target.reference, job.generation);
+                }
                 target.outcome_tx.send_replace(Outcome::Refused(job.generation, err.message));
                 None
             }
