@@ -153,9 +153,7 @@ async fn inject_narrowing<'a>(runner: &'a dyn OpRunner, refs: Vec<&'a SecretRef>
         // Out of retries, or the token itself is refused: the same answer for every reference.
         return refs.iter().map(|_| Err(err.clone())).collect();
     }
-    let named: Vec<usize> =
-        (0..refs.len()).filter(|&i| err.message.contains(&format!("'{}'", refs[i]))).collect();
-    if let [bad] = named[..] {
+    if let Some(bad) = named_reference(&err, &refs) {
         let rest: Vec<&SecretRef> = refs.iter().enumerate().filter(|&(i, _)| i != bad).map(|(_, r)| *r).collect();
         let mut rest_results = resolve_batch(runner, rest, plan).await.into_iter();
         return (0..refs.len()).map(|i| if i == bad { Err(err.clone()) } else { next_or_lost(&mut rest_results) }).collect();
@@ -165,6 +163,15 @@ async fn inject_narrowing<'a>(runner: &'a dyn OpRunner, refs: Vec<&'a SecretRef>
         tokio::join!(resolve_batch(runner, left.to_vec(), plan), resolve_batch(runner, right.to_vec(), plan));
     a.extend(b);
     a
+}
+
+/// The one reference of `refs` that `err` quotes (`op` names the reference it failed on).
+fn named_reference(err: &BackendError, refs: &[&SecretRef]) -> Option<usize> {
+    let named: Vec<usize> = (0..refs.len()).filter(|&i| err.message.contains(&format!("'{}'", refs[i]))).collect();
+    match named[..] {
+        [one] => Some(one),
+        _ => None,
+    }
 }
 
 fn next_or_lost(results: &mut impl Iterator<Item = Outcome>) -> Outcome {
@@ -184,7 +191,15 @@ async fn inject_retrying(
         let nonce = nonce();
         let template = template(&nonce, refs);
         crate::refresh::READS.add(distinct_items(refs));
-        match runner.run(&["inject"], Some(&template), &names).await {
+        let outcome = runner.run(&["inject"], Some(&template), &names).await.map_err(|err| {
+            // Classified again with only the names of the reference the error is about: the
+            // names of a whole batch are many, and blanking them all can hide the wording.
+            match named_reference(&err, refs) {
+                Some(bad) => BackendError::new(super::op::classify_text(&err.message, &refs[bad].names()), err.message),
+                None => err,
+            }
+        });
+        match outcome {
             Ok(out) => return Ok(parse_injected(&out, &nonce, refs.len())),
             Err(err) if err.kind.is_permanent() || attempt >= plan.retry.attempts => return Err(err),
             Err(err) => {
