@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use core_support::*;
-use serde_json::json;
+use serde_json::{Value as Json, json};
 
 // ---------------------------------------------------------------- 1. values and versions
 
