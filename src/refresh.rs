@@ -96,7 +96,9 @@ impl Drop for RefreshTimer {
 /// Starts the timer when `interval` is set; keep the handle as long as it should run.
 pub fn start(service: Arc<Service>, interval: Option<Duration>, budget: u64) -> Option<RefreshTimer> {
     let interval = interval.filter(|d| !d.is_zero())?;
-    check_budget(interval, service.broker.store.references().len(), budget);
+    let items: std::collections::BTreeSet<(String, String)> =
+        service.broker.store.references().into_iter().map(|(_, r)| (r.vault, r.item)).collect();
+    check_budget(interval, items.len(), budget);
     let stop = CancellationToken::new();
     let timer = RefreshTimer { stop: stop.clone() };
     tokio::spawn(async move {
