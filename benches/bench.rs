@@ -434,7 +434,13 @@ fn cost_figures(rows: &mut Vec<(String, String)>) {
 
     let cache = d.join("bench.cache");
     let args = |mode: &str| {
-        vec![mode.to_string(), "--op-path".into(), fake_op().display().to_string(), "--cache".into(), cache.display().to_string()]
+        vec![
+            mode.to_string(),
+            "--op-path".into(),
+            fake_op().display().to_string(),
+            "--cache".into(),
+            cache.display().to_string(),
+        ]
     };
     let (mut cold, mut warm, mut cold_calls, mut warm_calls) = (Vec::new(), Vec::new(), 0, 0);
     for _ in 0..RUNS.min(3) {

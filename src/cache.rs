@@ -191,7 +191,8 @@ impl SealedCache {
         }
         let (header, body) = sealed.split_at(HEADER_LEN);
         let salt = &header[MAGIC.len() + 1..MAGIC.len() + 1 + SALT_LEN];
-        let nonce: [u8; NONCE_LEN] = header[HEADER_LEN - NONCE_LEN..].try_into().map_err(|_| CacheError::NotACache(path()))?;
+        let nonce: [u8; NONCE_LEN] =
+            header[HEADER_LEN - NONCE_LEN..].try_into().map_err(|_| CacheError::NotACache(path()))?;
         let plain = self
             .cipher(salt)
             .decrypt(&XNonce::from(nonce), Payload { msg: body, aad: header })
@@ -214,7 +215,8 @@ impl SealedCache {
         header.extend_from_slice(&salt);
         header.extend_from_slice(&nonce);
         // Encryption into a Vec cannot fail for inputs below the cipher's 256 GiB limit.
-        let body = self.cipher(&salt).encrypt(&XNonce::from(nonce), Payload { msg: plain, aad: &header }).unwrap_or_default();
+        let body =
+            self.cipher(&salt).encrypt(&XNonce::from(nonce), Payload { msg: plain, aad: &header }).unwrap_or_default();
         header.extend_from_slice(&body);
         header
     }

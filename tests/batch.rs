@@ -55,10 +55,7 @@ fn twenty_refs_resolve_in_at_most_concurrency_processes_byte_exact() {
 #[test]
 fn a_failing_reference_inside_a_batch_gets_its_own_reason_and_the_others_resolve() {
     let dir = TestDir::new("batchbad");
-    let fake = FakeOp::new(
-        &dir,
-        json!({"Dev": {"a": {"f": "va", "g": "vg"}, "b": {"f": "vb"}, "c": {"f": "vc"}}}),
-    );
+    let fake = FakeOp::new(&dir, json!({"Dev": {"a": {"f": "va", "g": "vg"}, "b": {"f": "vb"}, "c": {"f": "vc"}}}));
     let broker = BrokerBuilder::new(&dir, "daemon")
         .fake_op(&fake)
         .args(["--concurrency", "1", "--allow-missing"])

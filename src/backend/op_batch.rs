@@ -125,7 +125,10 @@ fn resolve_batch<'a>(runner: &'a dyn OpRunner, refs: Vec<&'a SecretRef>, plan: P
         for (i, result) in odd.into_iter().zip(odd_results).chain(plain.into_iter().zip(plain_results)) {
             results[i] = Some(result);
         }
-        results.into_iter().map(|r| r.unwrap_or_else(|| Err(BackendError::new(ErrorKind::Transient, "not resolved")))).collect()
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(BackendError::new(ErrorKind::Transient, "not resolved"))))
+            .collect()
     })
 }
 
@@ -156,7 +159,9 @@ async fn inject_narrowing<'a>(runner: &'a dyn OpRunner, refs: Vec<&'a SecretRef>
     if let Some(bad) = named_reference(&err, &refs) {
         let rest: Vec<&SecretRef> = refs.iter().enumerate().filter(|&(i, _)| i != bad).map(|(_, r)| *r).collect();
         let mut rest_results = resolve_batch(runner, rest, plan).await.into_iter();
-        return (0..refs.len()).map(|i| if i == bad { Err(err.clone()) } else { next_or_lost(&mut rest_results) }).collect();
+        return (0..refs.len())
+            .map(|i| if i == bad { Err(err.clone()) } else { next_or_lost(&mut rest_results) })
+            .collect();
     }
     let (left, right) = refs.split_at(refs.len() / 2);
     let (mut a, b) =
@@ -370,7 +375,7 @@ mod tests {
                 let mut rest = template.as_str();
                 self.calls.lock().unwrap().push(("inject".into(), template.matches("{{ ").count()));
                 while let Some(start) = rest.find("{{ ") {
-                    out.extend_from_slice(rest[..start].as_bytes());
+                    out.extend_from_slice(&rest.as_bytes()[..start]);
                     let end = rest[start..].find(" }}").unwrap() + start;
                     out.extend(self.lookup(&rest[start + 3..end])?);
                     rest = &rest[end + 3..];
@@ -386,7 +391,10 @@ mod tests {
     }
 
     fn plan(concurrency: usize) -> Plan {
-        Plan { concurrency, retry: RetryPolicy { attempts: 3, base: Duration::from_millis(1), max: Duration::from_millis(2) } }
+        Plan {
+            concurrency,
+            retry: RetryPolicy { attempts: 3, base: Duration::from_millis(1), max: Duration::from_millis(2) },
+        }
     }
 
     fn run(runner: &FakeRunner, refs: &[SecretRef], concurrency: usize) -> Vec<Outcome> {
@@ -398,7 +406,8 @@ mod tests {
     fn twenty_items_take_at_most_concurrency_processes_and_come_back_byte_exact() {
         let texts: Vec<String> = (0..20).map(|i| format!("op://v/item{i}/f")).collect();
         let values: Vec<String> = (0..20).map(|i| format!("line {i}\n\u{e9}\u{1F600}\r\n{{{{ x }}}}\n")).collect();
-        let pairs: Vec<(&str, &str)> = texts.iter().map(String::as_str).zip(values.iter().map(String::as_str)).collect();
+        let pairs: Vec<(&str, &str)> =
+            texts.iter().map(String::as_str).zip(values.iter().map(String::as_str)).collect();
         let runner = FakeRunner::with(&pairs);
         let refs = refs(&texts.iter().map(String::as_str).collect::<Vec<_>>());
         let results = run(&runner, &refs, 8);
