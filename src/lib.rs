@@ -13,7 +13,7 @@
 //! - [`reference`]: `op://` reference parsing.
 //! - [`store`]: the secret store; [`locked`]: the locked, zeroizing buffers it keeps values in.
 //! - [`backend`]: the `Backend` trait with the `op` CLI and JSON-file implementations,
-//!   error classification and retry policy.
+//!   error classification and retry policy; `op` resolves in batches (`backend::op_batch`).
 //! - [`daemon`]: the broker, the socket listener (bind, peer check, limits), connections,
 //!   the audit log, and `op-bridge daemon`.
 //! - [`supervise`]: the reaper (the only `waitpid`), spawning and signal forwarding, and

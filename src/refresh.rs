@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::ErrorKind;
 use crate::daemon::Service;
+use crate::daemon::broker::ResolveReport;
 
 /// The window of `reads_last_hour`.
 const HOUR: Duration = Duration::from_secs(3600);
@@ -111,18 +112,24 @@ pub fn start(service: Arc<Service>, interval: Option<Duration>, budget: u64) -> 
                 _ = tokio::time::sleep_until(due) => {}
             }
             let report = service.refresh().await;
-            let stated = report
-                .failed
-                .iter()
-                .filter_map(|(_, err)| match err.kind {
-                    ErrorKind::RateLimited(Some(delay)) => Some(delay),
-                    _ => None,
-                })
-                .max();
-            pause = jittered(interval).max(stated.unwrap_or_default());
+            pause = next_pause(interval, &report);
         }
     });
     Some(timer)
+}
+
+/// The pause before the next pass: the jittered interval, or longer when 1Password answered
+/// 429 and said how long to wait.
+fn next_pause(interval: Duration, report: &ResolveReport) -> Duration {
+    let stated = report
+        .failed
+        .iter()
+        .filter_map(|(_, err)| match err.kind {
+            ErrorKind::RateLimited(Some(delay)) => Some(delay),
+            _ => None,
+        })
+        .max();
+    jittered(interval).max(stated.unwrap_or_default())
 }
 
 /// `interval` ± 10%.
@@ -144,5 +151,15 @@ mod tests {
             let d = jittered(Duration::from_secs(10));
             assert!(d >= Duration::from_secs(9) && d <= Duration::from_secs(11), "{d:?}");
         }
+    }
+
+    #[test]
+    fn a_stated_429_delay_pushes_the_next_pass_back() {
+        use crate::backend::BackendError;
+        let mut report = ResolveReport::default();
+        assert!(next_pause(Duration::from_secs(10), &report) <= Duration::from_secs(11));
+        let limited = BackendError::new(ErrorKind::RateLimited(Some(Duration::from_secs(120))), "(429)");
+        report.failed.push(("A".into(), limited));
+        assert_eq!(next_pause(Duration::from_secs(10), &report), Duration::from_secs(120));
     }
 }

@@ -183,3 +183,16 @@ fn a_set_accepted_during_an_outage_survives_kill_9() {
     assert!(!broker.stderr().contains("replaying"), "{}", broker.stderr());
     assert!(s.fake.calls_of(&["item", "edit"]).is_empty());
 }
+
+#[test]
+fn a_reference_gone_from_1password_never_falls_back_to_the_cache() {
+    let s = setup("cachegone");
+    warm(&s);
+    let mut store = s.fake.read_store();
+    store["Dev"].as_object_mut().unwrap().remove("api");
+    s.fake.write_store(&store);
+    let out = builder(&s, "daemon", TOKEN).args(["--cache-fresh", "0s"]).output();
+    assert_eq!(out.status.code(), Some(69), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("API"), "{}", describe(&out));
+    assert!(!s.dir.join("secrets.cache").exists(), "the cache must be deleted on a not-found");
+}
