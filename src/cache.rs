@@ -239,6 +239,9 @@ impl SealedCache {
         let path = &self.options.path;
         let engine = base64::engine::general_purpose::STANDARD;
         let state = self.state();
+        if self.store.references().is_empty() && state.journal.is_empty() {
+            return Ok(()); // cleared at shutdown: nothing worth replacing the file with
+        }
         let mut secrets = Vec::new();
         for (name, reference) in self.store.references() {
             if let Some(text) = self.store.with_value(&name, |v| Zeroizing::new(engine.encode(v))) {
@@ -485,9 +488,21 @@ pub fn after_refresh(cache: &SealedCache, report: &ResolveReport) {
     }
 }
 
-/// Once the service is going to start: hands the journal to the write-back queue and replays
-/// what it holds. An entry whose value 1Password already has (just resolved) is dropped.
+/// Once the service is going to start: keeps the file in step with every later change of a
+/// value (a socket REFRESH, a stored write-back; the freshness time moves only with a full
+/// resolution), hands the journal to the write-back queue and replays what it holds. An
+/// entry whose value 1Password already has (just resolved) is dropped.
 pub fn replay_journal(broker: &Arc<Broker>, cache: &Arc<SealedCache>) {
+    let mut changes_rx = broker.subscribe_changes();
+    let follower = cache.clone();
+    tokio::spawn(async move {
+        loop {
+            match changes_rx.recv().await {
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => follower.write(),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
     let journal = Journal::new(cache.clone());
     broker.writeback.attach_journal(journal.clone());
     for entry in journal.pending() {

@@ -196,3 +196,21 @@ fn a_reference_gone_from_1password_never_falls_back_to_the_cache() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("API"), "{}", describe(&out));
     assert!(!s.dir.join("secrets.cache").exists(), "the cache must be deleted on a not-found");
 }
+
+#[test]
+fn a_value_picked_up_by_refresh_is_what_the_next_restart_serves() {
+    let s = setup("cacherefresh");
+    warm(&s);
+    let broker = builder(&s, "daemon", TOKEN).start();
+    let mut store = s.fake.read_store();
+    store["Dev"]["api"]["credential"] = json!("key-rotated");
+    s.fake.write_store(&store);
+    let out = broker.client(&["refresh"], None);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(get(&broker, "API"), b"key-rotated");
+    stop(broker);
+    clear_calls(&s);
+    let broker = builder(&s, "daemon", TOKEN).start();
+    assert_eq!(get(&broker, "API"), b"key-rotated");
+    assert!(s.fake.calls().is_empty(), "{:?}", s.fake.calls());
+}
