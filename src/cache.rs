@@ -239,9 +239,6 @@ impl SealedCache {
         let path = &self.options.path;
         let engine = base64::engine::general_purpose::STANDARD;
         let state = self.state();
-        if self.store.references().is_empty() && state.journal.is_empty() {
-            return Ok(()); // cleared at shutdown: nothing worth replacing the file with
-        }
         let mut secrets = Vec::new();
         for (name, reference) in self.store.references() {
             if let Some(text) = self.store.with_value(&name, |v| Zeroizing::new(engine.encode(v))) {
@@ -498,7 +495,12 @@ pub fn replay_journal(broker: &Arc<Broker>, cache: &Arc<SealedCache>) {
     tokio::spawn(async move {
         loop {
             match changes_rx.recv().await {
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => follower.write(),
+                // An empty store was cleared at shutdown: not worth replacing the file with.
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    if !follower.store.references().is_empty() {
+                        follower.write();
+                    }
+                }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             }
         }
