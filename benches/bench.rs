@@ -219,6 +219,14 @@ fn rss_kb(pid: u32) -> f64 {
 }
 
 fn main() {
+    // `OPB_BENCH_COST_ONLY=1 cargo bench`: only the issue-13 cost figures (cold start,
+    // restart, crash loop against the sequential approach).
+    if std::env::var_os("OPB_BENCH_COST_ONLY").is_some() {
+        let mut rows = Vec::new();
+        cost_figures(&mut rows);
+        print_table(rows);
+        return;
+    }
     // `cargo bench` passes --bench; `cargo test --all-targets` runs this binary without it,
     // and the benchmark has no place in a test run.
     if !std::env::args().any(|a| a == "--bench") {
@@ -381,7 +389,105 @@ fn main() {
     let size = std::fs::metadata(bin()).unwrap().len() as f64 / 1_048_576.0;
     rows.push(("binary size (release profile: stripped, thin LTO)".into(), format!("{size:.2} MB")));
 
+    cost_figures(&mut rows);
     print_table(rows);
+}
+
+/// Cost model of issue 13: every `op` process pays this fixed start-up + auth handshake…
+const PROCESS_MS: u64 = 800;
+/// …plus this per item it reads.
+const ITEM_MS: u64 = 100;
+/// Secrets (one per item) in the cost figures.
+const COST_REFS: usize = 20;
+
+/// The fake op with the cost model, `COST_REFS` items, and a service-account token.
+fn cost_env(dir: &Dir) -> Vec<(String, String)> {
+    let mut env = fake_op_env(dir, COST_REFS);
+    std::fs::write(dir.join("control.json"), format!("{{\"process_ms\": {PROCESS_MS}, \"item_ms\": {ITEM_MS}}}"))
+        .unwrap();
+    env.push(("OP_SERVICE_ACCOUNT_TOKEN".into(), "ops_bench_token".into()));
+    env.extend((0..COST_REFS).map(|i| (format!("OP_S{i}_REF"), format!("op://v/item{i}/password"))));
+    env
+}
+
+/// Cold start, restart and crash loop with the sealed cache, each as a ratio against the
+/// sequential approach (one `op read` per reference, one after the other: op-bridge 0.2)
+/// measured in the same run under the same cost model.
+fn cost_figures(rows: &mut Vec<(String, String)>) {
+    let d = Dir::new("cost");
+    let env = cost_env(&d);
+    let started = Instant::now();
+    for i in 0..COST_REFS {
+        let mut c = Command::new(fake_op());
+        c.args(["read", "--no-newline", &format!("op://v/item{i}/password")])
+            .env_clear()
+            .env("PATH", fast_path())
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null());
+        assert!(c.status().unwrap().success());
+    }
+    let sequential = started.elapsed().as_secs_f64();
+    rows.push((
+        format!("sequential `op read` ×{COST_REFS} (model: {PROCESS_MS} ms/process + {ITEM_MS} ms/item; 1 run)"),
+        format!("{sequential:.2} s ({COST_REFS} op processes)"),
+    ));
+
+    let cache = d.join("bench.cache");
+    let args = |mode: &str| {
+        vec![
+            mode.to_string(),
+            "--op-path".into(),
+            fake_op().display().to_string(),
+            "--cache".into(),
+            cache.display().to_string(),
+        ]
+    };
+    let (mut cold, mut warm, mut cold_calls, mut warm_calls) = (Vec::new(), Vec::new(), 0, 0);
+    for _ in 0..RUNS.min(3) {
+        let _ = std::fs::remove_file(&cache);
+        let _ = std::fs::remove_file(d.join("log.jsonl"));
+        let (daemon, took) = start(&d, &args("daemon"), &env);
+        cold.push(sequential / took.as_secs_f64());
+        cold_calls = op_calls(&d);
+        drop(daemon);
+        let _ = std::fs::remove_file(d.join("log.jsonl"));
+        let (daemon, took) = start(&d, &args("daemon"), &env);
+        warm.push(sequential / took.as_secs_f64());
+        warm_calls = op_calls(&d);
+        drop(daemon);
+    }
+    rows.push((
+        format!("cold start, {COST_REFS} refs, batched ({cold_calls} op processes): × faster than sequential"),
+        Spread(cold).show("×", 1),
+    ));
+    rows.push((
+        format!("restart within --cache-fresh ({warm_calls} op processes): × faster than sequential"),
+        Spread(warm).show("×", 0),
+    ));
+
+    let _ = std::fs::remove_file(d.join("log.jsonl"));
+    let started = Instant::now();
+    for _ in 0..10 {
+        let mut run_args = args("run");
+        run_args.extend(["--socket".to_string(), d.join("loop.sock").display().to_string()]);
+        run_args.extend(["--".into(), "sh".into(), "-c".into(), "exit 3".into()]);
+        let status = Command::new(bin())
+            .args(&run_args)
+            .env_clear()
+            .env("PATH", fast_path())
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(3));
+    }
+    let crash_loop = started.elapsed().as_secs_f64();
+    rows.push((
+        format!("crash loop, 10 restarts of `run --cache -- sh -c 'exit 3'` ({} op processes)", op_calls(&d)),
+        format!("{crash_loop:.2} s; {:.0}× less than 10 sequential starts", 10.0 * sequential / crash_loop),
+    ));
 }
 
 fn print_table(rows: Vec<(String, String)>) {

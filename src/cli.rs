@@ -198,6 +198,23 @@ pub struct BrokerArgs {
     /// Make the audit log blocking (a request waits for its line) instead of lossy.
     #[arg(long, env = "OP_BRIDGE_AUDIT_LOG_STRICT", value_parser = BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
     pub audit_log_strict: bool,
+    /// Sealed restart cache and write-back journal (needs OP_SERVICE_ACCOUNT_TOKEN or
+    /// OP_CONNECT_TOKEN: the key is derived from it).
+    #[arg(long, env = "OP_BRIDGE_CACHE")]
+    pub cache: Option<PathBuf>,
+    /// A cache younger than this is used at start with no 1Password call.
+    #[arg(long, env = "OP_BRIDGE_CACHE_FRESH", default_value = "10m", value_parser = parse_duration)]
+    pub cache_fresh: Duration,
+    /// An older cache is used only while 1Password is unavailable, and not past this age.
+    #[arg(long, env = "OP_BRIDGE_CACHE_MAX_STALE", default_value = "24h", value_parser = parse_duration)]
+    pub cache_max_stale: Duration,
+    /// Re-resolve every secret this often (± 10% jitter); 0 or unset: never.
+    #[arg(long, env = "OP_BRIDGE_REFRESH_INTERVAL", value_parser = parse_duration)]
+    pub refresh_interval: Option<Duration>,
+    /// Reads per hour the token may spend (1000 on Teams); a refresh interval that would
+    /// exceed it is warned about at start.
+    #[arg(long, env = "OP_BRIDGE_READ_BUDGET", default_value_t = 1000)]
+    pub read_budget: u64,
 }
 
 #[derive(Debug, Args)]

@@ -93,6 +93,13 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
         allow_missing: args.allow_missing,
         watches,
         watch: WatchOptions { debounce: args.debounce, materialize: args.materialize },
+        cache: args.cache.clone().map(|path| crate::cache::CacheOptions {
+            path,
+            fresh: args.cache_fresh,
+            max_stale: args.cache_max_stale,
+        }),
+        refresh_interval: args.refresh_interval,
+        read_budget: args.read_budget,
     })
 }
 

@@ -15,18 +15,21 @@
 //! - [`reference`]: `op://` reference parsing.
 //! - [`store`]: the secret store; [`locked`]: the locked, zeroizing buffers it keeps values in.
 //! - [`backend`]: the `Backend` trait with the `op` CLI and JSON-file implementations,
-//!   error classification and retry policy.
+//!   error classification and retry policy; `op` resolves in batches (`backend::op_batch`).
 //! - [`daemon`]: the broker, the socket listener (bind, peer check, limits), connections,
 //!   the in-flight byte budget, the REFRESH gate, the audit log, and `op-bridge daemon`.
 //! - [`supervise`]: the reaper (the only `waitpid`), spawning and signal forwarding,
 //!   `op-bridge run`, and privilege separation (`run --user`, `--op-user`, the `op` mode check).
 //! - [`watch`]: credential-file watching (capture, debounce, materialization);
 //!   [`writeback`]: the per-target write-back queue that never drops a rotation.
+//! - [`cache`]: the sealed restart cache and the write-back journal; [`refresh`]: the
+//!   periodic refresh timer and the read meter.
 //! - [`hardening`]: no dumps, not dumpable, memlock reporting.
 //! - [`logging`]: the lossy non-blocking writers behind stderr logging and the audit log.
 
 pub mod backend;
 pub mod bufio;
+pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod commands;
@@ -37,6 +40,7 @@ pub mod locked;
 pub mod logging;
 pub mod protocol;
 pub mod reference;
+pub mod refresh;
 pub mod socket_path;
 pub mod store;
 pub mod supervise;

@@ -15,6 +15,10 @@
 //! answer, and a value from a watched file that the SET had replaced becomes pending again.
 //! On shutdown, [`WriteBack::flush`] retries without the long pauses until a deadline and
 //! reports by name and target — never by value — what it could not store.
+//!
+//! With `--cache`, a [`Journal`] is attached: every accepted value is sealed to disk before
+//! `submit` returns (so before a SET is acknowledged or a capture is considered taken), and
+//! settled once it is stored or refused, so `kill -9` during an outage loses nothing.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -27,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
 use crate::backend::{Backend, BackendError, ErrorKind, FieldWrite, RetryPolicy, WriteOptions};
+use crate::cache::Journal;
 use crate::reference::SecretRef;
 use crate::store::SecretStore;
 
@@ -147,6 +152,8 @@ pub struct WriteBack {
     /// By (vault, item).
     items: Mutex<BTreeMap<(String, String), Arc<ItemQueue>>>,
     flushing: CancellationToken,
+    /// The durable journal (`--cache`), attached once at start.
+    journal: std::sync::OnceLock<Journal>,
 }
 
 impl WriteBack {
@@ -163,7 +170,25 @@ impl WriteBack {
             changes_tx,
             items: Mutex::new(BTreeMap::new()),
             flushing: CancellationToken::new(),
+            journal: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Journals every accepted write from now on (set once, at start, with `--cache`).
+    pub fn attach_journal(&self, journal: Journal) {
+        let _ = self.journal.set(journal);
+    }
+
+    fn journal_record(&self, name: &str, reference: &SecretRef, pending: &Pending) {
+        if let Some(journal) = self.journal.get() {
+            journal.record(name, reference, pending.generation, &pending.value);
+        }
+    }
+
+    fn journal_settle(&self, reference: &SecretRef, generation: u64) {
+        if let Some(journal) = self.journal.get() {
+            journal.settle(reference, generation);
+        }
     }
 
     fn items(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), Arc<ItemQueue>>> {
@@ -214,6 +239,8 @@ impl WriteBack {
             });
             field.name = name.to_string();
             let new = Pending { generation, origin, value: Zeroizing::new(value.to_vec()) };
+            // Sealed to disk before the submission counts as accepted.
+            self.journal_record(name, reference, &new);
             match field.pending.replace(new) {
                 // A SET that replaces a watched file's value keeps it as the fallback.
                 Some(old) if old.origin == Origin::Watch && origin == Origin::Set => field.fallback = Some(old),
@@ -361,6 +388,7 @@ impl WriteBack {
                         field.fallback = None;
                     }
                     tracing::info!(name = %field.name, reference = %field.reference, "write-back stored");
+                    self.journal_settle(&field.reference, job.generation);
                     // Memory follows 1Password unless a newer value is already queued.
                     if field.pending.is_none() && self.store.set_value(&field.name, &job.value) {
                         changed.push(field.name.clone());
@@ -369,10 +397,13 @@ impl WriteBack {
                 Err(err) if job.origin == Origin::Set && err.kind.is_permanent() => {
                     tracing::warn!(name = %field.name, reference = %field.reference, "SET refused by the backend: {err}");
                     field.refuse(job.generation, err.message.clone());
+                    self.journal_settle(&field.reference, job.generation);
                     if field.pending.is_none() {
-                        // The watched file's value the SET had replaced is due again.
+                        // The watched file's value the SET had replaced is due again (and
+                        // journaled again: the journal keeps one value per reference).
                         field.pending = field.fallback.take();
-                        if field.pending.is_some() {
+                        if let Some(restored) = &field.pending {
+                            self.journal_record(&field.name, &field.reference, restored);
                             pause = Some(pause.unwrap_or(Duration::ZERO));
                         }
                     }

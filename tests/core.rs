@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use core_support::*;
-use serde_json::json;
+use serde_json::{Value as Json, json};
 
 // ---------------------------------------------------------------- 1. values and versions
 
@@ -30,9 +30,9 @@ fn multiline_unicode_value_is_byte_exact_and_never_truncated_in_v1() {
         .env("OP_PAIR_A_REF", "op://Private/Pair/a")
         .env("OP_PAIR_B_REF", "op://Private/Pair/b")
         .start();
-    // Both resolution paths: `op read` (one field of OAuth) and `op item get` (two of Pair).
+    // Both resolution paths: `op read` (one field of OAuth) and `op inject` (two of Pair).
     assert_eq!(calls_mentioning(&fake, "OAuth").len(), 1, "{:?}", fake.calls());
-    assert_eq!(fake.calls_of(&["item", "get", "Pair"]).len(), 1, "{:?}", fake.calls());
+    assert_eq!(injects_mentioning(&fake, "Pair").len(), 1, "{:?}", fake.calls());
     for name in ["cred", "PAIR_A"] {
         let out = broker.client(&["get", name], None);
         assert!(out.status.success(), "{}", describe(&out));
@@ -70,7 +70,8 @@ fn op_calls_overlap_up_to_the_concurrency_bound() {
     let mut broker = builder.spawn();
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut most = 0;
-    while fake.calls_of(&["read"]).len() < 6 {
+    // Issue 13: six items in at most three batches (one `op inject` each).
+    while fake.calls_of(&["inject"]).len() < 3 {
         assert!(Instant::now() < deadline, "resolution did not finish\nstderr:\n{}", broker.stderr());
         most = most.max(fake_op_processes(&fake.store).len());
         std::thread::sleep(Duration::from_millis(20));
@@ -82,7 +83,7 @@ fn op_calls_overlap_up_to_the_concurrency_bound() {
 }
 
 #[test]
-fn fields_of_one_item_are_fetched_with_one_item_get() {
+fn fields_of_one_item_are_fetched_with_one_process() {
     let dir = TestDir::new("c-group");
     let fake = FakeOp::new(
         &dir,
@@ -94,9 +95,8 @@ fn fields_of_one_item_are_fetched_with_one_item_get() {
         .env("OP_S_REF", "op://Private/Multi/Sec/otp")
         .env("OP_K_REF", "op://Private/Single/key")
         .start();
-    let multi = calls_mentioning(&fake, "Multi");
-    assert_eq!(multi.len(), 1, "Multi asked for more than once: {multi:?}");
-    assert_eq!(argv_of(&multi[0])[..2], ["item", "get"], "{multi:?}");
+    let multi = injects_mentioning(&fake, "Multi");
+    assert_eq!(multi.len(), 1, "Multi asked for more than once: {:?}", fake.calls());
     assert_eq!(fake.calls_of(&["read"]).len(), 1, "{:?}", fake.calls());
     for (name, value) in [("U", "u1"), ("P", "p1"), ("S", "s1"), ("K", "k1")] {
         assert_get(&broker.socket, name, value.as_bytes(), "after start");
@@ -200,9 +200,12 @@ fn op_gets_a_null_stdin_for_reads() {
     assert!(out.status.success(), "{}", describe(&out));
     let calls = fake.calls();
     assert_eq!(fake.calls_of(&["read"]).len(), 2, "{calls:?}");
-    assert_eq!(fake.calls_of(&["item", "get"]).len(), 2, "{calls:?}");
+    // Issue 13: a batch is fed its template (references only, never a value).
+    assert_eq!(fake.calls_of(&["inject"]).len(), 2, "{calls:?}");
     for call in &calls {
-        assert_eq!(call["stdin_devnull"], true, "op was not given /dev/null as stdin: {call}");
+        if argv_of(call)[0] != "inject" {
+            assert_eq!(call["stdin_devnull"], true, "op was not given /dev/null as stdin: {call}");
+        }
     }
 }
 
@@ -683,4 +686,9 @@ fn client_falls_back_to_version_1_without_corrupting_set() {
     assert!(!out.status.success(), "{}", describe(&out));
     let lines = seen.lock().unwrap().clone();
     assert!(!lines.iter().any(|l| l.contains("two") || l.contains("lines")), "{lines:?}");
+}
+
+/// `op inject` calls whose template mentions `needle` (batched resolution, issue 13).
+fn injects_mentioning(fake: &FakeOp, needle: &str) -> Vec<Json> {
+    fake.calls_of(&["inject"]).into_iter().filter(|c| c["stdin"].as_str().is_some_and(|s| s.contains(needle))).collect()
 }

@@ -52,7 +52,8 @@ fn twenty_items_resolve_concurrently() {
     // larger of the two, so that it still fails every serial implementation.
     let serial = (20.0 * 0.1f64).max(0.75 * 20.0 * call.as_secs_f64());
     assert!(seconds < serial, "resolution was not concurrent: {seconds}s (serial ≈ {serial:.2}s)\n{stderr}");
-    assert_eq!(fake.calls_of(&["read"]).len(), 20, "{:?}", fake.calls());
+    // Issue 13: 20 items in at most `--concurrency` (8) batched processes.
+    assert!(fake.calls().len() <= 8, "{:?}", fake.calls());
     assert!(fake.calls_of(&["item"]).is_empty(), "{:?}", fake.calls());
     for i in [0, 7, 19] {
         assert_get(&broker.socket, &format!("S{i:02}"), format!("value-{i}").as_bytes(), "after start");

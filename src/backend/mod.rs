@@ -8,6 +8,7 @@
 
 pub mod file;
 pub mod op;
+mod op_batch;
 
 use std::future::Future;
 use std::pin::Pin;

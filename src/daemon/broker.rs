@@ -269,6 +269,7 @@ impl Broker {
             "memory": { "locked_bytes": locks.locked_bytes, "unlocked_bytes": locks.unlocked_bytes },
             "writeback": self.writeback.status(),
             "logging": crate::logging::status(),
+            "refresh": crate::refresh::status(),
             "last_refresh": last.map(|(at, summary)| json!({
                 "age_s": SystemTime::now().duration_since(at).map(|d| d.as_secs()).unwrap_or(0),
                 "summary": summary,

@@ -66,6 +66,11 @@ pub struct BrokerConfig {
     /// Credential files to watch and write back.
     pub watches: Vec<WatchSpec>,
     pub watch: WatchOptions,
+    /// Sealed restart cache and write-back journal (`--cache`; issue 13).
+    pub cache: Option<crate::cache::CacheOptions>,
+    /// Timed refresh (`--refresh-interval`, None = off) and the reads/hour it may plan for.
+    pub refresh_interval: Option<Duration>,
+    pub read_budget: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +135,7 @@ pub struct Service {
     serve: ServeOptions,
     pid_file: Option<PathBuf>,
     watcher: std::sync::Mutex<Option<WatchHandle>>,
+    cache: Option<Arc<crate::cache::SealedCache>>,
 }
 
 impl Service {
@@ -177,7 +183,14 @@ impl Service {
             }
         }
 
-        let mut report = broker.resolve_all().await;
+        // Sealed cache (issue 13): a fresh cache answers without 1Password; a stale one only
+        // while 1Password is unavailable.
+        let token = crate::cache::token_from_env();
+        let cache = config.cache.clone().and_then(|options| {
+            crate::cache::SealedCache::new(options, token.as_ref().map(|t| t.as_str()), broker.store.clone())
+        });
+        let watched: Vec<String> = config.watches.iter().map(|w| w.name.clone()).collect();
+        let mut report = crate::cache::resolve_at_start(&broker, cache.as_ref(), &watched).await;
         log_report("start-up", &report);
         // A watched credential that 1Password does not have yet is not an error: its first
         // write-back creates it.
@@ -186,6 +199,9 @@ impl Service {
             .retain(|(name, err)| !(err.kind == ErrorKind::NotFound && config.watches.iter().any(|w| &w.name == name)));
         if !report.failed.is_empty() && !config.allow_missing {
             return Err(StartError::SecretsUnavailable(report.failure_summary()));
+        }
+        if let Some(cache) = &cache {
+            crate::cache::replay_journal(&broker, cache);
         }
         let watcher = crate::watch::start(&config.watches, broker.watch_context(), config.watch.clone())
             .await
@@ -202,6 +218,7 @@ impl Service {
             serve: config.serve.clone(),
             pid_file: config.pid_file.clone(),
             watcher: std::sync::Mutex::new(watcher),
+            cache,
         })
     }
 
@@ -220,6 +237,9 @@ impl Service {
     pub async fn refresh(&self) -> ResolveReport {
         let report = self.broker.resolve_all().await;
         log_report("refresh", &report);
+        if let Some(cache) = &self.cache {
+            crate::cache::after_refresh(cache, &report);
+        }
         report
     }
 
@@ -292,6 +312,7 @@ pub async fn run_daemon(config: BrokerConfig, grace: Duration) -> Result<u8, Sta
         let shutdown = shutdown.clone();
         tokio::spawn(async move { service.serve(shutdown).await })
     };
+    let _refresh_timer = crate::refresh::start(service.clone(), config.refresh_interval, config.read_budget);
     loop {
         tokio::select! {
             _ = hup.recv() => {

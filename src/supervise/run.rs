@@ -307,6 +307,7 @@ pub async fn run(mut config: BrokerConfig, args: RunArgs) -> Result<u8, StartErr
         tokio::spawn(async move { service.serve(shutdown).await })
     };
     let mut changes = service.broker.subscribe_changes();
+    let _refresh_timer = crate::refresh::start(service.clone(), config.refresh_interval, config.read_budget);
 
     // Decided once: a restarted command takes the terminal back from its predecessor.
     let terminal = child::owns_terminal();

@@ -237,6 +237,21 @@ check "hang killed by timeout (SIGTERM)" test "$RC" = 124
 ctl '{}'
 check "hang logged exit null before hanging" py "import json,sys; l=[json.loads(x) for x in open('$FAKE_OP_LOG')]; sys.exit(0 if l[-1]['exit'] is None and l[-1]['argv']==['read','op://dev/db/password'] else 1)"
 
+
+# ---------------------------------------------------------------- inject
+ctl '{}'
+py "import json; p='$FAKE_OP_STORE'; s=json.load(open(p)); s['inj']={'db':{'password':'line1\\nline2 ünï€😀\\n','extra':{'token':'tok-1'}}}; json.dump(s, open(p,'w'), ensure_ascii=False)"
+run_in $'A\n{{ op://inj/db/password }}\nB {{op://inj/db/extra/token}} C' "$OP" inject
+check "inject copies template, raw values byte exact" py "import sys; d=open('$T/out','rb').read(); sys.exit(0 if $RC==0 and d=='A\nline1\nline2 ünï€😀\n\nB tok-1 C'.encode() else 1)"
+run_in $'x {{ op://dev/nope/password }} {{ op://inj/db/password }}' "$OP" inject
+check "inject fails whole template on first bad ref" bash -c "[[ $RC -eq 1 && ! -s '$T/out' ]] && grep -q \"could not read secret 'op://dev/nope/password'\" '$T/err'"
+run_in 'no markers' "$OP" inject
+check "inject without markers copies" test "$RC:$(cat "$T/out")" = "0:no markers"
+ctl '{"process_ms": 200, "item_ms": 100}'
+s=$(date +%s%N); run_in '{{ op://inj/db/password }}{{ op://inj/db/extra/token }}{{ op://dev/api/credential }}' "$OP" inject; e=$(date +%s%N)
+check "cost model: process_ms + item_ms per distinct item" test $(( (e - s) / 1000000 )) -ge 400
+ctl '{}'
+
 # ---------------------------------------------------------------- call log
 : >"$FAKE_OP_LOG"
 "$OP" read -n --account acme op://dev/db/extra/token </dev/null >/dev/null

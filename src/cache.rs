@@ -1,0 +1,607 @@
+//! The sealed restart cache and the write-back journal (DESIGN §10): one file that lets a
+//! restart cost no 1Password call and a `kill -9` lose no rotation.
+//!
+//! File layout: `OPBCACHE` · version byte · 16-byte salt · 24-byte nonce · XChaCha20-Poly1305
+//! ciphertext of a JSON document (the header is the associated data, so it cannot be
+//! altered either). The key is HKDF-SHA256 of the 1Password token in use
+//! (`OP_SERVICE_ACCOUNT_TOKEN`, else `OP_CONNECT_TOKEN`) with the file's salt: the file gives
+//! nothing to anyone who does not already hold that token, and under another token it fails
+//! to open, is ignored, and is replaced by the next write. Without a token (the file backend)
+//! there is no cache: a key derived from nothing would protect nothing.
+//!
+//! The document holds the values of the last resolution (with when it happened) and the
+//! journal: every accepted write-back not yet stored in 1Password, sealed before it is
+//! acknowledged and replayed at the next start. Each change rewrites the file atomically, mode
+//! 0600. Plaintext copies (the JSON, base64 text, decoded values) are zeroized after use.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use hkdf::Hkdf;
+use serde_json::{Value as Json, json};
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use crate::backend::op::scrub;
+use crate::backend::{ErrorKind, Value};
+use crate::daemon::broker::{Broker, ResolveReport};
+use crate::reference::SecretRef;
+use crate::store::{SecretStore, Source};
+use crate::writeback::Origin;
+
+const MAGIC: &[u8; 8] = b"OPBCACHE";
+const VERSION: u8 = 1;
+const SALT_LEN: usize = 16;
+const NONCE_LEN: usize = 24;
+const HEADER_LEN: usize = MAGIC.len() + 1 + SALT_LEN + NONCE_LEN;
+const HKDF_INFO: &[u8] = b"op-bridge sealed cache v1";
+/// Largest cache file read (values are at most 1 MiB each; this is far beyond any real use).
+const MAX_FILE: u64 = 256 * 1024 * 1024;
+/// Backoff of the background refresh after a stale start: from 2 s up to this.
+const STALE_RETRY_MAX: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cannot {action} {path}: {source}")]
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{0} is not an op-bridge cache file")]
+    NotACache(PathBuf),
+    #[error("{path} has format version {found}; this op-bridge reads version {VERSION}")]
+    Version { path: PathBuf, found: u8 },
+    #[error("{0} cannot be opened with this token (another token, or altered)")]
+    Sealed(PathBuf),
+    #[error("{0} holds a malformed document")]
+    Malformed(PathBuf),
+}
+
+/// `--cache`, `--cache-fresh`, `--cache-max-stale`.
+#[derive(Debug, Clone)]
+pub struct CacheOptions {
+    pub path: PathBuf,
+    /// Younger than this: used at start with no 1Password call.
+    pub fresh: Duration,
+    /// Older than `fresh` but younger than this: used only while 1Password is unavailable.
+    pub max_stale: Duration,
+}
+
+/// One cached value.
+pub struct CachedSecret {
+    pub name: String,
+    pub reference: String,
+    pub value: Value,
+}
+
+/// One journaled write-back.
+#[derive(Clone)]
+pub struct JournalEntry {
+    pub name: String,
+    pub reference: SecretRef,
+    pub generation: u64,
+    pub value: Value,
+}
+
+/// What a cache file held.
+pub struct Snapshot {
+    /// When the values were last resolved from 1Password.
+    pub written: SystemTime,
+    pub secrets: Vec<CachedSecret>,
+    pub journal: Vec<JournalEntry>,
+}
+
+impl Snapshot {
+    pub fn age(&self) -> Duration {
+        // A timestamp in the future (clock moved back) is treated as too old to trust.
+        SystemTime::now().duration_since(self.written).unwrap_or(Duration::MAX)
+    }
+
+    /// The cached value of `name`, if it was cached for the same reference.
+    pub fn value(&self, name: &str, reference: &SecretRef) -> Option<&Value> {
+        let reference = reference.to_string();
+        self.secrets.iter().find(|s| s.name == name && s.reference == reference).map(|s| &s.value)
+    }
+}
+
+/// The cache file and its journal.
+pub struct SealedCache {
+    options: CacheOptions,
+    token: Zeroizing<Vec<u8>>,
+    store: Arc<SecretStore>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// When the cached values were last resolved (kept across journal-only rewrites).
+    written: Option<SystemTime>,
+    journal: BTreeMap<String, JournalEntry>,
+}
+
+/// The 1Password token op-bridge itself runs with, if any.
+pub fn token_from_env() -> Option<Zeroizing<String>> {
+    ["OP_SERVICE_ACCOUNT_TOKEN", "OP_CONNECT_TOKEN"]
+        .into_iter()
+        .find_map(|key| std::env::var(key).ok().filter(|t| !t.is_empty()).map(Zeroizing::new))
+}
+
+impl SealedCache {
+    /// The cache, or None (with a warning) when there is no token to derive its key from.
+    pub fn new(options: CacheOptions, token: Option<&str>, store: Arc<SecretStore>) -> Option<Arc<SealedCache>> {
+        let Some(token) = token else {
+            tracing::warn!(
+                "--cache {} ignored: neither OP_SERVICE_ACCOUNT_TOKEN nor OP_CONNECT_TOKEN is set, and the cache \
+                 is sealed with a key derived from the token",
+                options.path.display()
+            );
+            return None;
+        };
+        Some(Arc::new(SealedCache {
+            options,
+            token: Zeroizing::new(token.as_bytes().to_vec()),
+            store,
+            state: Mutex::new(State::default()),
+        }))
+    }
+
+    pub fn options(&self) -> &CacheOptions {
+        &self.options
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn cipher(&self, salt: &[u8]) -> XChaCha20Poly1305 {
+        let mut key = Zeroizing::new([0u8; 32]);
+        // 32 bytes is always a valid HKDF-SHA256 output length.
+        let _ = Hkdf::<Sha256>::new(Some(salt), &self.token).expand(HKDF_INFO, &mut key[..]);
+        XChaCha20Poly1305::new(&(*key).into())
+    }
+
+    /// Reads and opens the file. `Ok(None)`: there is none. The journal it holds becomes this
+    /// cache's pending journal.
+    pub fn load(&self) -> Result<Option<Snapshot>, CacheError> {
+        let path = &self.options.path;
+        let io = |action, source| CacheError::Io { action, path: path.clone(), source };
+        let file = match std::fs::File::open(path) {
+            Ok(file) => file,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(io("open", err)),
+        };
+        let mut sealed = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_FILE), &mut sealed).map_err(|e| io("read", e))?;
+        let snapshot = self.open(&sealed)?;
+        let mut state = self.state();
+        state.written = Some(snapshot.written);
+        state.journal = snapshot.journal.iter().map(|e| (e.reference.to_string(), e.clone())).collect();
+        Ok(Some(snapshot))
+    }
+
+    fn open(&self, sealed: &[u8]) -> Result<Snapshot, CacheError> {
+        let path = || self.options.path.clone();
+        if sealed.len() < HEADER_LEN || &sealed[..MAGIC.len()] != MAGIC {
+            return Err(CacheError::NotACache(path()));
+        }
+        if sealed[MAGIC.len()] != VERSION {
+            return Err(CacheError::Version { path: path(), found: sealed[MAGIC.len()] });
+        }
+        let (header, body) = sealed.split_at(HEADER_LEN);
+        let salt = &header[MAGIC.len() + 1..MAGIC.len() + 1 + SALT_LEN];
+        let nonce: [u8; NONCE_LEN] =
+            header[HEADER_LEN - NONCE_LEN..].try_into().map_err(|_| CacheError::NotACache(path()))?;
+        let plain = self
+            .cipher(salt)
+            .decrypt(&XNonce::from(nonce), Payload { msg: body, aad: header })
+            .map(Zeroizing::new)
+            .map_err(|_| CacheError::Sealed(path()))?;
+        let mut doc: Json = serde_json::from_slice(&plain).map_err(|_| CacheError::Malformed(path()))?;
+        let snapshot = decode(&doc).ok_or_else(|| CacheError::Malformed(path()));
+        scrub(&mut doc);
+        snapshot
+    }
+
+    fn seal(&self, plain: &[u8]) -> Vec<u8> {
+        let mut salt = [0u8; SALT_LEN];
+        let mut nonce = [0u8; NONCE_LEN];
+        random(&mut salt);
+        random(&mut nonce);
+        let mut header = Vec::with_capacity(HEADER_LEN);
+        header.extend_from_slice(MAGIC);
+        header.push(VERSION);
+        header.extend_from_slice(&salt);
+        header.extend_from_slice(&nonce);
+        // Encryption into a Vec cannot fail for inputs below the cipher's 256 GiB limit.
+        let body =
+            self.cipher(&salt).encrypt(&XNonce::from(nonce), Payload { msg: plain, aad: &header }).unwrap_or_default();
+        header.extend_from_slice(&body);
+        header
+    }
+
+    /// Writes the store's current values (and the journal) as a fresh resolution.
+    pub fn save_resolved(&self) {
+        self.state().written = Some(SystemTime::now());
+        self.write();
+    }
+
+    /// Rewrites the file from the store and the journal (atomic, 0600). Failures are logged:
+    /// the cache is an optimisation, and the journal's caller learns nothing it could act on.
+    fn write(&self) {
+        if let Err(err) = self.try_write() {
+            tracing::warn!("sealed cache not written: {err}");
+        }
+    }
+
+    fn try_write(&self) -> Result<(), CacheError> {
+        let path = &self.options.path;
+        let engine = base64::engine::general_purpose::STANDARD;
+        let state = self.state();
+        let mut secrets = Vec::new();
+        for (name, reference) in self.store.references() {
+            if let Some(text) = self.store.with_value(&name, |v| Zeroizing::new(engine.encode(v))) {
+                secrets.push(json!({ "name": name, "ref": reference.to_string(), "value": text.as_str() }));
+            }
+        }
+        let journal: Vec<Json> = state
+            .journal
+            .values()
+            .map(|e| {
+                let text = Zeroizing::new(engine.encode(&e.value));
+                json!({ "name": e.name, "ref": e.reference.to_string(), "generation": e.generation, "value": text.as_str() })
+            })
+            .collect();
+        let written = state.written.unwrap_or(SystemTime::UNIX_EPOCH);
+        let written = written.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let mut doc = json!({ "version": VERSION, "written": written, "secrets": secrets, "journal": journal });
+        let plain = Zeroizing::new(serde_json::to_vec(&doc).unwrap_or_default());
+        scrub(&mut doc);
+        let sealed = self.seal(&plain);
+        // Tighten a file someone loosened before replacing it (write_atomic keeps the mode).
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        crate::backend::file::write_atomic(path, &sealed, Some(0o600)).map_err(|source| CacheError::Io {
+            action: "write",
+            path: path.clone(),
+            source,
+        })
+        // `state` is held until here so two writers cannot interleave an older document last.
+    }
+
+    /// Removes the file (revoked token, or a reference 1Password no longer has).
+    pub fn delete(&self) {
+        match std::fs::remove_file(&self.options.path) {
+            Ok(()) => tracing::warn!("sealed cache {} deleted", self.options.path.display()),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => tracing::warn!("cannot delete sealed cache {}: {err}", self.options.path.display()),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.options.path
+    }
+}
+
+/// The durable write-back journal, kept in the sealed cache file.
+#[derive(Clone)]
+pub struct Journal {
+    cache: Arc<SealedCache>,
+}
+
+impl Journal {
+    pub fn new(cache: Arc<SealedCache>) -> Journal {
+        Journal { cache }
+    }
+
+    /// Seals an accepted write-back to disk (replacing an older one for the same reference)
+    /// before it is acknowledged.
+    pub fn record(&self, name: &str, reference: &SecretRef, generation: u64, value: &[u8]) {
+        let entry = JournalEntry {
+            name: name.to_string(),
+            reference: reference.clone(),
+            generation,
+            value: Zeroizing::new(value.to_vec()),
+        };
+        self.cache.state().journal.insert(reference.to_string(), entry);
+        self.cache.write();
+    }
+
+    /// Drops the entry of `reference` once generation `generation` (or a newer one) is stored.
+    pub fn settle(&self, reference: &SecretRef, generation: u64) {
+        let removed = {
+            let mut state = self.cache.state();
+            let key = reference.to_string();
+            match state.journal.get(&key) {
+                Some(entry) if entry.generation <= generation => state.journal.remove(&key).is_some(),
+                _ => false,
+            }
+        };
+        if removed {
+            self.cache.write();
+        }
+    }
+
+    /// Every write-back still waiting for 1Password.
+    pub fn pending(&self) -> Vec<JournalEntry> {
+        self.cache.state().journal.values().cloned().collect()
+    }
+}
+
+fn decode(doc: &Json) -> Option<Snapshot> {
+    let engine = base64::engine::general_purpose::STANDARD;
+    let value = |v: &Json| -> Option<Value> { engine.decode(v.get("value")?.as_str()?).ok().map(Zeroizing::new) };
+    let written = SystemTime::UNIX_EPOCH + Duration::from_secs(doc.get("written")?.as_u64()?);
+    let mut secrets = Vec::new();
+    for s in doc.get("secrets")?.as_array()? {
+        secrets.push(CachedSecret {
+            name: s.get("name")?.as_str()?.to_string(),
+            reference: s.get("ref")?.as_str()?.to_string(),
+            value: value(s)?,
+        });
+    }
+    let mut journal = Vec::new();
+    for e in doc.get("journal")?.as_array()? {
+        journal.push(JournalEntry {
+            name: e.get("name")?.as_str()?.to_string(),
+            reference: SecretRef::parse(e.get("ref")?.as_str()?).ok()?,
+            generation: e.get("generation")?.as_u64()?,
+            value: value(e)?,
+        });
+    }
+    Some(Snapshot { written, secrets, journal })
+}
+
+fn random(buf: &mut [u8]) {
+    // Without the kernel's generator no cache file is worth writing; an all-zero salt and
+    // nonce would still be unique per key only by luck, so mix in fastrand as a last resort.
+    if getrandom::fill(buf).is_err() {
+        buf.iter_mut().for_each(|b| *b = fastrand::u8(..));
+    }
+}
+
+fn unavailable(kind: ErrorKind) -> bool {
+    matches!(kind, ErrorKind::RateLimited(_) | ErrorKind::Timeout | ErrorKind::Transient)
+}
+
+/// The start-up resolution with the cache (hook of `Service::start`).
+///
+/// - a fresh cache that covers every registered reference: its values, no 1Password call;
+/// - otherwise resolve; if every failure is 1Password being unavailable and the cache is
+///   within `--cache-max-stale`, the failed names are served from it as `stale` and a
+///   background task refreshes them as soon as 1Password answers;
+/// - an authentication failure, or a not-found of a name not in `tolerated`, deletes the
+///   cache and falls back to nothing (the caller fails closed as without a cache).
+pub async fn resolve_at_start(
+    broker: &Arc<Broker>,
+    cache: Option<&Arc<SealedCache>>,
+    tolerated: &[String],
+) -> ResolveReport {
+    let Some(cache) = cache else { return broker.resolve_all().await };
+    let snapshot = cache.load().unwrap_or_else(|err| {
+        tracing::warn!("sealed cache ignored (it will be replaced): {err}");
+        None
+    });
+    let registered = broker.store.references();
+    if let Some(snapshot) = &snapshot {
+        let age = snapshot.age();
+        let all_cached = registered.iter().all(|(name, r)| snapshot.value(name, r).is_some());
+        if age < cache.options.fresh && all_cached {
+            let started = std::time::Instant::now();
+            let mut report = ResolveReport { total: registered.len(), ..ResolveReport::default() };
+            for (name, r) in &registered {
+                if let Some(value) = snapshot.value(name, r) {
+                    broker.store.set_value(name, value);
+                    report.resolved += 1;
+                    report.changed.push(name.clone());
+                }
+            }
+            report.elapsed = started.elapsed();
+            tracing::info!(
+                "start-up: {} secrets from the sealed cache ({}s old, fresh for {}s): no 1Password call",
+                report.resolved,
+                age.as_secs(),
+                cache.options.fresh.as_secs()
+            );
+            return report;
+        }
+    }
+    let mut report = broker.resolve_all().await;
+    let refused = report.failed.iter().any(|(name, err)| {
+        err.kind == ErrorKind::Auth || (err.kind == ErrorKind::NotFound && !tolerated.contains(name))
+    });
+    if refused {
+        cache.delete();
+        return report;
+    }
+    if report.failed.is_empty() {
+        cache.save_resolved();
+        return report;
+    }
+    let Some(snapshot) = snapshot.filter(|s| s.age() <= cache.options.max_stale) else { return report };
+    if !report.failed.iter().all(|(_, err)| unavailable(err.kind)) {
+        return report;
+    }
+    let age = snapshot.age().as_secs();
+    let mut served = Vec::new();
+    report.failed.retain(|(name, err)| {
+        let cached = broker.store.reference(name).and_then(|r| snapshot.value(name, &r));
+        match cached {
+            Some(value) => {
+                broker.store.set_value(name, value);
+                broker.store.mark_failed(
+                    name,
+                    format!("stale: served from the sealed cache ({age}s old); 1Password unavailable: {}", err.message),
+                );
+                served.push(name.clone());
+                false
+            }
+            None => true,
+        }
+    });
+    if !served.is_empty() {
+        report.resolved += served.len();
+        tracing::warn!(
+            "1Password unavailable: {} served from the sealed cache ({age}s old) as stale; refreshing in the background",
+            served.join(", ")
+        );
+        tokio::spawn(refresh_until_available(broker.clone(), cache.clone()));
+    }
+    report
+}
+
+/// After a stale start: re-resolves with backoff until 1Password answers, then saves.
+async fn refresh_until_available(broker: Arc<Broker>, cache: Arc<SealedCache>) {
+    let mut pause = Duration::from_secs(2);
+    loop {
+        tokio::time::sleep(pause.mul_f64(0.75 + fastrand::f64() * 0.5)).await;
+        if broker.store.references().is_empty() {
+            return; // shut down (the store was cleared)
+        }
+        let report = broker.resolve_all().await;
+        crate::daemon::log_report("background refresh", &report);
+        if !report.failed.iter().any(|(_, err)| unavailable(err.kind)) {
+            after_refresh(&cache, &report);
+            return;
+        }
+        if let Some(stated) = report.failed.iter().find_map(|(_, e)| match e.kind {
+            ErrorKind::RateLimited(Some(d)) => Some(d),
+            _ => None,
+        }) {
+            pause = stated;
+        } else {
+            pause = (pause * 2).min(STALE_RETRY_MAX);
+        }
+    }
+}
+
+/// After any refresh: a clean pass is saved; a refused token deletes the cache.
+pub fn after_refresh(cache: &SealedCache, report: &ResolveReport) {
+    if report.failed.iter().any(|(_, err)| err.kind == ErrorKind::Auth) {
+        cache.delete();
+    } else if report.failed.is_empty() {
+        cache.save_resolved();
+    }
+}
+
+/// Once the service is going to start: keeps the file in step with every later change of a
+/// value (a socket REFRESH, a stored write-back; the freshness time moves only with a full
+/// resolution), hands the journal to the write-back queue and replays what it holds. An
+/// entry whose value 1Password already has (just resolved) is dropped.
+pub fn replay_journal(broker: &Arc<Broker>, cache: &Arc<SealedCache>) {
+    let mut changes_rx = broker.subscribe_changes();
+    let follower = cache.clone();
+    tokio::spawn(async move {
+        loop {
+            match changes_rx.recv().await {
+                // An empty store was cleared at shutdown: not worth replacing the file with.
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    if !follower.store.references().is_empty() {
+                        follower.write();
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    let journal = Journal::new(cache.clone());
+    broker.writeback.attach_journal(journal.clone());
+    for entry in journal.pending() {
+        let known = broker.store.with_value(&entry.name, |v| v == entry.value.as_slice()).unwrap_or(false);
+        let fresh = broker.store.status().iter().any(|s| s.name == entry.name && s.error.is_none());
+        if known && fresh {
+            tracing::info!(name = %entry.name, reference = %entry.reference, "journaled write-back already in 1Password; dropped");
+            journal.settle(&entry.reference, entry.generation);
+            continue;
+        }
+        tracing::info!(name = %entry.name, reference = %entry.reference, "replaying journaled write-back");
+        broker.store.register(&entry.name, Some(entry.reference.clone()), Source::Set);
+        broker.writeback.submit(&entry.name, &entry.reference, &entry.value, Origin::Watch);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(dir: &Path, token: &str) -> (Arc<SealedCache>, Arc<SecretStore>) {
+        let store = Arc::new(SecretStore::new());
+        let options = CacheOptions {
+            path: dir.join("cache"),
+            fresh: Duration::from_secs(600),
+            max_stale: Duration::from_secs(86_400),
+        };
+        (SealedCache::new(options, Some(token), store.clone()).unwrap(), store)
+    }
+
+    fn tempdir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("opb-cache-unit-{}-{}", std::process::id(), fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn values_round_trip_sealed_and_only_under_the_same_token() {
+        let dir = tempdir();
+        let (cache, store) = cache(&dir, "ops_token_one");
+        let r = SecretRef::parse("op://vault/item/password").unwrap();
+        store.register("PW", Some(r.clone()), Source::Env);
+        store.set_value("PW", "multi\nline ü\0".as_bytes());
+        cache.save_resolved();
+        let raw = std::fs::read(cache.path()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(cache.path()).unwrap().permissions().mode() & 0o777, 0o600);
+        for plain in [&b"multi"[..], b"password", b"vault", b"PW", b"ops_token_one"] {
+            assert!(!raw.windows(plain.len()).any(|w| w == plain), "{:?} in the file", String::from_utf8_lossy(plain));
+        }
+        let snapshot = cache.load().unwrap().unwrap();
+        assert_eq!(snapshot.value("PW", &r).unwrap().as_slice(), "multi\nline ü\0".as_bytes());
+        assert!(snapshot.age() < Duration::from_secs(60));
+
+        let (other, _) = self::cache(&dir, "ops_token_two");
+        assert!(matches!(other.load(), Err(CacheError::Sealed(_))));
+        let mut tampered = raw.clone();
+        *tampered.last_mut().unwrap() ^= 1;
+        std::fs::write(cache.path(), &tampered).unwrap();
+        assert!(matches!(cache.load(), Err(CacheError::Sealed(_))));
+        std::fs::write(cache.path(), b"OPBCACHE\x09").unwrap();
+        assert!(cache.load().is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn journal_records_settles_and_survives_a_reload() {
+        let dir = tempdir();
+        let (cache, _) = cache(&dir, "tok");
+        let journal = Journal::new(cache.clone());
+        let a = SecretRef::parse("op://v/i/a").unwrap();
+        let b = SecretRef::parse("op://v/i/b").unwrap();
+        journal.record("A", &a, 1, b"one");
+        journal.record("A", &a, 2, b"two");
+        journal.record("B", &b, 1, b"bee");
+        journal.settle(&a, 1);
+        assert_eq!(journal.pending().len(), 2, "an older generation does not settle a newer one");
+
+        let (reopened, _) = self::cache(&dir, "tok");
+        let snapshot = reopened.load().unwrap().unwrap();
+        assert_eq!(snapshot.journal.len(), 2);
+        let pending = Journal::new(reopened.clone()).pending();
+        let a_entry = pending.iter().find(|e| e.name == "A").unwrap();
+        assert_eq!((a_entry.generation, a_entry.value.as_slice()), (2, &b"two"[..]));
+
+        journal.settle(&a, 2);
+        journal.settle(&b, 5);
+        assert!(journal.pending().is_empty());
+        let (reopened, _) = self::cache(&dir, "tok");
+        assert!(reopened.load().unwrap().unwrap().journal.is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn no_token_means_no_cache() {
+        let options =
+            CacheOptions { path: "/nonexistent/cache".into(), fresh: Duration::ZERO, max_stale: Duration::ZERO };
+        assert!(SealedCache::new(options, None, Arc::new(SecretStore::new())).is_none());
+    }
+}

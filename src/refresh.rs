@@ -1,0 +1,165 @@
+//! Periodic refresh (`--refresh-interval`) and the read meter behind STATUS's
+//! `reads_last_hour`.
+//!
+//! The timer re-resolves every secret through the same path as SIGHUP (so the same batches,
+//! the same cache update and the same change notifications), every interval ± 10% so a fleet
+//! started together does not hit 1Password together. A 429 that states a delay pushes the
+//! next pass back by at least that delay. The meter counts item reads as the `op` backend
+//! spends them (start-up, SIGHUP, REFRESH and timer alike): it is process-wide because the
+//! quota it tracks is the token's, not one caller's.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::ErrorKind;
+use crate::daemon::Service;
+use crate::daemon::broker::ResolveReport;
+
+/// The window of `reads_last_hour`.
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// Item reads spent, with when.
+pub struct ReadMeter {
+    events: Mutex<VecDeque<(std::time::Instant, u64)>>,
+}
+
+/// Every item read of this process (the `op` backend adds to it).
+pub static READS: ReadMeter = ReadMeter { events: Mutex::new(VecDeque::new()) };
+
+/// When the timer's next pass is due (None: no timer).
+static NEXT_REFRESH: Mutex<Option<Instant>> = Mutex::new(None);
+
+impl ReadMeter {
+    pub fn add(&self, reads: u64) {
+        let now = std::time::Instant::now();
+        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        prune(&mut events, now);
+        events.push_back((now, reads));
+    }
+
+    pub fn last_hour(&self) -> u64 {
+        let now = std::time::Instant::now();
+        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        prune(&mut events, now);
+        events.iter().map(|(_, n)| n).sum()
+    }
+}
+
+fn prune(events: &mut VecDeque<(std::time::Instant, u64)>, now: std::time::Instant) {
+    while events.front().is_some_and(|(at, _)| now.duration_since(*at) > HOUR) {
+        events.pop_front();
+    }
+}
+
+/// STATUS facts: seconds to the next timed refresh (null without a timer) and item reads
+/// spent in the last hour.
+pub fn status() -> serde_json::Value {
+    let next = *NEXT_REFRESH.lock().unwrap_or_else(|e| e.into_inner());
+    json!({
+        "next_refresh_s": next.map(|at| at.saturating_duration_since(Instant::now()).as_secs()),
+        "reads_last_hour": READS.last_hour(),
+    })
+}
+
+/// Warns when refreshing `items` items every `interval` would spend more than `budget` reads
+/// an hour (start-up and SIGHUP come on top).
+pub fn check_budget(interval: Duration, items: usize, budget: u64) {
+    if interval.is_zero() {
+        return;
+    }
+    let per_hour = (items as f64 * HOUR.as_secs_f64() / interval.as_secs_f64()).ceil() as u64;
+    if per_hour > budget {
+        tracing::warn!(
+            "--refresh-interval {:?} with {items} items spends about {per_hour} reads/hour, over the \
+             --read-budget of {budget}: 1Password will answer 429 and every op-bridge on this token will stall",
+            interval
+        );
+    }
+}
+
+/// A running timer; stops when dropped.
+pub struct RefreshTimer {
+    stop: CancellationToken,
+}
+
+impl Drop for RefreshTimer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        *NEXT_REFRESH.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+/// Starts the timer when `interval` is set; keep the handle as long as it should run.
+pub fn start(service: Arc<Service>, interval: Option<Duration>, budget: u64) -> Option<RefreshTimer> {
+    let interval = interval.filter(|d| !d.is_zero())?;
+    let items: std::collections::BTreeSet<(String, String)> =
+        service.broker.store.references().into_iter().map(|(_, r)| (r.vault, r.item)).collect();
+    check_budget(interval, items.len(), budget);
+    let stop = CancellationToken::new();
+    let timer = RefreshTimer { stop: stop.clone() };
+    tokio::spawn(async move {
+        let mut pause = jittered(interval);
+        loop {
+            let due = Instant::now() + pause;
+            *NEXT_REFRESH.lock().unwrap_or_else(|e| e.into_inner()) = Some(due);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep_until(due) => {}
+            }
+            let report = service.refresh().await;
+            pause = next_pause(interval, &report);
+        }
+    });
+    Some(timer)
+}
+
+/// The pause before the next pass: the jittered interval, or longer when 1Password answered
+/// 429 and said how long to wait.
+fn next_pause(interval: Duration, report: &ResolveReport) -> Duration {
+    let stated = report
+        .failed
+        .iter()
+        .filter_map(|(_, err)| match err.kind {
+            ErrorKind::RateLimited(Some(delay)) => Some(delay),
+            _ => None,
+        })
+        .max();
+    jittered(interval).max(stated.unwrap_or_default())
+}
+
+/// `interval` ± 10%.
+fn jittered(interval: Duration) -> Duration {
+    interval.mul_f64(0.9 + fastrand::f64() * 0.2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meter_sums_reads_and_jitter_stays_within_ten_percent() {
+        let meter = ReadMeter { events: Mutex::new(VecDeque::new()) };
+        meter.add(3);
+        meter.add(4);
+        assert_eq!(meter.last_hour(), 7);
+        for _ in 0..100 {
+            let d = jittered(Duration::from_secs(10));
+            assert!(d >= Duration::from_secs(9) && d <= Duration::from_secs(11), "{d:?}");
+        }
+    }
+
+    #[test]
+    fn a_stated_429_delay_pushes_the_next_pass_back() {
+        use crate::backend::BackendError;
+        let mut report = ResolveReport::default();
+        assert!(next_pause(Duration::from_secs(10), &report) <= Duration::from_secs(11));
+        let limited = BackendError::new(ErrorKind::RateLimited(Some(Duration::from_secs(120))), "(429)");
+        report.failed.push(("A".into(), limited));
+        assert_eq!(next_pause(Duration::from_secs(10), &report), Duration::from_secs(120));
+    }
+}
