@@ -44,6 +44,8 @@ fn twenty_items_resolve_concurrently() {
         builder = builder.env(format!("OP_S{i:02}_REF"), format!("op://Private/Item{i:02}/key"));
     }
     let broker = builder.start();
+    // Log lines are written by a background thread: the summary may trail readiness.
+    eventually(Duration::from_secs(10), || resolved_seconds(&broker.stderr(), "20/20").is_some());
     let stderr = broker.stderr();
     let seconds = resolved_seconds(&stderr, "20/20").unwrap_or_else(|| panic!("no summary line:\n{stderr}"));
     eprintln!("20 refs resolved in {seconds}s; one serial call costs {call:?}");
