@@ -246,16 +246,21 @@ pub async fn start(
     Ok(Some(WatchHandle { stop, task }))
 }
 
-/// (device, inode) of a directory: a re-created or replaced directory has another.
-fn identity(dir: &Path) -> Option<(u64, u64)> {
-    std::fs::metadata(dir).ok().filter(|m| m.is_dir()).map(|m| (m.dev(), m.ino()))
+/// What tells one directory from another at the same path: device, inode and (where the
+/// filesystem records it) birth time. A directory deleted and made again may get the same
+/// inode number back, so the events about the directory itself are the main signal (see
+/// [`Directories::forget`]); this catches a replacement whose events were lost.
+type Identity = (u64, u64, Option<std::time::SystemTime>);
+
+fn identity(dir: &Path) -> Option<Identity> {
+    std::fs::metadata(dir).ok().filter(|m| m.is_dir()).map(|m| (m.dev(), m.ino(), m.created().ok()))
 }
 
 /// The watched directories and the identity each watch was armed on.
 struct Directories {
     watcher: notify::RecommendedWatcher,
     /// None: the directory is missing (or could not be watched) and is retried.
-    armed: BTreeMap<PathBuf, Option<(u64, u64)>>,
+    armed: BTreeMap<PathBuf, Option<Identity>>,
 }
 
 impl Directories {
@@ -264,6 +269,14 @@ impl Directories {
         let result = self.watcher.watch(dir, RecursiveMode::NonRecursive);
         self.armed.insert(dir.to_path_buf(), result.as_ref().ok().and(before));
         result
+    }
+
+    /// The watch on `dir` is gone (the directory itself was deleted or moved away): re-arm it
+    /// whatever its identity looks like now.
+    fn forget(&mut self, dir: &Path) {
+        if let Some(armed) = self.armed.get_mut(dir) {
+            *armed = None;
+        }
     }
 
     /// Re-arms every directory whose identity changed; returns the ones re-armed (their files
@@ -385,8 +398,15 @@ async fn event_loop(
             event = events_rx.recv() => match event {
                 Some(Ok(event)) => {
                     let about_a_directory = event.paths.iter().any(|p| dirs.armed.contains_key(p));
+                    if about_a_directory && matches!(event.kind, EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))) {
+                        for path in &event.paths {
+                            dirs.forget(path);
+                        }
+                    }
                     if event.need_rescan() {
                         tracing::warn!("file watcher lost events (queue overflow); rescanning every watched file");
+                        let all: Vec<PathBuf> = dirs.armed.keys().cloned().collect();
+                        all.iter().for_each(|dir| dirs.forget(dir));
                         rescan(&mut states, |_| true);
                     }
                     if about_a_directory || event.need_rescan() {
