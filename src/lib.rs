@@ -16,8 +16,9 @@
 //!   error classification and retry policy.
 //! - [`daemon`]: the broker, the socket listener (bind, peer check, limits), connections,
 //!   the audit log, and `op-bridge daemon`.
-//! - [`supervise`]: the reaper (the only `waitpid`), spawning and signal forwarding, and
-//!   `op-bridge run`.
+//! - [`process`]: the process-wide primitives every layer may use: the reaper (the only
+//!   `waitpid`) and the children it tracks.
+//! - [`supervise`]: spawning, signal forwarding and `op-bridge run` (the init).
 //! - [`watch`]: credential-file watching (capture, debounce, materialization);
 //!   [`writeback`]: the per-target write-back queue that never drops a rotation.
 //! - [`hardening`]: no dumps, not dumpable, memlock reporting.
@@ -30,6 +31,7 @@ pub mod daemon;
 pub mod exec_provider;
 pub mod hardening;
 pub mod locked;
+pub mod process;
 pub mod protocol;
 pub mod reference;
 pub mod store;

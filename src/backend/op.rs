@@ -30,7 +30,7 @@ use super::{
 };
 use crate::locked::extend_zeroizing;
 use crate::reference::SecretRef;
-use crate::supervise::{Process, Reaper};
+use crate::process::{Process, Reaper};
 
 /// Most bytes read from `op`'s stdout (a large item's JSON) and stderr.
 const MAX_STDOUT: usize = 16 * 1024 * 1024;

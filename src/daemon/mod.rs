@@ -23,7 +23,7 @@ use crate::backend::{Backend, ErrorKind, RetryPolicy};
 use crate::protocol::normalize_name;
 use crate::reference::SecretRef;
 use crate::store::Source;
-use crate::supervise::Reaper;
+use crate::process::Reaper;
 use crate::watch::{WatchHandle, WatchOptions, WatchSpec};
 use crate::writeback::Unwritten;
 use audit::AuditLog;

@@ -8,7 +8,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
 
-use super::reaper::{Process, Reaper};
+use crate::process::{Process, Reaper};
 
 /// Why the command could not be started.
 #[derive(Debug, thiserror::Error)]

@@ -1,11 +1,8 @@
-//! Process supervision: the reaper (the one `waitpid`), spawning, signals and the init loop
-//! of `op-bridge run`. Nothing outside this module calls `waitpid` or `kill`.
+//! Process supervision: spawning, signals and the init loop of `op-bridge run`. The reaper
+//! (the one `waitpid`) lives in [`crate::process`]; nothing else calls `waitpid` or `kill`.
 
 pub mod child;
-pub mod reaper;
 pub mod run;
-
-pub use reaper::{Exit, Process, Reaper};
 
 /// Sends SIGHUP to `pid` (the `refresh --pid-file` fallback).
 pub fn send_hangup(pid: i32) -> nix::Result<()> {

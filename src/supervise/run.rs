@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::child::{self, SpawnError};
-use super::reaper::{Exit, Process, Reaper};
+use crate::process::{Exit, Process, Reaper};
 use crate::cli::{HupMode, RunArgs};
 use crate::daemon::{BrokerConfig, Service, StartError, utf8_env};
 

@@ -1,4 +1,5 @@
-//! The reaper: the only code in op-bridge that calls `waitpid`.
+//! The reaper: the only code in op-bridge that calls `waitpid`. It lives on the bottom floor
+//! because the `op` backend, the daemon and the init all start children through it.
 //!
 //! Every child op-bridge starts (the `op` CLI, the supervised application) is spawned through
 //! [`Reaper::spawn`], which registers the pid before the reaper can see it exit. On every
