@@ -133,9 +133,10 @@ pub struct BrokerArgs {
     /// Start even when some secrets cannot be resolved (they are reported and left out).
     #[arg(long, env = "OP_BRIDGE_ALLOW_MISSING", value_parser = BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
     pub allow_missing: bool,
-    /// error, warn, info, debug or trace.
-    #[arg(long, env = "OP_BRIDGE_LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
+    /// error, warn, info, debug or trace [default: warn for `run`, so nothing lands on the
+    /// application's terminal unless something is wrong; info for `daemon`].
+    #[arg(long, env = "OP_BRIDGE_LOG_LEVEL")]
+    pub log_level: Option<String>,
     #[arg(long, env = "OP_BRIDGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// Append one JSON line per request to this file ('-' for stderr).

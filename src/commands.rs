@@ -37,11 +37,16 @@ impl CommandError {
     }
 }
 
+/// `path` against the current directory (unchanged when that cannot be read).
+fn absolute(path: &std::path::Path) -> std::path::PathBuf {
+    std::env::current_dir().map(|dir| dir.join(path)).unwrap_or_else(|_| path.to_path_buf())
+}
+
 /// Turns the broker options into configuration (errors are usage errors).
 pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
     let backend = match args.backend.as_str() {
         "op" => BackendSpec::Op {
-            path: args.op_path.clone(),
+            path: args.op_path.as_deref().map(|p| if p.components().count() > 1 { absolute(p) } else { p.to_path_buf() }),
             timeout: args.op_timeout,
             concurrency: usize::from(args.concurrency),
             retry: RetryPolicy { attempts: args.retries, ..RetryPolicy::default() },
@@ -51,12 +56,20 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
             _ => return Err(format!("unknown backend '{other}' (use 'op' or 'file:PATH')")),
         },
     };
-    let watches = args.watch.iter().map(|spec| WatchSpec::parse(spec)).collect::<Result<Vec<_>, _>>()?;
+    let mut watches = args.watch.iter().map(|spec| WatchSpec::parse(spec)).collect::<Result<Vec<_>, _>>()?;
+    // `run` moves to / once the command has started: every path is made absolute first.
+    for watch in &mut watches {
+        watch.path = absolute(&watch.path);
+    }
+    let backend = match backend {
+        BackendSpec::File(path) => BackendSpec::File(absolute(&path)),
+        other => other,
+    };
     if args.prefix.is_empty() && args.suffix.is_empty() {
         return Err("--prefix and --suffix cannot both be empty".into());
     }
     Ok(BrokerConfig {
-        socket: args.socket.clone(),
+        socket: absolute(&args.socket),
         prefix: args.prefix.clone(),
         suffix: args.suffix.clone(),
         backend,
@@ -71,8 +84,8 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
             limits: Limits { idle: args.idle_timeout, request: args.request_timeout },
             drain: std::time::Duration::from_secs(2),
         },
-        audit_log: args.audit_log.clone(),
-        pid_file: args.pid_file.clone(),
+        audit_log: args.audit_log.as_deref().map(|p| if p.as_os_str() == "-" { p.to_path_buf() } else { absolute(p) }),
+        pid_file: args.pid_file.as_deref().map(absolute),
         allow_missing: args.allow_missing,
         watches,
         watch: WatchOptions { debounce: args.debounce, materialize: args.materialize },

@@ -13,7 +13,13 @@ pub fn harden_process() {
     if let Err(err) = nix::sys::prctl::set_dumpable(false) {
         tracing::warn!("cannot clear the dumpable flag: {err}");
     }
-    if let Err(err) = setrlimit(Resource::RLIMIT_CORE, 0, 0) {
+    // Root lowers the hard limit too and gives the child its original one back (child.rs);
+    // anyone else keeps the hard limit, which it could never raise again for the child.
+    let core_hard = match nix::unistd::geteuid().is_root() {
+        true => 0,
+        false => getrlimit(Resource::RLIMIT_CORE).map(|(_, hard)| hard).unwrap_or(0),
+    };
+    if let Err(err) = setrlimit(Resource::RLIMIT_CORE, 0, core_hard) {
         tracing::warn!("cannot disable core dumps: {err}");
     }
     // Raise the soft descriptor limit to the hard one: each connection is a descriptor.

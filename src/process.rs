@@ -7,19 +7,109 @@
 //! registered child's status to its waiter, and simply reaps the rest: orphans re-parented
 //! to op-bridge as PID 1 or as a subreaper. A `waitpid(-1)` loop would steal statuses from
 //! `tokio::process::Child`, which is why nothing here uses it.
+//!
+//! Signals are taken the way dumb-init and tini take them: [`block_signals`] blocks every
+//! signal in the main thread before any other thread exists (threads inherit the mask), and
+//! one thread receives them with `sigwaitinfo`. Nothing is ever delivered to a handler, so no
+//! signal is lost between start-up and the moment the init loop listens (they queue in a
+//! channel), PID 1's "ignore what has no handler" rule never applies, and signals that
+//! signal-hook refuses to handle (SIGSEGV, SIGILL, …) can be forwarded like any other.
+//! SIGCHLD wakes the reaper; every other signal goes to the one consumer that
+//! [`take_signals`] hands them to (the init loop or the daemon loop).
 
 use std::collections::HashMap;
 use std::io;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::watch;
+use tokio::sync::{Notify, mpsc, watch};
+
+/// The signals that reach op-bridge: taken by one thread, never by a handler.
+struct SignalIntake {
+    /// Woken on every SIGCHLD (a stored permit covers one that comes before the reaper waits).
+    child_exited: Arc<Notify>,
+    /// Every other signal, in arrival order, until [`take_signals`] hands the receiver out.
+    others_rx: Mutex<Option<mpsc::UnboundedReceiver<i32>>>,
+}
+
+static INTAKE: OnceLock<SignalIntake> = OnceLock::new();
+
+/// Why the signal intake could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SignalError {
+    #[error("cannot block signals: {0}")]
+    Block(io::Error),
+    #[error("cannot start the signal thread: {0}")]
+    Thread(io::Error),
+    #[error("signals are not taken by op-bridge's signal thread (block_signals was not called first)")]
+    NotInstalled,
+    #[error("the signal stream was already taken")]
+    AlreadyTaken,
+}
+
+/// Blocks every signal in the calling thread and starts the thread that receives them.
+/// Call it first thing in `main`, before any other thread (the tokio runtime, logging) exists:
+/// threads started later inherit the blocked mask, so only the signal thread ever takes a
+/// signal. Calling it again does nothing.
+pub fn block_signals() -> Result<(), SignalError> {
+    if INTAKE.get().is_some() {
+        return Ok(());
+    }
+    // SAFETY: sigset_t is plain data initialised by sigfillset; pthread_sigmask on the calling
+    // thread. glibc and musl leave their reserved real-time signals out of the filled set.
+    let all = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        let rc = libc::pthread_sigmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(SignalError::Block(io::Error::from_raw_os_error(rc)));
+        }
+        all
+    };
+    let child_exited = Arc::new(Notify::new());
+    let (others_tx, others_rx) = mpsc::unbounded_channel();
+    let notify = child_exited.clone();
+    let wait_set = SigSet(all);
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || receive_signals(wait_set, &notify, &others_tx))
+        .map_err(SignalError::Thread)?;
+    let _ = INTAKE.set(SignalIntake { child_exited, others_rx: Mutex::new(Some(others_rx)) });
+    Ok(())
+}
+
+/// A `sigset_t` that may move to the signal thread.
+struct SigSet(libc::sigset_t);
+// SAFETY: a sigset_t is a plain bit array with no pointers.
+unsafe impl Send for SigSet {}
+
+fn receive_signals(set: SigSet, child_exited: &Notify, others_tx: &mpsc::UnboundedSender<i32>) {
+    loop {
+        // SAFETY: sigwaitinfo with a valid set and a null info pointer.
+        let number = unsafe { libc::sigwaitinfo(&set.0, std::ptr::null_mut()) };
+        if number < 0 {
+            continue; // EINTR
+        }
+        if number == libc::SIGCHLD {
+            child_exited.notify_one();
+        } else if others_tx.send(number).is_err() {
+            // The consumer is gone (op-bridge is exiting); keep draining so nothing piles up.
+        }
+    }
+}
+
+/// The stream of every signal op-bridge receives except SIGCHLD (the reaper's), starting
+/// with those that arrived before this call. There is one stream; the second call fails.
+pub fn take_signals() -> Result<mpsc::UnboundedReceiver<i32>, SignalError> {
+    let intake = INTAKE.get().ok_or(SignalError::NotInstalled)?;
+    intake.others_rx.lock().unwrap_or_else(|e| e.into_inner()).take().ok_or(SignalError::AlreadyTaken)
+}
 
 /// How a child ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,7 +146,7 @@ impl std::fmt::Display for Exit {
 
 #[derive(Default)]
 struct Waiters {
-    by_pid: HashMap<i32, watch::Sender<Option<Exit>>>,
+    by_pid: HashMap<i32, (watch::Sender<Option<Exit>>, watch::Sender<u64>)>,
 }
 
 /// Shared handle to the process-wide reaper.
@@ -70,24 +160,40 @@ pub struct Reaper {
 pub struct Process {
     pid: Pid,
     exit_rx: watch::Receiver<Option<Exit>>,
+    /// Counts the times the child was stopped (SIGTSTP, SIGSTOP, …): job control follows it.
+    stops_rx: watch::Receiver<u64>,
 }
 
 impl Reaper {
     /// Installs the SIGCHLD handler and starts the reaping task. Must run inside a tokio
     /// runtime, before any child is spawned.
     pub fn start() -> io::Result<Reaper> {
-        let mut sigchld = signal(SignalKind::child())?;
         let reaper = Reaper { waiters: Arc::default(), orphans: Arc::default() };
         let task = reaper.clone();
-        tokio::spawn(async move {
-            // Children that exited before the handler existed are collected on the first pass.
-            loop {
-                task.reap_all();
-                if sigchld.recv().await.is_none() {
-                    break;
-                }
+        match INTAKE.get() {
+            Some(intake) => {
+                let child_exited = intake.child_exited.clone();
+                tokio::spawn(async move {
+                    // Children that exited before the reaper started are collected on the first pass.
+                    loop {
+                        task.reap_all();
+                        child_exited.notified().await;
+                    }
+                });
             }
-        });
+            // Library use without the signal thread (unit tests): a SIGCHLD handler instead.
+            None => {
+                let mut sigchld = signal(SignalKind::child())?;
+                tokio::spawn(async move {
+                    loop {
+                        task.reap_all();
+                        if sigchld.recv().await.is_none() {
+                            break;
+                        }
+                    }
+                });
+            }
+        }
         Ok(reaper)
     }
 
@@ -100,8 +206,9 @@ impl Reaper {
         let child = command.spawn()?;
         let pid = i32::try_from(child.id()).map_err(|_| io::Error::other("pid out of range"))?;
         let (exit_tx, exit_rx) = watch::channel(None);
-        waiters.by_pid.insert(pid, exit_tx);
-        Ok((child, Process { pid: Pid::from_raw(pid), exit_rx }))
+        let (stops_tx, stops_rx) = watch::channel(0);
+        waiters.by_pid.insert(pid, (exit_tx, stops_tx));
+        Ok((child, Process { pid: Pid::from_raw(pid), exit_rx, stops_rx }))
     }
 
     /// Number of children reaped that nobody was waiting for (orphans).
@@ -113,9 +220,16 @@ impl Reaper {
     pub fn reap_all(&self) {
         let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            let (pid, exit) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            // WUNTRACED: a stopped child is reported too, so the init can follow job control.
+            let (pid, exit) = match waitpid(None, Some(WaitPidFlag::WNOHANG | WaitPidFlag::WUNTRACED)) {
                 Ok(WaitStatus::Exited(pid, code)) => (pid, Exit::Code(code)),
                 Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, Exit::Signal(sig as i32)),
+                Ok(WaitStatus::Stopped(pid, _)) => {
+                    if let Some((_, stops_tx)) = waiters.by_pid.get(&pid.as_raw()) {
+                        stops_tx.send_modify(|stops| *stops += 1);
+                    }
+                    continue;
+                }
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
                 Ok(_) | Err(Errno::EINTR) => continue,
                 Err(err) => {
@@ -124,7 +238,7 @@ impl Reaper {
                 }
             };
             match waiters.by_pid.remove(&pid.as_raw()) {
-                Some(exit_tx) => {
+                Some((exit_tx, _)) => {
                     let _ = exit_tx.send(Some(exit));
                 }
                 None => {
@@ -171,6 +285,40 @@ impl Process {
     /// Sends `signal` to the child's process group (the child leads its own group).
     pub fn signal_group(&self, signal: Signal) -> nix::Result<()> {
         killpg(self.pid, signal)
+    }
+
+    /// Sends signal `number` to the child's group; any number the kernel knows, real-time
+    /// signals included (nix's `Signal` has no names for those).
+    pub fn signal_group_number(&self, number: i32) -> io::Result<()> {
+        // SAFETY: kill(2) with a negative pid addresses the child's own process group.
+        if unsafe { libc::kill(-self.pid.as_raw(), number) } == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    }
+
+    /// Sends signal `number` to the child alone (ignored once it has been reaped).
+    pub fn signal_number(&self, number: i32) {
+        if self.try_exit().is_none() {
+            // SAFETY: kill(2) on our own child, which has not been reaped, so its pid is not recycled.
+            unsafe { libc::kill(self.pid.as_raw(), number) };
+        }
+    }
+
+    /// The child's job-control stops, to wait on beside [`Process::wait`].
+    pub fn stops(&self) -> Stops {
+        let mut stops_rx = self.stops_rx.clone();
+        stops_rx.mark_unchanged();
+        Stops(stops_rx)
+    }
+}
+
+/// Job-control stops of one child (see [`Process::stops`]).
+pub struct Stops(watch::Receiver<u64>);
+
+impl Stops {
+    /// Waits until the child is stopped again; never returns once it has been reaped.
+    pub async fn next(&mut self) {
+        if self.0.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }
 

@@ -646,6 +646,8 @@ fn check_ctrl_c(mode: Mode, restart: bool) {
         .arg(dir.join("s.sock"))
         .arg(backend)
         .args(["--grace", "30s"])
+        // The driver follows the "started" log line (run logs warnings only by default).
+        .args(["--log-level", "info"])
         .env_remove("OP_BRIDGE_SOCKET");
     if restart {
         std::fs::write(dir.join("vault2.json"), r#"{"vault":{"item":{"a":"two"}}}"#).unwrap();
