@@ -46,9 +46,20 @@ pub struct ClientArgs {
     /// Socket of the broker.
     #[arg(long, env = "OP_BRIDGE_SOCKET", default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
-    /// How long to wait for the broker's answer.
-    #[arg(long, env = "OP_BRIDGE_CLIENT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    pub timeout: Duration,
+    /// How long to wait for the broker's answer [default: 10s; 4s for the exec provider
+    /// (`get` without NAME), so that it answers within OpenClaw's 5 s].
+    #[arg(long, env = "OP_BRIDGE_CLIENT_TIMEOUT", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+}
+
+/// A client's default `--timeout`.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl ClientArgs {
+    /// `--timeout`, else [`CLIENT_TIMEOUT`].
+    pub fn timeout(&self) -> Duration {
+        self.timeout.unwrap_or(CLIENT_TIMEOUT)
+    }
 }
 
 #[derive(Debug, Args)]

@@ -93,7 +93,7 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
 }
 
 async fn connect(args: &ClientArgs) -> Result<Client, CommandError> {
-    Ok(Client::connect(&args.socket, args.timeout).await?)
+    Ok(Client::connect(&args.socket, args.timeout()).await?)
 }
 
 /// `get NAME`: the raw value on stdout, byte-exact, no newline added.
@@ -169,7 +169,7 @@ pub async fn ping(args: &ClientArgs) -> Result<(), CommandError> {
 pub async fn refresh(args: &RefreshArgs) -> Result<(), CommandError> {
     let mut client_args = args.client.clone();
     // A refresh re-reads every secret; give it more time than a GET.
-    client_args.timeout = client_args.timeout.max(std::time::Duration::from_secs(120));
+    client_args.timeout = Some(client_args.timeout().max(std::time::Duration::from_secs(120)));
     match connect(&client_args).await {
         Ok(mut client) => {
             let answer = client.simple(Request::Refresh).await?;
@@ -218,5 +218,46 @@ pub async fn status(args: &StatusArgs) -> Result<(), CommandError> {
             detail
         );
     }
+    print_writebacks(&json["writeback"]);
     Ok(())
+}
+
+/// The write-back part of `status`: counts, then every target that is pending or failing
+/// (a healthy, idle target is not news). Never a value: STATUS carries none.
+fn print_writebacks(writeback: &serde_json::Value) {
+    let Some(targets) = writeback["targets"].as_array() else { return };
+    let failing_of = |t: &serde_json::Value| {
+        t["failing"].as_bool().unwrap_or_else(|| t["failed_attempts"].as_u64().unwrap_or(0) > 0)
+    };
+    let pending_of = |t: &serde_json::Value| t["pending"] == true || t["in_flight"] == true;
+    println!(
+        "write-backs: {} pending, {} failing ({} watched/written targets)",
+        writeback["pending"].as_u64().unwrap_or(0),
+        writeback["failing"].as_u64().unwrap_or(0),
+        targets.len()
+    );
+    let news: Vec<&serde_json::Value> = targets.iter().filter(|t| pending_of(t) || failing_of(t)).collect();
+    if news.is_empty() {
+        return;
+    }
+    println!("{:<32} {:<8} {:>8}  REFERENCE / LAST ERROR", "WRITE-BACK", "STATE", "ATTEMPTS");
+    for target in news {
+        let state = match (failing_of(target), target["in_flight"] == true) {
+            (true, _) => "failing",
+            (false, true) => "writing",
+            (false, false) => "pending",
+        };
+        let reference = target["ref"].as_str().unwrap_or("?");
+        let detail = match target["last_error"].as_str() {
+            Some(error) => format!("{reference}: {error}"),
+            None => reference.to_string(),
+        };
+        println!(
+            "{:<32} {:<8} {:>8}  {}",
+            target["name"].as_str().unwrap_or("?"),
+            state,
+            target["failed_attempts"].as_u64().unwrap_or(0),
+            detail
+        );
+    }
 }
