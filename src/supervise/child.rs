@@ -177,8 +177,8 @@ fn prepare_child(terminal: bool, limits: &[SavedLimit]) -> io::Result<()> {
                 );
             }
         }
-        // The limits op-bridge was started with (raising a hard limit again needs root, which
-        // is the only case in which hardening lowered one).
+        // The limits op-bridge was started with (hardening lowers soft limits only, so
+        // this never needs a privilege).
         for &(resource, soft, hard) in limits {
             let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard };
             libc::setrlimit(resource as _, &limit);
