@@ -5,8 +5,43 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::builder::BoolishValueParser;
+use clap::builder::{PossibleValue, TypedValueParser};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// clap's own boolish parser (yes/no, on/off, true/false, 1/0, y/n, t/f, any case), with a
+/// `--help` that says so: clap's lists only `true, false`. Same name, so every boolean
+/// option uses it.
+#[derive(Clone, Copy, Debug)]
+pub struct BoolishValueParser;
+
+impl BoolishValueParser {
+    pub fn new() -> BoolishValueParser {
+        BoolishValueParser
+    }
+}
+
+impl Default for BoolishValueParser {
+    fn default() -> Self {
+        BoolishValueParser
+    }
+}
+
+impl TypedValueParser for BoolishValueParser {
+    type Value = bool;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<bool, clap::Error> {
+        clap::builder::BoolishValueParser::new().parse_ref(cmd, arg, value)
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = PossibleValue> + '_>> {
+        Some(Box::new(["yes", "no", "on", "off", "true", "false"].into_iter().map(PossibleValue::new)))
+    }
+}
 
 /// The default socket path, shared with existing deployments.
 pub const DEFAULT_SOCKET: &str = "/tmp/op-bridge.sock";
@@ -213,8 +248,8 @@ pub struct RunArgs {
     /// Put every secret in the child's environment under its name.
     #[arg(long, env = "OP_BRIDGE_EXPORT_ALL", value_parser = BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
     pub export_all: bool,
-    /// Leave OP_SERVICE_ACCOUNT_TOKEN, OP_CONNECT_TOKEN and the OP_*_REF variables in the
-    /// child's environment.
+    /// Leave OP_SERVICE_ACCOUNT_TOKEN, OP_CONNECT_TOKEN, OP_SESSION_* and the OP_*_REF
+    /// variables in the child's environment.
     #[arg(long, env = "OP_BRIDGE_KEEP_TOKEN", value_parser = BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
     pub keep_token: bool,
     /// Time between the stop signal and SIGKILL; also bounds the final write-back flush.

@@ -1051,11 +1051,20 @@ def wait_for(needle, start, limit=20):
             except OSError:
                 return -1
     return -1
+def kill_session():
+    # Everything on this terminal: bash (the session leader), op-bridge and its command.
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == pid:
+                    os.kill(int(entry), 9)
+            except OSError:
+                pass
 def report(step, at):
     print(step, at >= 0, flush=True)
     if at < 0:
         print("OUTPUT", repr(out.decode(errors="replace")), flush=True)
-        os.kill(pid, 9)
+        kill_session()
         sys.exit(0)
     return at
 at = report("PROMPT", wait_for(b"PROMPT> ", 0))
