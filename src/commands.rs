@@ -46,7 +46,10 @@ fn absolute(path: &std::path::Path) -> std::path::PathBuf {
 pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
     let backend = match args.backend.as_str() {
         "op" => BackendSpec::Op {
-            path: args.op_path.as_deref().map(|p| if p.components().count() > 1 { absolute(p) } else { p.to_path_buf() }),
+            path: args
+                .op_path
+                .as_deref()
+                .map(|p| if p.components().count() > 1 { absolute(p) } else { p.to_path_buf() }),
             timeout: args.op_timeout,
             concurrency: usize::from(args.concurrency),
             retry: RetryPolicy { attempts: args.retries, ..RetryPolicy::default() },

@@ -13,7 +13,11 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Daemon(args) => {
             let grace = args.grace;
-            broker_main(&args.broker, "info", |config| async move { op_bridge::daemon::run_daemon(config, grace).await })
+            broker_main(
+                &args.broker,
+                "info",
+                |config| async move { op_bridge::daemon::run_daemon(config, grace).await },
+            )
         }
         Command::Run(args) => {
             // Bad values of run's own options are usage errors, found before anything starts.

@@ -198,7 +198,8 @@ fn vault_for(references: &[String]) -> serde_json::Value {
 
 /// Runs `run`'s op-bridge part with the verify `commands` as the child; returns failures.
 fn check(run: &DockerRun, commands: &[(usize, String)], file: &str) -> Vec<String> {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("docs-{}-{}", std::process::id(), fastrand::u32(..)));
+    let dir =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("docs-{}-{}", std::process::id(), fastrand::u32(..)));
     std::fs::create_dir_all(dir.join("bin")).unwrap();
     std::fs::copy(bin(), dir.join("bin/op-bridge")).unwrap();
     let references: Vec<String> =
@@ -213,7 +214,9 @@ fn check(run: &DockerRun, commands: &[(usize, String)], file: &str) -> Vec<Strin
     // The child: every verify line, then the mounted config's ids as OpenClaw would ask.
     let mut script = String::from("cd /\n");
     for (number, command) in commands {
-        script.push_str(&format!("( {command} ) >> \"$OUT/verify.log\" 2>&1 || echo {file}:{number} >> \"$OUT/failed\"\n"));
+        script.push_str(&format!(
+            "( {command} ) >> \"$OUT/verify.log\" 2>&1 || echo {file}:{number} >> \"$OUT/failed\"\n"
+        ));
     }
     let request = serde_json::json!({"protocolVersion": 1, "provider": "onepassword", "ids": ids}).to_string();
     std::fs::write(dir.join("request.json"), &request).unwrap();

@@ -940,10 +940,8 @@ fn every_signal_reaches_the_child_as_pid1() {
     let dir = TestDir::new("allsigs");
     // 1–31 except KILL and STOP (uncatchable) and CHLD (the reaper's), and a real-time one.
     let rt = libc::SIGRTMIN() + 6;
-    let numbers: Vec<i32> = (1..=31)
-        .filter(|&n| ![libc::SIGKILL, libc::SIGSTOP, libc::SIGCHLD].contains(&n))
-        .chain([rt])
-        .collect();
+    let numbers: Vec<i32> =
+        (1..=31).filter(|&n| ![libc::SIGKILL, libc::SIGSTOP, libc::SIGCHLD].contains(&n)).chain([rt]).collect();
     let list = numbers.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(" ");
     // --hup forward: SIGHUP is the child's too. INT, QUIT and TERM start the stop: a long grace.
     let builder = run_builder(&dir, EMPTY_VAULT)
@@ -1200,7 +1198,11 @@ fn check_stop_budget(recovers: bool) {
         assert_eq!(stored, "new-value", "the write-back must be stored\n{}", init.diagnostics());
     } else {
         assert_eq!(stored, "old");
-        assert!(init.stderr().contains("write-back NOT stored"), "a lost write-back is reported\n{}", init.diagnostics());
+        assert!(
+            init.stderr().contains("write-back NOT stored"),
+            "a lost write-back is reported\n{}",
+            init.diagnostics()
+        );
     }
 }
 

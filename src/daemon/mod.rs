@@ -20,10 +20,10 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::file::FileVault;
 use crate::backend::op::{OpCli, OpOptions};
 use crate::backend::{Backend, ErrorKind, RetryPolicy};
+use crate::process::Reaper;
 use crate::protocol::normalize_name;
 use crate::reference::SecretRef;
 use crate::store::Source;
-use crate::process::Reaper;
 use crate::watch::{WatchHandle, WatchOptions, WatchSpec};
 use crate::writeback::Unwritten;
 use audit::AuditLog;
@@ -325,8 +325,7 @@ pub fn log_report(what: &str, report: &ResolveReport) {
 pub async fn run_daemon(config: BrokerConfig, grace: Duration) -> Result<u8, StartError> {
     let mut signals = crate::process::take_signals()
         .map_err(|e| StartError::Io { action: "take signals".into(), source: std::io::Error::other(e.to_string()) })?;
-    let reaper =
-        Reaper::start().map_err(|source| StartError::Io { action: "start the reaper".into(), source })?;
+    let reaper = Reaper::start().map_err(|source| StartError::Io { action: "start the reaper".into(), source })?;
     let env = utf8_env();
     check_discovered_names(env.iter().cloned(), &config.prefix, &config.suffix).map_err(StartError::Usage)?;
     let config = settle_op_path(config, &env);

@@ -1,5 +1,5 @@
-//! Process supervision: spawning, signals and the init loop of `op-bridge run`. The reaper
-//! (the one `waitpid`) lives in [`crate::process`]; nothing else calls `waitpid` or `kill`.
+//! Process supervision: spawning, signal forwarding and the init loop of `op-bridge run`. The
+//! reaper (the one `waitpid`) and the signalling of children live in [`crate::process`].
 
 pub mod child;
 pub mod run;

@@ -33,9 +33,7 @@ use crate::process::{Exit, Process, Reaper};
 
 /// Signal numbers the init loop treats specially (libc's, which are Linux's).
 mod sig {
-    pub use libc::{
-        SIGCONT, SIGHUP, SIGINT, SIGKILL, SIGQUIT, SIGTERM, SIGTSTP, SIGTTIN, SIGTTOU,
-    };
+    pub use libc::{SIGCONT, SIGHUP, SIGINT, SIGKILL, SIGQUIT, SIGTERM, SIGTSTP, SIGTTIN, SIGTTOU};
 }
 
 /// The part of the grace kept for the last write-back flush after the command is killed:
