@@ -104,6 +104,19 @@ fn receive_signals(set: SigSet, child_exited: &Notify, others_tx: &mpsc::Unbound
     }
 }
 
+/// Waits for SIGTERM, SIGINT or SIGQUIT on `signals` (the stream of [`take_signals`]); the
+/// start-up of `run` and `daemon` races it, so that a stop never waits for a slow resolution.
+/// Other signals have nobody to go to yet and are dropped.
+pub async fn wait_for_stop(signals: &mut mpsc::UnboundedReceiver<i32>) -> i32 {
+    while let Some(number) = signals.recv().await {
+        if matches!(number, libc::SIGTERM | libc::SIGINT | libc::SIGQUIT) {
+            return number;
+        }
+        tracing::debug!("signal {number} during start-up: nobody to forward it to");
+    }
+    std::future::pending().await
+}
+
 /// The stream of every signal op-bridge receives except SIGCHLD (the reaper's), starting
 /// with those that arrived before this call. There is one stream; the second call fails.
 pub fn take_signals() -> Result<mpsc::UnboundedReceiver<i32>, SignalError> {

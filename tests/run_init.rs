@@ -1190,6 +1190,7 @@ fn check_stop_budget(recovers: bool) {
     }
     let code = init.code(PROMPT);
     let took = sent.elapsed();
+    eprintln!("stop with --grace {grace:?}, 1Password {}: {took:?}", if recovers { "back after 1 s" } else { "down" });
     assert_eq!(code, 137, "the command ignored SIGTERM and was killed\n{}", init.diagnostics());
     // The bound: the whole stop fits in the grace, plus a second for this machine.
     assert!(took < grace + Duration::from_secs(1), "stop took {took:?} (grace {grace:?})\n{}", init.diagnostics());

@@ -332,7 +332,7 @@ pub async fn run_daemon(config: BrokerConfig, grace: Duration) -> Result<u8, Sta
 
     let service = tokio::select! {
         started = Service::start(&config, &reaper, env) => Arc::new(started?),
-        number = crate::supervise::run::wait_for_stop(&mut signals) => {
+        number = crate::process::wait_for_stop(&mut signals) => {
             tracing::warn!("signal {number} during start-up; exiting");
             return Ok(u8::try_from(128 + number).unwrap_or(255));
         }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -313,7 +313,7 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
     // Resolve secrets, but let a stop signal abort a slow start-up.
     let service = tokio::select! {
         started = Service::start(&config, &reaper, env) => Arc::new(started?),
-        number = wait_for_stop(&mut signals) => {
+        number = crate::process::wait_for_stop(&mut signals) => {
             tracing::warn!("{} during start-up; exiting without starting the command", signal_name(number));
             return Ok(u8::try_from(128 + number).unwrap_or(255));
         }
@@ -485,18 +485,6 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
 
 fn exit_code(exit: Exit) -> u8 {
     u8::try_from(exit.code()).unwrap_or(255)
-}
-
-/// Waits for SIGTERM, SIGINT or SIGQUIT; other signals before the command exists have
-/// nobody to go to.
-pub(crate) async fn wait_for_stop(signals: &mut mpsc::UnboundedReceiver<i32>) -> i32 {
-    while let Some(number) = signals.recv().await {
-        if matches!(number, sig::SIGTERM | sig::SIGINT | sig::SIGQUIT) {
-            return number;
-        }
-        tracing::debug!("{} during start-up: no command to forward it to", signal_name(number));
-    }
-    std::future::pending().await
 }
 
 /// After the main child exits: SIGTERM to what is left of its group, SIGKILL at `kill_at`.
