@@ -9,6 +9,13 @@ use op_bridge::daemon::StartError;
 use op_bridge::{commands, exit};
 
 fn main() -> ExitCode {
+    // The very first thing, while this is the only thread: every thread started later (the
+    // runtime's, the logger's) inherits the blocked mask, and as PID 1 no signal that arrives
+    // before the init listens is dropped (process.rs). Clients unblock again.
+    if let Err(err) = op_bridge::process::block_signals() {
+        eprintln!("op-bridge: {err}");
+        return ExitCode::from(exit::START_FAILED);
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Daemon(args) => {
@@ -56,9 +63,8 @@ where
     F: FnOnce(op_bridge::daemon::BrokerConfig) -> Fut,
     Fut: std::future::Future<Output = Result<u8, StartError>>,
 {
-    // First, while this is the only thread: every thread started later (the runtime's, the
-    // logger's) inherits the blocked mask, and one thread takes every signal (process.rs).
-    if let Err(err) = op_bridge::process::block_signals() {
+    // Before any other thread: one thread takes every signal (process.rs).
+    if let Err(err) = op_bridge::process::start_signal_thread() {
         eprintln!("op-bridge: {err}");
         return ExitCode::from(exit::START_FAILED);
     }
@@ -99,6 +105,7 @@ where
 
 /// Runs a client command on a single-threaded runtime (they are short-lived).
 fn client_main(command: Command) -> ExitCode {
+    op_bridge::process::unblock_signals();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {

@@ -10,12 +10,12 @@
 //!
 //! Signals are taken the way dumb-init and tini take them: [`block_signals`] blocks every
 //! signal in the main thread before any other thread exists (threads inherit the mask), and
-//! one thread receives them with `sigwaitinfo`. Nothing is ever delivered to a handler, so no
-//! signal is lost between start-up and the moment the init loop listens (they queue in a
-//! channel), PID 1's "ignore what has no handler" rule never applies, and signals that
-//! signal-hook refuses to handle (SIGSEGV, SIGILL, …) can be forwarded like any other.
-//! SIGCHLD wakes the reaper; every other signal goes to the one consumer that
-//! [`take_signals`] hands them to (the init loop or the daemon loop).
+//! one thread ([`start_signal_thread`]) receives them with `sigwaitinfo`. Nothing is ever
+//! delivered to a handler, so no signal is lost between start-up and the moment the init
+//! loop listens (they queue in a channel), PID 1's "ignore what has no handler" rule never
+//! applies, and signals that signal-hook refuses to handle (SIGSEGV, SIGILL, …) can be
+//! forwarded like any other. SIGCHLD wakes the reaper; every other signal goes to the one
+//! consumer that [`take_signals`] hands them to (the init loop or the daemon loop).
 
 use std::collections::HashMap;
 use std::io;
@@ -47,29 +47,51 @@ pub enum SignalError {
     Block(io::Error),
     #[error("cannot start the signal thread: {0}")]
     Thread(io::Error),
-    #[error("signals are not taken by op-bridge's signal thread (block_signals was not called first)")]
+    #[error("signals are not taken by op-bridge's signal thread (start_signal_thread was not called)")]
     NotInstalled,
     #[error("the signal stream was already taken")]
     AlreadyTaken,
 }
 
-/// Blocks every signal in the calling thread and starts the thread that receives them.
-/// Call it first thing in `main`, before any other thread (the tokio runtime, logging) exists:
-/// threads started later inherit the blocked mask, so only the signal thread ever takes a
-/// signal. Calling it again does nothing.
+/// Blocks every signal in the calling thread. Call it first thing in `main`, before any other
+/// thread exists: threads started later inherit the mask, so from then on a signal is only
+/// ever taken by [`start_signal_thread`]'s thread, and none arriving before that is lost.
 pub fn block_signals() -> Result<(), SignalError> {
-    if INTAKE.get().is_some() {
-        return Ok(());
-    }
     // SAFETY: sigset_t is plain data initialised by sigfillset; pthread_sigmask on the calling
     // thread. glibc and musl leave their reserved real-time signals out of the filled set.
-    let all = unsafe {
+    unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
         let rc = libc::pthread_sigmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
         if rc != 0 {
             return Err(SignalError::Block(io::Error::from_raw_os_error(rc)));
         }
+    }
+    Ok(())
+}
+
+/// Unblocks every signal in the calling thread: the client commands, which are not an init,
+/// keep the default actions (Ctrl-C ends them). Signals that came while blocked arrive now.
+pub fn unblock_signals() {
+    // SAFETY: as in block_signals, with an empty set.
+    unsafe {
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+    }
+}
+
+/// Starts the thread that receives every signal (after [`block_signals`], before any other
+/// thread). Calling it again does nothing.
+pub fn start_signal_thread() -> Result<(), SignalError> {
+    if INTAKE.get().is_some() {
+        return Ok(());
+    }
+    block_signals()?;
+    // SAFETY: plain data initialised by sigfillset.
+    let all = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
         all
     };
     let child_exited = Arc::new(Notify::new());
