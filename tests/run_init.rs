@@ -1267,3 +1267,31 @@ fn every_bad_option_value_exits_2() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// dumb-init's job control, without a terminal: SIGTSTP is forwarded and op-bridge stops
+/// itself; SIGCONT resumes it and is forwarded. (The command's group has no parent in its
+/// session, so the kernel discards a default-action SIGTSTP there: the command records it.)
+#[test]
+fn sigtstp_is_forwarded_and_stops_op_bridge_and_sigcont_resumes_it() {
+    let dir = TestDir::new("tstp");
+    let builder = run_builder(&dir, EMPTY_VAULT)
+        .env("SIGNALS", format!("{} {}", libc::SIGTSTP, libc::SIGCONT))
+        .args(bash(RECORD_EVERY_SIGNAL));
+    let mut init = Init::start(builder, Mode::Subreaper, &dir);
+    init.await_file("ready");
+    let state = |pid: i32| proc_state(pid).map(|(state, _)| state);
+    init.signal(libc::SIGTSTP);
+    let stopped = eventually(PROMPT, || state(init.pid) == Some('T'));
+    assert!(stopped, "op-bridge did not stop itself: {:?}\n{}", state(init.pid), init.diagnostics());
+    let tstp = libc::SIGTSTP.to_string();
+    init.await_content("signals", "SIGTSTP", |text| text.lines().any(|l| l == tstp));
+    init.signal(libc::SIGCONT);
+    let resumed = eventually(PROMPT, || state(init.pid) != Some('T'));
+    assert!(resumed, "op-bridge did not resume\n{}", init.diagnostics());
+    let cont = libc::SIGCONT.to_string();
+    init.await_content("signals", "SIGCONT", |text| text.lines().any(|l| l == cont));
+    std::fs::write(dir.join("done"), "").unwrap();
+    assert_eq!(init.code(PROMPT), 7, "{}", init.diagnostics());
+    let seen: Vec<String> = read(&dir.join("signals")).lines().map(String::from).collect();
+    assert_eq!(seen, [tstp, cont], "each forwarded exactly once\n{}", init.diagnostics());
+}
