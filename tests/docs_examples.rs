@@ -197,7 +197,7 @@ fn vault_for(references: &[String]) -> serde_json::Value {
 }
 
 /// Runs `run`'s op-bridge part with the verify `commands` as the child; returns failures.
-fn check(run: &DockerRun, commands: &[(usize, String)], file: &str) -> Vec<String> {
+fn check(run: &DockerRun, commands: &[(String, String)]) -> Vec<String> {
     let dir =
         PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("docs-{}-{}", std::process::id(), fastrand::u32(..)));
     std::fs::create_dir_all(dir.join("bin")).unwrap();
@@ -213,10 +213,8 @@ fn check(run: &DockerRun, commands: &[(usize, String)], file: &str) -> Vec<Strin
         .collect();
     // The child: every verify line, then the mounted config's ids as OpenClaw would ask.
     let mut script = String::from("cd /\n");
-    for (number, command) in commands {
-        script.push_str(&format!(
-            "( {command} ) >> \"$OUT/verify.log\" 2>&1 || echo {file}:{number} >> \"$OUT/failed\"\n"
-        ));
+    for (place, command) in commands {
+        script.push_str(&format!("( {command} ) >> \"$OUT/verify.log\" 2>&1 || echo {place} >> \"$OUT/failed\"\n"));
     }
     let request = serde_json::json!({"protocolVersion": 1, "provider": "onepassword", "ids": ids}).to_string();
     std::fs::write(dir.join("request.json"), &request).unwrap();
@@ -255,21 +253,40 @@ fn check(run: &DockerRun, commands: &[(usize, String)], file: &str) -> Vec<Strin
     failures
 }
 
+/// Verify lines meant to run inside the container as OpenClaw runs op-bridge (`… | env -i
+/// …op-bridge get …`), wherever they are, labelled with their file and line.
+fn openclaw_style_lines() -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    for path in documents() {
+        let name = path.strip_prefix(repo()).unwrap().display().to_string();
+        for (number, line) in logical_lines(&path) {
+            if line.contains("| env -i ") && line.contains("op-bridge get") && !line.contains("docker exec") {
+                found.push((format!("{name}:{number}"), line));
+            }
+        }
+    }
+    found
+}
+
 #[test]
 fn docker_examples_run_as_written() {
     let mut failures = Vec::new();
     let mut checked = 0;
+    let anywhere = openclaw_style_lines();
+    assert!(!anywhere.is_empty(), "the skill's troubleshooting has an `env -i` verify line");
     for path in documents() {
         let name = path.strip_prefix(repo()).unwrap().display().to_string();
         let lines = logical_lines(&path);
-        let commands = exec_commands(&lines);
+        let mut commands: Vec<(String, String)> =
+            exec_commands(&lines).into_iter().map(|(n, c)| (format!("{name}:{n}"), c)).collect();
+        commands.extend(anywhere.iter().cloned());
         for (number, line) in &lines {
             if !line.contains("docker run ") {
                 continue;
             }
             let Some(run) = parse_docker_run(format!("{name}:{number}"), line) else { continue };
             checked += 1;
-            failures.extend(check(&run, &commands, &name));
+            failures.extend(check(&run, &commands));
         }
     }
     assert!(checked >= 3, "expected the README's, the skill's and the Dockerfile's docker run examples");
