@@ -33,9 +33,12 @@ op-bridge daemon &
 daemon=$!
 
 # Wait until the daemon answers (it has resolved every secret by then), it dies, or the
-# timeout passes. Ten polls a second; `sleep 0.1` is GNU and busybox, not strict POSIX.
+# timeout passes. The daemon binds its socket only once it can answer, so each ping fails at
+# once until then. Ten polls a second (`sleep 0.1` is GNU and busybox, not strict POSIX);
+# the clock also bounds the wait, should pings be slow (whole seconds: at most one extra).
+started=$(date +%s)
 tries=$((timeout * 10))
-until op-bridge ping --socket "$OP_BRIDGE_SOCKET" --timeout 1s >/dev/null 2>&1; do
+until op-bridge ping --socket "$OP_BRIDGE_SOCKET" --timeout 500ms >/dev/null 2>&1; do
     if ! kill -0 "$daemon" 2>/dev/null; then
         status=0
         wait "$daemon" || status=$?
@@ -43,7 +46,7 @@ until op-bridge ping --socket "$OP_BRIDGE_SOCKET" --timeout 1s >/dev/null 2>&1; 
         [ "$status" -ne 0 ] || status=1
         exit "$status"
     fi
-    if [ "$tries" -le 0 ]; then
+    if [ "$tries" -le 0 ] || [ $(($(date +%s) - started)) -gt "$timeout" ]; then
         echo "op-bridge-entrypoint: op-bridge not answering on $OP_BRIDGE_SOCKET after ${timeout}s" >&2
         kill "$daemon" 2>/dev/null || true
         exit 69
@@ -53,10 +56,19 @@ until op-bridge ping --socket "$OP_BRIDGE_SOCKET" --timeout 1s >/dev/null 2>&1; 
 done
 
 # The application gets its secrets from the socket (or `op-bridge get NAME`), never the
-# 1Password token or the references.
+# 1Password token, a session, or the references (with the daemon's own prefix and suffix).
 unset OP_SERVICE_ACCOUNT_TOKEN OP_CONNECT_TOKEN
-for name in $(env | sed -n 's/^\(OP_[A-Za-z0-9_]*_REF\)=.*/\1/p'); do
-    unset "$name"
+prefix="${OP_BRIDGE_PREFIX:-OP_}"
+suffix="${OP_BRIDGE_SUFFIX:-_REF}"
+for name in $(env | sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*\)=.*/\1/p'); do
+    case "$name" in
+        OP_SESSION_*) unset "$name" ;;
+        "$prefix"*"$suffix")
+            if [ "${#name}" -gt $((${#prefix} + ${#suffix})) ]; then
+                unset "$name"
+            fi
+            ;;
+    esac
 done
 
 exec "$@"

@@ -5,8 +5,43 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::builder::BoolishValueParser;
+use clap::builder::{PossibleValue, TypedValueParser};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// clap's own boolish parser (yes/no, on/off, true/false, 1/0, y/n, t/f, any case), with a
+/// `--help` that says so: clap's lists only `true, false`. Same name, so every boolean
+/// option uses it.
+#[derive(Clone, Copy, Debug)]
+pub struct BoolishValueParser;
+
+impl BoolishValueParser {
+    pub fn new() -> BoolishValueParser {
+        BoolishValueParser
+    }
+}
+
+impl Default for BoolishValueParser {
+    fn default() -> Self {
+        BoolishValueParser
+    }
+}
+
+impl TypedValueParser for BoolishValueParser {
+    type Value = bool;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<bool, clap::Error> {
+        clap::builder::BoolishValueParser::new().parse_ref(cmd, arg, value)
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = PossibleValue> + '_>> {
+        Some(Box::new(["yes", "no", "on", "off", "true", "false"].into_iter().map(PossibleValue::new)))
+    }
+}
 
 use crate::supervise::privsep::check_user_spec;
 
@@ -49,13 +84,24 @@ pub struct ClientArgs {
     /// /run/op-bridge/op-bridge.sock, else /tmp/op-bridge.sock).
     #[arg(long, env = "OP_BRIDGE_SOCKET", default_value_os_t = crate::socket_path::default_for_client())]
     pub socket: PathBuf,
-    /// How long to wait for the broker's answer.
-    #[arg(long, env = "OP_BRIDGE_CLIENT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    pub timeout: Duration,
+    /// How long to wait for the broker's answer [default: 10s; 4s for the exec provider
+    /// (`get` without NAME), so that it answers within OpenClaw's 5 s].
+    #[arg(long, env = "OP_BRIDGE_CLIENT_TIMEOUT", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
     /// Also trust a server running as this uid (root and the client's own uid always are);
     /// any other server is refused before a byte is sent.
     #[arg(long, env = "OP_BRIDGE_SERVER_UID", value_name = "UID")]
     pub server_uid: Option<u32>,
+}
+
+/// A client's default `--timeout`.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl ClientArgs {
+    /// `--timeout`, else [`CLIENT_TIMEOUT`].
+    pub fn timeout(&self) -> Duration {
+        self.timeout.unwrap_or(CLIENT_TIMEOUT)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -141,9 +187,10 @@ pub struct BrokerArgs {
     /// Start even when some secrets cannot be resolved (they are reported and left out).
     #[arg(long, env = "OP_BRIDGE_ALLOW_MISSING", value_parser = BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
     pub allow_missing: bool,
-    /// error, warn, info, debug or trace.
-    #[arg(long, env = "OP_BRIDGE_LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
+    /// error, warn, info, debug or trace [default: warn for `run`, so nothing lands on the
+    /// application's terminal unless something is wrong; info for `daemon`].
+    #[arg(long, env = "OP_BRIDGE_LOG_LEVEL")]
+    pub log_level: Option<String>,
     #[arg(long, env = "OP_BRIDGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// Append one JSON line per request to this file ('-' for stderr).
@@ -245,8 +292,8 @@ pub struct RunArgs {
     /// Put every secret in the child's environment under its name.
     #[arg(long, env = "OP_BRIDGE_EXPORT_ALL", value_parser = BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
     pub export_all: bool,
-    /// Leave OP_SERVICE_ACCOUNT_TOKEN, OP_CONNECT_TOKEN and the OP_*_REF variables in the
-    /// child's environment.
+    /// Leave OP_SERVICE_ACCOUNT_TOKEN, OP_CONNECT_TOKEN, OP_SESSION_* and the OP_*_REF
+    /// variables in the child's environment.
     #[arg(long, env = "OP_BRIDGE_KEEP_TOKEN", value_parser = BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
     pub keep_token: bool,
     /// Time between the stop signal and SIGKILL; also bounds the final write-back flush.

@@ -39,11 +39,19 @@ impl CommandError {
     }
 }
 
+/// `path` against the current directory (unchanged when that cannot be read).
+fn absolute(path: &std::path::Path) -> std::path::PathBuf {
+    std::env::current_dir().map(|dir| dir.join(path)).unwrap_or_else(|_| path.to_path_buf())
+}
+
 /// Turns the broker options into configuration (errors are usage errors).
 pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
     let backend = match args.backend.as_str() {
         "op" => BackendSpec::Op {
-            path: args.op_path.clone(),
+            path: args
+                .op_path
+                .as_deref()
+                .map(|p| if p.components().count() > 1 { absolute(p) } else { p.to_path_buf() }),
             timeout: args.op_timeout,
             concurrency: usize::from(args.concurrency),
             retry: RetryPolicy { attempts: args.retries, ..RetryPolicy::default() },
@@ -64,12 +72,20 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
             _ => return Err(format!("unknown backend '{other}' (use 'op' or 'file:PATH')")),
         },
     };
-    let watches = args.watch.iter().map(|spec| WatchSpec::parse(spec)).collect::<Result<Vec<_>, _>>()?;
+    let mut watches = args.watch.iter().map(|spec| WatchSpec::parse(spec)).collect::<Result<Vec<_>, _>>()?;
+    // `run` moves to / once the command has started: every path is made absolute first.
+    for watch in &mut watches {
+        watch.path = absolute(&watch.path);
+    }
+    let backend = match backend {
+        BackendSpec::File(path) => BackendSpec::File(absolute(&path)),
+        other => other,
+    };
     if args.prefix.is_empty() && args.suffix.is_empty() {
         return Err("--prefix and --suffix cannot both be empty".into());
     }
     Ok(BrokerConfig {
-        socket: args.socket.clone(),
+        socket: absolute(&args.socket),
         prefix: args.prefix.clone(),
         suffix: args.suffix.clone(),
         backend,
@@ -87,9 +103,9 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
             refresh_min_interval: args.refresh_min_interval,
             max_inflight_bytes: args.max_inflight_bytes,
         },
-        audit_log: args.audit_log.clone(),
+        audit_log: args.audit_log.as_deref().map(|p| if p.as_os_str() == "-" { p.to_path_buf() } else { absolute(p) }),
         audit_log_strict: args.audit_log_strict,
-        pid_file: args.pid_file.clone(),
+        pid_file: args.pid_file.as_deref().map(absolute),
         allow_missing: args.allow_missing,
         watches,
         watch: WatchOptions { debounce: args.debounce, materialize: args.materialize },
@@ -105,7 +121,7 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
 
 /// Connects, trusting only a server of root, our own uid or `--server-uid`.
 pub(crate) async fn connect(args: &ClientArgs) -> Result<Client, CommandError> {
-    Ok(Client::connect_trusting(&args.socket, args.timeout, args.server_uid).await?)
+    Ok(Client::connect_trusting(&args.socket, args.timeout(), args.server_uid).await?)
 }
 
 /// `get NAME`: the raw value on stdout, byte-exact, no newline added.
@@ -181,7 +197,7 @@ pub async fn ping(args: &ClientArgs) -> Result<(), CommandError> {
 pub async fn refresh(args: &RefreshArgs) -> Result<(), CommandError> {
     let mut client_args = args.client.clone();
     // A refresh re-reads every secret; give it more time than a GET.
-    client_args.timeout = client_args.timeout.max(std::time::Duration::from_secs(120));
+    client_args.timeout = Some(client_args.timeout().max(std::time::Duration::from_secs(120)));
     match connect(&client_args).await {
         Ok(mut client) => {
             let answer = client.simple(Request::Refresh).await?;
@@ -230,5 +246,46 @@ pub async fn status(args: &StatusArgs) -> Result<(), CommandError> {
             detail
         );
     }
+    print_writebacks(&json["writeback"]);
     Ok(())
+}
+
+/// The write-back part of `status`: counts, then every target that is pending or failing
+/// (a healthy, idle target is not news). Never a value: STATUS carries none.
+fn print_writebacks(writeback: &serde_json::Value) {
+    let Some(targets) = writeback["targets"].as_array() else { return };
+    let failing_of = |t: &serde_json::Value| {
+        t["failing"].as_bool().unwrap_or_else(|| t["failed_attempts"].as_u64().unwrap_or(0) > 0)
+    };
+    let pending_of = |t: &serde_json::Value| t["pending"] == true || t["in_flight"] == true;
+    println!(
+        "write-backs: {} pending, {} failing ({} watched/written targets)",
+        writeback["pending"].as_u64().unwrap_or(0),
+        writeback["failing"].as_u64().unwrap_or(0),
+        targets.len()
+    );
+    let news: Vec<&serde_json::Value> = targets.iter().filter(|t| pending_of(t) || failing_of(t)).collect();
+    if news.is_empty() {
+        return;
+    }
+    println!("{:<32} {:<8} {:>8}  REFERENCE / LAST ERROR", "WRITE-BACK", "STATE", "ATTEMPTS");
+    for target in news {
+        let state = match (failing_of(target), target["in_flight"] == true) {
+            (true, _) => "failing",
+            (false, true) => "writing",
+            (false, false) => "pending",
+        };
+        let reference = target["ref"].as_str().unwrap_or("?");
+        let detail = match target["last_error"].as_str() {
+            Some(error) => format!("{reference}: {error}"),
+            None => reference.to_string(),
+        };
+        println!(
+            "{:<32} {:<8} {:>8}  {}",
+            target["name"].as_str().unwrap_or("?"),
+            state,
+            target["failed_attempts"].as_u64().unwrap_or(0),
+            detail
+        );
+    }
 }

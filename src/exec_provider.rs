@@ -24,6 +24,10 @@
 //! OpenClaw's own 1Password plugin (`dist/extensions/onepassword/onepassword-secret-id.js`),
 //! decoded with the same checks. All GETs go to the daemon pipelined on one connection, so a
 //! batch of 512 ids costs one round trip.
+//!
+//! The whole answer fits in OpenClaw's 5 s: the default `--timeout` here is
+//! [`EXEC_TIMEOUT`] (4 s), and within it a daemon that answers `ERR busy` (connection limit,
+//! bytes-in-flight budget) is asked again after a short backoff instead of failing the batch.
 
 use std::io::{IsTerminal, Read, Write};
 
@@ -201,17 +205,69 @@ fn refusal_entry(message: &str) -> Json {
     }
 }
 
+/// The exec provider's default `--timeout`: below OpenClaw's 5 s, with room to start up.
+pub const EXEC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
+
+/// First pause before asking a busy daemon again; it doubles up to [`BUSY_PAUSE_MAX`].
+const BUSY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+const BUSY_PAUSE_MAX: std::time::Duration = std::time::Duration::from_millis(400);
+
+fn is_busy(message: &str) -> bool {
+    message.starts_with("busy")
+}
+
+/// Sends the GETs, asking again while the daemon says `busy` and the budget lasts. Replies
+/// other than `busy` are kept from the first attempt that got them; only busy ones are re-sent.
+async fn get_all(args: &ClientArgs, targets: &[String]) -> Result<Vec<Reply>, CommandError> {
+    let budget = args.timeout.unwrap_or(EXEC_TIMEOUT);
+    let deadline = tokio::time::Instant::now() + budget;
+    let mut replies: Vec<Option<Reply>> = targets.iter().map(|_| None).collect();
+    let mut pause = BUSY_PAUSE;
+    loop {
+        let todo: Vec<usize> = (0..targets.len()).filter(|&i| replies[i].is_none()).collect();
+        let batch: Vec<Request> = todo.iter().map(|&i| Request::Get(targets[i].clone())).collect();
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let attempt = async {
+            crate::client::Client::connect_trusting(&args.socket, left, args.server_uid).await?.call_many(&batch).await
+        };
+        let busy_left = match attempt.await {
+            Ok(got) => {
+                for (&i, reply) in todo.iter().zip(got) {
+                    if !matches!(&reply, Reply::Err(message) if is_busy(message)) {
+                        replies[i] = Some(reply);
+                    }
+                }
+                replies.iter().any(Option::is_none)
+            }
+            Err(crate::client::ClientError::Refused(message)) if is_busy(&message) => true,
+            Err(err) => return Err(err.into()),
+        };
+        let now = tokio::time::Instant::now();
+        if !busy_left {
+            break;
+        }
+        if now + pause >= deadline {
+            // Out of budget: what is still busy is reported per id, the batch itself stands.
+            break;
+        }
+        tracing::debug!("daemon busy; asking again in {pause:?}");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(BUSY_PAUSE_MAX);
+    }
+    Ok(replies.into_iter().map(|r| r.unwrap_or_else(|| Reply::Err("busy: op-bridge is overloaded".into()))).collect())
+}
+
 /// Resolves `ids` through the daemon and encodes the exec-provider reply (one JSON object
 /// and a newline; OpenClaw trims stdout).
 pub async fn answer(args: &ClientArgs, ids: &[String]) -> Result<Zeroizing<Vec<u8>>, CommandError> {
     let mut errors = Map::new();
     let mut asked: Vec<&String> = Vec::with_capacity(ids.len());
-    let mut requests: Vec<Request> = Vec::with_capacity(ids.len());
+    let mut targets: Vec<String> = Vec::with_capacity(ids.len());
     for id in ids {
         match id_to_target(id) {
             Ok(target) => {
                 asked.push(id);
-                requests.push(Request::Get(target));
+                targets.push(target);
             }
             Err(why) => {
                 errors.insert(id.clone(), error_entry(why.code, why.message));
@@ -219,8 +275,8 @@ pub async fn answer(args: &ClientArgs, ids: &[String]) -> Result<Zeroizing<Vec<u
         }
     }
     let mut values = Map::new();
-    if !requests.is_empty() {
-        let replies = crate::commands::connect(args).await?.call_many(&requests).await?;
+    if !targets.is_empty() {
+        let replies = get_all(args, &targets).await?;
         for (id, reply) in asked.into_iter().zip(replies) {
             match reply {
                 // OpenClaw requires a non-empty string for every credential.

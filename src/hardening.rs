@@ -13,7 +13,11 @@ pub fn harden_process() {
     if let Err(err) = nix::sys::prctl::set_dumpable(false) {
         tracing::warn!("cannot clear the dumpable flag: {err}");
     }
-    if let Err(err) = setrlimit(Resource::RLIMIT_CORE, 0, 0) {
+    // Only the soft limit: a lowered hard limit could never be raised again for the child
+    // without CAP_SYS_RESOURCE (which Docker does not grant root), and the child is owed the
+    // limits op-bridge was started with. Not being dumpable already rules out a core file.
+    let core_hard = getrlimit(Resource::RLIMIT_CORE).map(|(_, hard)| hard).unwrap_or(0);
+    if let Err(err) = setrlimit(Resource::RLIMIT_CORE, 0, core_hard) {
         tracing::warn!("cannot disable core dumps: {err}");
     }
     // Raise the soft descriptor limit to the hard one: each connection is a descriptor.

@@ -18,8 +18,10 @@
 //!   error classification and retry policy; `op` resolves in batches (`backend::op_batch`).
 //! - [`daemon`]: the broker, the socket listener (bind, peer check, limits), connections,
 //!   the in-flight byte budget, the REFRESH gate, the audit log, and `op-bridge daemon`.
-//! - [`supervise`]: the reaper (the only `waitpid`), spawning and signal forwarding,
-//!   `op-bridge run`, and privilege separation (`run --user`, `--op-user`, the `op` mode check).
+//! - [`process`]: the process-wide primitives every layer may use: the reaper (the only
+//!   `waitpid`) and the children it tracks.
+//! - [`supervise`]: spawning, signal forwarding, `op-bridge run` (the init), and privilege
+//!   separation (`run --user`, `--op-user`, the `op` mode check).
 //! - [`watch`]: credential-file watching (capture, debounce, materialization);
 //!   [`writeback`]: the per-target write-back queue that never drops a rotation.
 //! - [`cache`]: the sealed restart cache and the write-back journal; [`refresh`]: the
@@ -38,6 +40,7 @@ pub mod exec_provider;
 pub mod hardening;
 pub mod locked;
 pub mod logging;
+pub mod process;
 pub mod protocol;
 pub mod reference;
 pub mod refresh;

@@ -9,27 +9,42 @@ use op_bridge::daemon::StartError;
 use op_bridge::{commands, exit};
 
 fn main() -> ExitCode {
+    // The very first thing, while this is the only thread: every thread started later (the
+    // runtime's, the logger's) inherits the blocked mask, and as PID 1 no signal that arrives
+    // before the init listens is dropped (process.rs). Clients unblock again.
+    if let Err(err) = op_bridge::process::block_signals() {
+        eprintln!("op-bridge: {err}");
+        return ExitCode::from(exit::START_FAILED);
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Daemon(args) => {
             let grace = args.grace;
-            broker_main(&args.broker, |config| async move { op_bridge::daemon::run_daemon(config, grace).await })
+            broker_main(
+                &args.broker,
+                "info",
+                |config| async move { op_bridge::daemon::run_daemon(config, grace).await },
+            )
         }
         Command::Run(args) => {
-            broker_main(
-                &args.broker.clone(),
-                |config| async move { op_bridge::supervise::run::run(config, args).await },
-            )
+            // Bad values of run's own options are usage errors, found before anything starts.
+            if let Err(message) = op_bridge::supervise::run::check_args(&args) {
+                eprintln!("op-bridge: {message}");
+                return ExitCode::from(exit::USAGE);
+            }
+            // `run` shares the application's terminal: only warnings and errors by default.
+            broker_main(&args.broker.clone(), "warn", |config| async move {
+                op_bridge::supervise::run::run(config, args).await
+            })
         }
         client => client_main(client),
     }
 }
 
-fn init_logging(args: &BrokerArgs) -> Result<(), String> {
-    let level: tracing::Level = args
-        .log_level
-        .parse()
-        .map_err(|_| format!("invalid --log-level '{}' (error, warn, info, debug, trace)", args.log_level))?;
+fn init_logging(args: &BrokerArgs, default_level: &str) -> Result<(), String> {
+    let wanted = args.log_level.as_deref().unwrap_or(default_level);
+    let level: tracing::Level =
+        wanted.parse().map_err(|_| format!("invalid --log-level '{wanted}' (error, warn, info, debug, trace)"))?;
     // A stalled stderr reader must never freeze PID 1: lines are queued and, when the queue
     // is full, dropped and counted (STATUS `logging.dropped`).
     let stderr = op_bridge::logging::non_blocking(op_bridge::logging::Sink::Stderr, std::io::stderr());
@@ -46,12 +61,19 @@ fn init_logging(args: &BrokerArgs) -> Result<(), String> {
 }
 
 /// Runs `daemon` or `run` on a multi-threaded runtime and maps start-up errors to exit codes.
-fn broker_main<F, Fut>(args: &BrokerArgs, body: F) -> ExitCode
+fn broker_main<F, Fut>(args: &BrokerArgs, default_level: &str, body: F) -> ExitCode
 where
     F: FnOnce(op_bridge::daemon::BrokerConfig) -> Fut,
     Fut: std::future::Future<Output = Result<u8, StartError>>,
 {
-    if let Err(message) = init_logging(args) {
+    // Before any other thread: one thread takes every signal (process.rs).
+    if let Err(err) = op_bridge::process::start_signal_thread() {
+        eprintln!("op-bridge: {err}");
+        return ExitCode::from(exit::START_FAILED);
+    }
+    // The child gets the limits op-bridge was started with, not the hardened ones.
+    op_bridge::supervise::child::save_start_limits();
+    if let Err(message) = init_logging(args, default_level) {
         eprintln!("op-bridge: {message}");
         return ExitCode::from(exit::USAGE);
     }
@@ -86,6 +108,7 @@ where
 
 /// Runs a client command on a single-threaded runtime (they are short-lived).
 fn client_main(command: Command) -> ExitCode {
+    op_bridge::process::unblock_signals();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {

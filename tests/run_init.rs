@@ -1,6 +1,8 @@
 //! `op-bridge run` as a container init: exit codes, signal forwarding and the grace kill,
 //! SIGHUP refresh, zombie reaping (as PID 1 of a pid namespace and as a subreaper), the
-//! child's environment, Ctrl-C on a terminal, `--on-change`, and failing closed.
+//! child's environment, Ctrl-C on a terminal, `--on-change`, and failing closed; and the
+//! dumb-init parity of issue 12 (every signal, job control, cwd, rlimits, a quiet terminal,
+//! no `op` needed when nothing is resolved, the stop budget).
 //!
 //! PID 1 tests run op-bridge inside `unshare --pid --fork --mount-proc` (needs root, as the
 //! suite does here and in CI); signals go to op-bridge's host pid, which a namespace init
@@ -102,6 +104,9 @@ impl Init {
             Mode::Pid1 => {
                 let mut command = Command::new("unshare");
                 // --kill-child: if the test kills unshare, the namespace (and all in it) dies.
+                if let Some(dir) = direct.get_current_dir() {
+                    command.current_dir(dir);
+                }
                 command
                     .args(["--pid", "--fork", "--mount-proc", "--kill-child"])
                     .arg(direct.get_program())
@@ -509,6 +514,7 @@ fn child_env(options: &[&str]) -> (Vec<(String, String)>, String, PathBuf) {
         .env("OP_OTHER_REF", "op://vault/item/other")
         .env("OP_SERVICE_ACCOUNT_TOKEN", "ops_fake_token")
         .env("OP_CONNECT_TOKEN", "connect_fake_token")
+        .env("OP_SESSION_my_team", "session_fake_token")
         .env("KEEP_ME", "kept")
         .args(options.iter().copied())
         .args(sh(r#"env > "$D/env.tmp" && mv "$D/env.tmp" "$D/env.txt""#));
@@ -529,8 +535,14 @@ fn lookup<'a>(env: &'a [(String, String)], key: &str) -> Option<&'a str> {
     env.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
 }
 
-const HIDDEN: &[&str] =
-    &["OP_SERVICE_ACCOUNT_TOKEN", "OP_CONNECT_TOKEN", "OP_API_KEY_REF", "OP_DB_PASS_REF", "OP_OTHER_REF"];
+const HIDDEN: &[&str] = &[
+    "OP_SERVICE_ACCOUNT_TOKEN",
+    "OP_CONNECT_TOKEN",
+    "OP_SESSION_my_team",
+    "OP_API_KEY_REF",
+    "OP_DB_PASS_REF",
+    "OP_OTHER_REF",
+];
 
 #[test]
 fn exports_by_name_and_strips_tokens() {
@@ -565,6 +577,7 @@ fn keep_token_keeps_token_and_refs() {
     assert_eq!(lookup(&env, "API_KEY"), Some("k-secret-1"), "{env:?}\n{diag}");
     assert_eq!(lookup(&env, "OP_SERVICE_ACCOUNT_TOKEN"), Some("ops_fake_token"), "{env:?}\n{diag}");
     assert_eq!(lookup(&env, "OP_CONNECT_TOKEN"), Some("connect_fake_token"), "{env:?}");
+    assert_eq!(lookup(&env, "OP_SESSION_my_team"), Some("session_fake_token"), "{env:?}");
     assert_eq!(lookup(&env, "OP_API_KEY_REF"), Some("op://vault/item/key"), "{env:?}");
     assert_eq!(lookup(&env, "OP_OTHER_REF"), Some("op://vault/item/other"), "{env:?}");
     assert_eq!(lookup(&env, "OTHER"), None, "{env:?}");
@@ -646,6 +659,8 @@ fn check_ctrl_c(mode: Mode, restart: bool) {
         .arg(dir.join("s.sock"))
         .arg(backend)
         .args(["--grace", "30s"])
+        // The driver follows the "started" log line (run logs warnings only by default).
+        .args(["--log-level", "info"])
         .env_remove("OP_BRIDGE_SOCKET");
     if restart {
         std::fs::write(dir.join("vault2.json"), r#"{"vault":{"item":{"a":"two"}}}"#).unwrap();
@@ -910,4 +925,377 @@ fn group_members_left_after_the_child_are_killed_after_grace() {
     // Killed: gone, or a zombie waiting for whoever inherited it after op-bridge exited.
     let killed = eventually(PROMPT, || proc_state(left).is_none_or(|(state, _)| state == 'Z'));
     assert!(killed, "leftover {left} still running: {:?}\n{}", proc_state(left), init.diagnostics());
+}
+
+// ---- dumb-init parity (issue 12) ------------------------------------------------------
+
+/// A bash loop that records every signal it is sent by number and waits without any child
+/// process (an external `sleep` in the group would be stopped by SIGTSTP or killed by the
+/// rest): `read -t` on a FIFO nobody writes.
+const RECORD_EVERY_SIGNAL: &str = r#"
+    for s in $SIGNALS; do trap "echo $s >> \"\$D/signals\"" "$s"; done
+    mkfifo "$D/never"; exec 9<>"$D/never"
+    touch "$D/ready"
+    while [ ! -e "$D/done" ]; do read -t 0.05 -u 9 || :; done
+    exit 7"#;
+
+#[test]
+fn every_signal_reaches_the_child_as_pid1() {
+    let dir = TestDir::new("allsigs");
+    // 1–31 except KILL and STOP (uncatchable) and CHLD (the reaper's), and a real-time one.
+    let rt = libc::SIGRTMIN() + 6;
+    let numbers: Vec<i32> =
+        (1..=31).filter(|&n| ![libc::SIGKILL, libc::SIGSTOP, libc::SIGCHLD].contains(&n)).chain([rt]).collect();
+    let list = numbers.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(" ");
+    // --hup forward: SIGHUP is the child's too. INT, QUIT and TERM start the stop: a long grace.
+    let builder = run_builder(&dir, EMPTY_VAULT)
+        .args(["--hup", "forward", "--grace", "120s"])
+        .env("SIGNALS", list)
+        .args(bash(RECORD_EVERY_SIGNAL));
+    let mut init = Init::start(builder, Mode::Pid1, &dir);
+    init.await_file("ready");
+    for &number in &numbers {
+        init.signal(number);
+        let word = number.to_string();
+        init.await_content("signals", &format!("signal {number}"), |text| text.lines().any(|l| l == word));
+    }
+    std::fs::write(dir.join("done"), "").unwrap();
+    assert_eq!(init.code(PROMPT), 7, "{}", init.diagnostics());
+    let seen: Vec<i32> = read(&dir.join("signals")).lines().filter_map(|l| l.parse().ok()).collect();
+    assert_eq!(seen, numbers, "each signal exactly once, in order\n{}", init.diagnostics());
+}
+
+#[test]
+fn op_bridge_leaves_its_working_directory_as_pid1() {
+    let dir = TestDir::new("cwd");
+    let start = dir.join("start");
+    std::fs::create_dir(&start).unwrap();
+    let script = r#"pwd > "$D/pwd.tmp"; mv "$D/pwd.tmp" "$D/pwd"; while [ ! -e "$D/done" ]; do sleep 0.05; done"#;
+    let mut command = run_builder(&dir, EMPTY_VAULT).args(sh(script)).command();
+    command.current_dir(&start);
+    let mut init = Init::start_command(command, Mode::Pid1, &dir);
+    let pwd = init.await_file("pwd");
+    assert_eq!(pwd.trim(), start.to_str().unwrap(), "the command starts where op-bridge was started");
+    let cwd = std::fs::read_link(format!("/proc/{}/cwd", init.pid)).unwrap();
+    std::fs::write(dir.join("done"), "").unwrap();
+    assert_eq!(cwd, Path::new("/"), "op-bridge must hold no reference to its start directory\n{}", init.diagnostics());
+    assert_eq!(init.code(PROMPT), 0, "{}", init.diagnostics());
+}
+
+/// Runs argv on a new pseudo-terminal, types `PTY_INPUT` (Python escapes) and prints
+/// everything the terminal shows until the process exits.
+const PTY_SHOW: &str = r#"
+import os, pty, select, sys, time
+pid, fd = pty.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+os.write(fd, os.environ["PTY_INPUT"].encode().decode("unicode_escape").encode())
+out = b""
+deadline = time.time() + 30
+while time.time() < deadline:
+    r, _, _ = select.select([fd], [], [], 0.1)
+    if r:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        out += data
+status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+print("OUTPUT", repr(out.decode(errors="replace")), flush=True)
+print("STATUS", status, flush=True)
+"#;
+
+#[test]
+fn a_terminal_shows_only_the_programs_output() {
+    let dir = TestDir::new("tac");
+    std::fs::write(dir.join("show.py"), PTY_SHOW).unwrap();
+    let backend = write_vault(&dir, EMPTY_VAULT);
+    let mut cmd = Command::new("python3");
+    cmd.arg(dir.join("show.py"))
+        .arg(bin())
+        .args(["run", "--socket"])
+        .arg(dir.join("s.sock"))
+        .arg(backend)
+        .args(["--", "tac"])
+        .env_remove("OP_BRIDGE_SOCKET")
+        .env_remove("OP_BRIDGE_LOG_LEVEL")
+        .env("PTY_INPUT", r"one\ntwo\n\x04");
+    let output = run_with_timeout(cmd, Duration::from_secs(60));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("STATUS 0\n"), "{}", describe(&output));
+    let shown = stdout.lines().find_map(|l| l.strip_prefix("OUTPUT ")).unwrap_or_default();
+    // The terminal echoes what was typed, then tac prints it reversed; nothing else.
+    assert_eq!(shown, r"'one\r\ntwo\r\ntwo\r\none\r\n'", "{}", describe(&output));
+}
+
+/// An interactive bash on a pseudo-terminal: runs op-bridge as a job, presses Ctrl-Z once
+/// the command is reading, expects the prompt back, then `fg` and a line for the command.
+const PTY_JOB_CONTROL: &str = r#"
+import os, pty, select, sys, time
+pid, fd = pty.fork()
+if pid == 0:
+    os.environ["PS1"] = "PROMPT> "
+    os.execvp("bash", ["bash", "--norc", "--noprofile", "-i"])
+out = b""
+def wait_for(needle, start, limit=20):
+    global out
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        at = out.find(needle, start)
+        if at >= 0:
+            return at + len(needle)
+        r, _, _ = select.select([fd], [], [], 0.1)
+        if r:
+            try:
+                out += os.read(fd, 4096)
+            except OSError:
+                return -1
+    return -1
+def kill_session():
+    # Everything on this terminal: bash (the session leader), op-bridge and its command.
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == pid:
+                    os.kill(int(entry), 9)
+            except OSError:
+                pass
+def report(step, at):
+    print(step, at >= 0, flush=True)
+    if at < 0:
+        print("OUTPUT", repr(out.decode(errors="replace")), flush=True)
+        kill_session()
+        sys.exit(0)
+    return at
+at = report("PROMPT", wait_for(b"PROMPT> ", 0))
+os.write(fd, os.environ["JOB"].encode() + b"\n")
+at = report("READY", wait_for(b"READY\r\n", at))
+time.sleep(0.3)
+os.write(fd, b"\x1a")
+at = report("STOPPED_PROMPT", wait_for(b"PROMPT> ", at))
+os.write(fd, b"fg\n")
+time.sleep(0.5)
+os.write(fd, b"hello\n")
+at = report("RESUMED", wait_for(b"GOT hello", at))
+at = report("PROMPT_AGAIN", wait_for(b"PROMPT> ", at))
+os.write(fd, b"echo EXIT=$?\n")
+at = report("EXIT0", wait_for(b"EXIT=0", at))
+os.write(fd, b"exit\n")
+os.waitpid(pid, 0)
+print("OUTPUT", repr(out.decode(errors="replace")), flush=True)
+"#;
+
+#[test]
+fn ctrl_z_returns_the_prompt_and_fg_resumes() {
+    let dir = TestDir::new("ctrlz");
+    std::fs::write(dir.join("job.py"), PTY_JOB_CONTROL).unwrap();
+    let backend = write_vault(&dir, EMPTY_VAULT);
+    let job = format!(
+        r#"{bin} run --socket {dir}/s.sock {backend} -- sh -c 'echo READY; read x; echo "GOT $x"'"#,
+        bin = bin().display(),
+        dir = dir.path().display()
+    );
+    let mut cmd = Command::new("python3");
+    cmd.arg(dir.join("job.py")).env("JOB", job).env_remove("OP_BRIDGE_SOCKET");
+    let output = run_with_timeout(cmd, Duration::from_secs(90));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    for step in ["PROMPT", "READY", "STOPPED_PROMPT", "RESUMED", "PROMPT_AGAIN", "EXIT0"] {
+        assert!(stdout.contains(&format!("{step} True")), "step {step} failed\n{}", describe(&output));
+    }
+}
+
+#[test]
+fn nothing_to_resolve_needs_no_op_cli() {
+    let dir = TestDir::new("noop");
+    let path = "/usr/sbin:/usr/bin:/sbin:/bin";
+    assert!(which_in_path("op", path).is_none(), "this test needs a PATH without op");
+    let builder = BrokerBuilder::new(&dir, "run").env("PATH", path).args(sh("exit 3"));
+    let output = builder.output();
+    assert_eq!(output.status.code(), Some(3), "{}", describe(&output));
+}
+
+fn which_in_path(program: &str, path: &str) -> Option<PathBuf> {
+    path.split(':').map(|d| Path::new(d).join(program)).find(|p| p.exists())
+}
+
+/// The command's `ulimit -Sc` and `ulimit -Hc` when op-bridge is started (as `uid`, if given)
+/// with a core limit of 1024/2048 KiB.
+fn child_core_limits(uid: Option<u32>) -> (String, String) {
+    use std::os::unix::process::CommandExt;
+    let dir = TestDir::new("rlim");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let script = r#"echo "$(ulimit -Sc) $(ulimit -Hc)" > "$D/core.tmp"; mv "$D/core.tmp" "$D/core""#;
+    let direct = run_builder(&dir, EMPTY_VAULT).args(bash(script)).command();
+    let mut command = match uid {
+        None => direct,
+        Some(uid) => {
+            let mut wrapped = Command::new("setpriv");
+            wrapped
+                .args([format!("--reuid={uid}"), format!("--regid={uid}"), "--clear-groups".into()])
+                .arg(direct.get_program())
+                .args(direct.get_args())
+                .env_clear()
+                .envs(direct.get_envs().filter_map(|(k, v)| Some((k, v?))));
+            wrapped
+        }
+    };
+    // SAFETY: setrlimit only, async-signal-safe, between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit { rlim_cur: 1024 * 1024, rlim_max: 2048 * 1024 };
+            libc::setrlimit(libc::RLIMIT_CORE, &limit);
+            Ok(())
+        });
+    }
+    let mut init = Init::start_command(command, Mode::Subreaper, &dir);
+    assert_eq!(init.code(PROMPT), 0, "{}", init.diagnostics());
+    let text = read(&dir.join("core"));
+    let mut words = text.split_whitespace().map(String::from);
+    (words.next().unwrap_or_default(), words.next().unwrap_or_default())
+}
+
+#[test]
+fn the_command_gets_the_callers_core_limit() {
+    assert_eq!(child_core_limits(None), ("1024".to_string(), "2048".to_string()), "as root");
+    assert_eq!(child_core_limits(Some(1000)), ("1024".to_string(), "2048".to_string()), "as uid 1000");
+}
+
+/// A stop whose command ignores SIGTERM while a write-back is pending (1Password is down):
+/// op-bridge is gone within --grace plus a second; with `recovers`, 1Password comes back
+/// during the grace and the write-back is stored.
+fn check_stop_budget(recovers: bool) {
+    let dir = TestDir::new("budget");
+    let fake = FakeOp::new(&dir, serde_json::json!({"vault": {"item": {"cred": "old"}}}));
+    let grace = Duration::from_secs(4);
+    let script = r#"trap '' TERM
+        while [ ! -e "$D/go" ]; do sleep 0.05; done
+        printf new-value > "$D/cred.tmp"; mv "$D/cred.tmp" "$D/cred"
+        while :; do sleep 0.05; done"#;
+    let watch = format!("--watch={}=CRED=op://vault/item/cred", dir.join("cred").display());
+    let builder = BrokerBuilder::new(&dir, "run")
+        .fake_op(&fake)
+        .env("D", dir.path().display().to_string())
+        .args([watch.as_str(), "--debounce", "50ms", "--grace", "4s", "--log-level", "info"])
+        .args(sh(script));
+    let mut init = Init::start(builder, Mode::Subreaper, &dir);
+    init.await_file("cred");
+    fake.control(serde_json::json!({"outage": true}));
+    let calls_before = fake.calls().len();
+    std::fs::write(dir.join("go"), "").unwrap();
+    let failed = eventually(PROMPT, || fake.calls().iter().skip(calls_before).any(|c| c["exit"] == 1));
+    assert!(failed, "the write-back never met the outage\n{}", init.diagnostics());
+    let sent = Instant::now();
+    init.signal(libc::SIGTERM);
+    if recovers {
+        std::thread::sleep(Duration::from_secs(1));
+        fake.control(serde_json::json!({}));
+    }
+    let code = init.code(PROMPT);
+    let took = sent.elapsed();
+    eprintln!("stop with --grace {grace:?}, 1Password {}: {took:?}", if recovers { "back after 1 s" } else { "down" });
+    assert_eq!(code, 137, "the command ignored SIGTERM and was killed\n{}", init.diagnostics());
+    // The issue's bound: the whole stop fits in the grace, plus a second for this machine.
+    assert!(took < grace + Duration::from_secs(1), "stop took {took:?} (grace {grace:?})\n{}", init.diagnostics());
+    let stored = fake.read_store()["vault"]["item"]["cred"].clone();
+    if recovers {
+        assert_eq!(stored, "new-value", "the write-back must be stored\n{}", init.diagnostics());
+    } else {
+        assert_eq!(stored, "old");
+        assert!(
+            init.stderr().contains("write-back NOT stored"),
+            "a lost write-back is reported\n{}",
+            init.diagnostics()
+        );
+    }
+}
+
+#[test]
+fn a_stop_flushes_write_backs_within_the_grace() {
+    check_stop_budget(true);
+}
+
+#[test]
+fn a_stop_that_cannot_flush_still_ends_within_the_grace() {
+    check_stop_budget(false);
+}
+
+#[test]
+fn allow_missing_leaves_a_missing_export_out() {
+    let dir = TestDir::new("missing");
+    let builder = run_builder(&dir, EMPTY_VAULT)
+        .env("OP_GONE_REF", "op://vault/item/nope")
+        .env("OP_A_REF", "op://vault/item/a")
+        .args(["--allow-missing", "--export", "GONE", "--export", "A"])
+        .args(sh(r#"echo "A=$A GONE=${GONE-unset}" > "$D/seen""#));
+    let mut init = Init::start(builder, Mode::Subreaper, &dir);
+    assert_eq!(init.code(PROMPT), 0, "{}", init.diagnostics());
+    assert_eq!(read(&dir.join("seen")), "A=one GONE=unset\n", "{}", init.diagnostics());
+    assert!(init.stderr().contains("GONE is left out"), "a warning names it\n{}", init.diagnostics());
+}
+
+#[test]
+fn two_variables_for_one_name_are_refused() {
+    let dir = TestDir::new("dupname");
+    let output = run_builder(&dir, EMPTY_VAULT)
+        .env("OP_api_REF", "op://vault/item/a")
+        .env("OP_API_REF", "op://vault/item/a")
+        .args(sh("exit 0"))
+        .output();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{}", describe(&output));
+    assert!(stderr.contains("OP_API_REF and OP_api_REF"), "both variables are named\n{}", describe(&output));
+}
+
+#[test]
+fn every_bad_option_value_exits_2() {
+    let dir = TestDir::new("badopt");
+    let cases: &[&[&str]] = &[
+        &["--on-change", "sometimes"],
+        &["--on-change", "signal:NOPE"],
+        &["--export", "A=B=C"],
+        &["--grace", "ten"],
+        &["--log-level", "loud"],
+        &["--backend", "vault"],
+        &["--hup", "maybe"],
+        &["--watch", "no-equals-sign"],
+        &["--concurrency", "0"],
+    ];
+    let mut failures = Vec::new();
+    for case in cases {
+        let output = run_builder(&dir, EMPTY_VAULT).args(case.iter().copied()).args(sh("exit 0")).output();
+        if output.status.code() != Some(2) {
+            failures.push(format!("{case:?}: {}", describe(&output)));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// dumb-init's job control, without a terminal: SIGTSTP is forwarded and op-bridge stops
+/// itself; SIGCONT resumes it and is forwarded. (The command's group has no parent in its
+/// session, so the kernel discards a default-action SIGTSTP there: the command records it.)
+#[test]
+fn sigtstp_is_forwarded_and_stops_op_bridge_and_sigcont_resumes_it() {
+    let dir = TestDir::new("tstp");
+    let builder = run_builder(&dir, EMPTY_VAULT)
+        .env("SIGNALS", format!("{} {}", libc::SIGTSTP, libc::SIGCONT))
+        .args(bash(RECORD_EVERY_SIGNAL));
+    let mut init = Init::start(builder, Mode::Subreaper, &dir);
+    init.await_file("ready");
+    let state = |pid: i32| proc_state(pid).map(|(state, _)| state);
+    init.signal(libc::SIGTSTP);
+    let stopped = eventually(PROMPT, || state(init.pid) == Some('T'));
+    assert!(stopped, "op-bridge did not stop itself: {:?}\n{}", state(init.pid), init.diagnostics());
+    let tstp = libc::SIGTSTP.to_string();
+    init.await_content("signals", "SIGTSTP", |text| text.lines().any(|l| l == tstp));
+    init.signal(libc::SIGCONT);
+    let resumed = eventually(PROMPT, || state(init.pid) != Some('T'));
+    assert!(resumed, "op-bridge did not resume\n{}", init.diagnostics());
+    let cont = libc::SIGCONT.to_string();
+    init.await_content("signals", "SIGCONT", |text| text.lines().any(|l| l == cont));
+    std::fs::write(dir.join("done"), "").unwrap();
+    assert_eq!(init.code(PROMPT), 7, "{}", init.diagnostics());
+    let seen: Vec<String> = read(&dir.join("signals")).lines().map(String::from).collect();
+    assert_eq!(seen, [tstp, cont], "each forwarded exactly once\n{}", init.diagnostics());
 }

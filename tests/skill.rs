@@ -437,7 +437,7 @@ fn check(found: &Found) -> Result<(), String> {
         Command::Daemon(args) => &args.broker,
         _ => return Ok(()),
     };
-    broker.log_level.parse::<tracing::Level>().map_err(|e| format!("--log-level: {e}"))?;
+    broker.log_level.as_deref().unwrap_or("info").parse::<tracing::Level>().map_err(|e| format!("--log-level: {e}"))?;
     op_bridge::commands::broker_config(broker).map(|_| ())
 }
 

@@ -29,8 +29,8 @@ use super::{
     check_writable, is_text_field_type, parse_retry_after, value_text,
 };
 use crate::locked::extend_zeroizing;
+use crate::process::{Process, Reaper};
 use crate::reference::SecretRef;
-use crate::supervise::{Process, Reaper};
 
 /// Most bytes read from `op`'s stdout (a large item's JSON) and stderr.
 const MAX_STDOUT: usize = 16 * 1024 * 1024;

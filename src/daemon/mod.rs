@@ -1,9 +1,10 @@
 //! The broker service shared by `op-bridge daemon` and `op-bridge run`: reference discovery,
 //! start-up resolution, the socket server, and the daemon's own signal loop.
 //!
-//! Start-up order matters: the socket is bound first (so a second daemon fails before it
-//! spends a single `op` call), then every reference is resolved, then the server accepts.
-//! Clients that connect in between simply wait for their first answer.
+//! Start-up order matters: a live socket at the path is refused first (so a second daemon
+//! fails before it spends a single `op` call), then every reference is resolved, and only
+//! then is the socket bound: a client never connects to a broker that cannot answer yet; it
+//! gets "unreachable" at once and can retry (entrypoint.sh does).
 
 mod acl;
 pub mod audit;
@@ -17,16 +18,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::file::FileVault;
 use crate::backend::op::{OpCli, OpOptions, RunAs};
 use crate::backend::{Backend, ErrorKind, RetryPolicy};
+use crate::process::Reaper;
 use crate::protocol::normalize_name;
 use crate::reference::SecretRef;
 use crate::store::Source;
-use crate::supervise::Reaper;
 use crate::watch::{WatchHandle, WatchOptions, WatchSpec};
 use crate::writeback::Unwritten;
 use audit::AuditLog;
@@ -77,13 +77,14 @@ pub struct BrokerConfig {
 pub enum StartError {
     #[error(transparent)]
     Bind(#[from] BindError),
+    /// A bad option value or environment, or a well-formed value that is wrong here (an
+    /// unknown `--user`): exit 2, like every other usage error.
+    #[error("{0}")]
+    Usage(String),
     #[error("cannot find the 1Password CLI: {0} (install op or pass --op-path)")]
     OpNotFound(String),
     #[error("{0}")]
     Config(String),
-    /// A command-line value that is well-formed but wrong here (an unknown `--user`).
-    #[error("{0}")]
-    Usage(String),
     #[error("required secrets could not be resolved: {0}")]
     SecretsUnavailable(String),
     #[error("cannot {action}: {source}")]
@@ -110,6 +111,56 @@ pub fn discover(env: impl IntoIterator<Item = (String, String)>, prefix: &str, s
         .collect();
     found.sort();
     found
+}
+
+/// Refuses two variables that name the same secret once upper-cased (`OP_api_REF` and
+/// `OP_API_REF`): which one wins would be an accident of ordering.
+pub fn check_discovered_names(
+    env: impl IntoIterator<Item = (String, String)>,
+    prefix: &str,
+    suffix: &str,
+) -> Result<(), String> {
+    let mut by_name: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for (key, value) in env {
+        let found = discover([(key.clone(), value)], prefix, suffix);
+        if let Some((name, _)) = found.into_iter().next() {
+            by_name.entry(name).or_default().push(key);
+        }
+    }
+    let clashes: Vec<String> = by_name
+        .into_iter()
+        .filter(|(_, keys)| keys.len() > 1)
+        .map(|(name, mut keys)| {
+            keys.sort();
+            format!("{} all name secret {name}", keys.join(" and "))
+        })
+        .collect();
+    match clashes.is_empty() {
+        true => Ok(()),
+        false => Err(format!("ambiguous references: {}; keep one of each", clashes.join("; "))),
+    }
+}
+
+/// A missing `op` is an error only when something needs it: with no reference to resolve and
+/// no file to watch, the broker starts without one (a SET then fails with "cannot run op").
+pub fn settle_op_path(mut config: BrokerConfig, env: &[(String, String)]) -> BrokerConfig {
+    if let BackendSpec::Op { path: path @ None, .. } = &mut config.backend
+        && which::which("op").is_err()
+        && config.watches.is_empty()
+        && discover(env.iter().cloned(), &config.prefix, &config.suffix).is_empty()
+    {
+        tracing::debug!("no 1Password CLI on PATH and nothing to resolve; starting without it");
+        *path = Some(PathBuf::from("op"));
+    }
+    config
+}
+
+/// Refuses to start when another broker answers on `path` (before any `op` call is spent).
+fn refuse_live_socket(path: &Path) -> Result<(), StartError> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(BindError::AlreadyServing(path.to_path_buf()).into());
+    }
+    Ok(())
 }
 
 fn build_backend(spec: &BackendSpec, reaper: &Reaper) -> Result<Arc<dyn Backend>, StartError> {
@@ -145,7 +196,7 @@ impl Service {
         reaper: &Reaper,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Service, StartError> {
-        let socket = listener::bind_allowing(&config.socket, &config.serve.allow_uids)?;
+        refuse_live_socket(&config.socket)?;
         let audit =
             match &config.audit_log {
                 Some(path) => Some(Arc::new(AuditLog::open(path, config.audit_log_strict).map_err(|source| {
@@ -206,6 +257,9 @@ impl Service {
         let watcher = crate::watch::start(&config.watches, broker.watch_context(), config.watch.clone())
             .await
             .map_err(StartError::Config)?;
+        // Bound only now that every answer is ready (issue 12: no client waits on a broker
+        // that is still resolving). The allowed uids get their ACL on the socket here.
+        let socket = listener::bind_allowing(&config.socket, &config.serve.allow_uids)?;
         if let Some(path) = &config.pid_file {
             std::fs::write(path, format!("{}\n", std::process::id()))
                 .map_err(|source| StartError::Io { action: format!("write pid file {}", path.display()), source })?;
@@ -296,16 +350,22 @@ pub fn log_report(what: &str, report: &ResolveReport) {
     }
 }
 
-/// `op-bridge daemon`: serve until SIGTERM/SIGINT; SIGHUP re-resolves.
+/// `op-bridge daemon`: serve until SIGTERM/SIGINT (also during start-up); SIGHUP re-resolves.
 pub async fn run_daemon(config: BrokerConfig, grace: Duration) -> Result<u8, StartError> {
-    let reaper =
-        Reaper::start().map_err(|source| StartError::Io { action: "install SIGCHLD handler".into(), source })?;
-    let signal_err = |source| StartError::Io { action: "install signal handlers".into(), source };
-    let mut hup = signal(SignalKind::hangup()).map_err(signal_err)?;
-    let mut term = signal(SignalKind::terminate()).map_err(signal_err)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(signal_err)?;
+    let mut signals = crate::process::take_signals()
+        .map_err(|e| StartError::Io { action: "take signals".into(), source: std::io::Error::other(e.to_string()) })?;
+    let reaper = Reaper::start().map_err(|source| StartError::Io { action: "start the reaper".into(), source })?;
+    let env = utf8_env();
+    check_discovered_names(env.iter().cloned(), &config.prefix, &config.suffix).map_err(StartError::Usage)?;
+    let config = settle_op_path(config, &env);
 
-    let service = Arc::new(Service::start(&config, &reaper, utf8_env()).await?);
+    let service = tokio::select! {
+        started = Service::start(&config, &reaper, env) => Arc::new(started?),
+        number = crate::process::wait_for_stop(&mut signals) => {
+            tracing::warn!("signal {number} during start-up; exiting");
+            return Ok(u8::try_from(128 + number).unwrap_or(255));
+        }
+    };
     let shutdown = CancellationToken::new();
     let server = {
         let service = service.clone();
@@ -313,19 +373,31 @@ pub async fn run_daemon(config: BrokerConfig, grace: Duration) -> Result<u8, Sta
         tokio::spawn(async move { service.serve(shutdown).await })
     };
     let _refresh_timer = crate::refresh::start(service.clone(), config.refresh_interval, config.read_budget);
-    loop {
-        tokio::select! {
-            _ = hup.recv() => {
+    while let Some(number) = signals.recv().await {
+        match number {
+            libc::SIGHUP => {
                 let service = service.clone();
                 tokio::spawn(async move { service.refresh().await });
             }
-            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
-            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            libc::SIGTERM => {
+                tracing::info!("SIGTERM: shutting down");
+                break;
+            }
+            libc::SIGINT => {
+                tracing::info!("SIGINT: shutting down");
+                break;
+            }
+            // The daemon has no child: job-control signals suspend it as they would by default.
+            libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU if std::process::id() != 1 => {
+                let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
+            }
+            other => tracing::debug!("signal {other} ignored"),
         }
     }
+    let stop_deadline = tokio::time::Instant::now() + grace;
     shutdown.cancel();
     let _ = server.await;
-    let unwritten = service.flush(grace).await;
+    let unwritten = service.flush(stop_deadline.saturating_duration_since(tokio::time::Instant::now())).await;
     service.close();
     tracing::info!("stopped");
     Ok(if unwritten.is_empty() { crate::exit::OK } else { crate::exit::WRITEBACK_LOST })

@@ -1,15 +1,20 @@
 //! Spawning the supervised command: a clean signal state, its own process group (and the
 //! terminal's foreground when there is one, so Ctrl-C reaches it), and the 126/127 exit codes
 //! of a shell for a command that cannot be executed or found.
+//!
+//! The command starts as if op-bridge were not there: with the resource limits op-bridge was
+//! started with (not its hardened ones, see [`save_start_limits`]) and in op-bridge's original
+//! working directory, even after op-bridge itself has moved to `/` ([`leave_working_directory`]).
 
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::OnceLock;
 
 use super::privsep::{Identity, Switch};
-use super::reaper::{Process, Reaper};
+use crate::process::{Process, Reaper};
 
 /// Why the command could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -41,8 +46,49 @@ fn locate(program: &OsStr, env: &[(OsString, OsString)]) -> Result<PathBuf, Spaw
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.clone())
         .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
-    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let cwd = start_dir().unwrap_or_else(|| PathBuf::from("/"));
     which::which_in(program, Some(path), cwd).map_err(|_| SpawnError::NotFound(shown))
+}
+
+/// Every limit `getrlimit` knows on Linux (RLIMIT_CPU … RLIMIT_RTTIME).
+const RESOURCE_LIMITS: libc::c_int = 16;
+
+/// One saved limit: (resource, soft, hard).
+type SavedLimit = (libc::c_int, libc::rlim_t, libc::rlim_t);
+
+static START_LIMITS: OnceLock<Vec<SavedLimit>> = OnceLock::new();
+static START_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+/// Records op-bridge's resource limits as it was started, before hardening lowers some
+/// (RLIMIT_CORE) and raises others (RLIMIT_NOFILE): every command gets these back.
+pub fn save_start_limits() {
+    let saved = (0..RESOURCE_LIMITS)
+        .filter_map(|resource| {
+            // SAFETY: getrlimit writes one rlimit struct; an unknown resource fails with EINVAL.
+            unsafe {
+                let mut limit: libc::rlimit = std::mem::zeroed();
+                (libc::getrlimit(resource as _, &mut limit) == 0).then_some((resource, limit.rlim_cur, limit.rlim_max))
+            }
+        })
+        .collect();
+    let _ = START_LIMITS.set(saved);
+}
+
+/// Moves op-bridge to `/` so that it holds no reference to the directory it was started in
+/// (a volume can then be unmounted), as dumb-init does; commands still start in that
+/// directory. Call it after the first command has been spawned.
+pub fn leave_working_directory() {
+    if let Ok(dir) = std::env::current_dir() {
+        let _ = START_DIR.set(dir);
+    }
+    if let Err(err) = std::env::set_current_dir("/") {
+        tracing::warn!("cannot change to /: {err}");
+    }
+}
+
+/// The directory commands start in: op-bridge's original working directory.
+fn start_dir() -> Option<PathBuf> {
+    START_DIR.get().cloned().or_else(|| std::env::current_dir().ok())
 }
 
 /// Whether op-bridge's process group is the foreground of a terminal on stdin: then the
@@ -50,6 +96,13 @@ fn locate(program: &OsStr, env: &[(OsString, OsString)]) -> Result<PathBuf, Spaw
 pub fn owns_terminal() -> bool {
     // SAFETY: plain queries of file descriptor 0 and of our own process group.
     unsafe { libc::isatty(libc::STDIN_FILENO) == 1 && libc::tcgetpgrp(libc::STDIN_FILENO) == libc::getpgrp() }
+}
+
+/// Gives the terminal on stdin to process group `group` (op-bridge must be in its session;
+/// SIGTTOU cannot stop op-bridge, every signal being blocked in it).
+pub fn give_terminal(group: i32) {
+    // SAFETY: tcsetpgrp on file descriptor 0; failure (no terminal) is harmless.
+    unsafe { libc::tcsetpgrp(libc::STDIN_FILENO, group) };
 }
 
 /// Spawns `argv` with exactly `env`, through the reaper. With `terminal` (op-bridge owned the
@@ -72,11 +125,16 @@ pub fn spawn(
         // gosu's rule: HOME is the user's, whatever the environment said.
         command.env("HOME", &user.home);
     }
+    if let Some(dir) = start_dir() {
+        command.current_dir(dir);
+    }
     let switch = user.and_then(Switch::to);
+    let limits: &'static [SavedLimit] = START_LIMITS.get().map(Vec::as_slice).unwrap_or(&[]);
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
-    // (setpgid, setsid, sigprocmask, tcsetpgrp, signal, getpid, setgroups, setgid, setuid).
+    // (setpgid, setsid, sigprocmask, tcsetpgrp, signal, getpid, setrlimit, setgroups, setgid,
+    // setuid) on data prepared before the fork.
     unsafe {
-        command.pre_exec(move || prepare_child(terminal, switch.as_ref()));
+        command.pre_exec(move || prepare_child(terminal, limits, switch.as_ref()));
     }
     let shown = program.to_string_lossy().into_owned();
     match reaper.spawn(&mut command) {
@@ -91,7 +149,7 @@ const KERNEL_SIGNALS: libc::c_int = 64;
 const KERNEL_SIGSET_BYTES: libc::size_t = 8;
 
 /// Runs in the child between fork and exec.
-fn prepare_child(terminal: bool, switch: Option<&Switch>) -> io::Result<()> {
+fn prepare_child(terminal: bool, limits: &[SavedLimit], switch: Option<&Switch>) -> io::Result<()> {
     // SAFETY: plain syscalls on the current process; all async-signal-safe.
     unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
@@ -126,6 +184,12 @@ fn prepare_child(terminal: bool, switch: Option<&Switch>) -> io::Result<()> {
                     KERNEL_SIGSET_BYTES,
                 );
             }
+        }
+        // The limits op-bridge was started with (hardening lowers soft limits only, so
+        // this never needs a privilege).
+        for &(resource, soft, hard) in limits {
+            let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+            libc::setrlimit(resource as _, &limit);
         }
         let mut none: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut none);

@@ -2,11 +2,18 @@
 //! spawns and supervises the command, forwards signals, reaps every zombie, and on the
 //! command's exit cleans up and exits with its status.
 //!
-//! Order of events: signal handlers and the reaper first (so nothing is missed), then the
-//! broker (secrets resolved, fail closed), then the child. Every catchable signal except
-//! SIGCHLD goes to the child's process group; SIGHUP follows `--hup`; SIGTERM, SIGINT and
-//! SIGQUIT also start the grace timer, after which the group is killed. When the main child
-//! exits, the rest of its group gets SIGTERM, then SIGKILL after the grace.
+//! Order of events: every signal is blocked and queued from the first instruction of `main`
+//! (see [`crate::process`]), so nothing is missed; then the broker (secrets resolved, fail
+//! closed), then the child, then op-bridge moves to `/`. Every signal except SIGCHLD goes to
+//! the child's process group — SIGSEGV and the real-time signals included; SIGHUP follows
+//! `--hup`; SIGTERM, SIGINT and SIGQUIT also start the stop. Job control is dumb-init's:
+//! SIGTSTP, SIGTTIN and SIGTTOU are forwarded and then op-bridge stops itself; SIGCONT is
+//! forwarded (with the terminal's foreground handed back to the command). On a terminal, a
+//! command stopped by Ctrl-Z stops op-bridge too, so the shell gets its prompt back.
+//!
+//! The stop has one budget, `--grace`, counted from the stop signal (or from the command's
+//! own exit): pending write-backs are pushed during it, the command's group gets SIGKILL a
+//! little before its end ([`kill_margin`]) and the last flush ends with it.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -14,46 +21,27 @@ use std::os::unix::ffi::OsStringExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use nix::sys::signal::Signal;
-use signal_hook::consts::signal as sig;
-use signal_hook_tokio::Signals;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::child::{self, SpawnError};
 use super::privsep::{self, Identity};
-use super::reaper::{Exit, Process, Reaper};
 use crate::cli::{HupMode, RunArgs};
 use crate::daemon::{BackendSpec, BrokerConfig, Service, StartError, utf8_env};
+use crate::process::{Exit, Process, Reaper};
 
-/// Signals forwarded to the child. SIGCHLD is the reaper's; SIGKILL and SIGSTOP cannot be
-/// caught; SIGPIPE, SIGSEGV, SIGBUS, SIGFPE and SIGILL are about op-bridge itself.
-const FORWARDED: &[i32] = &[
-    sig::SIGHUP,
-    sig::SIGINT,
-    sig::SIGQUIT,
-    sig::SIGTERM,
-    sig::SIGUSR1,
-    sig::SIGUSR2,
-    sig::SIGALRM,
-    sig::SIGCONT,
-    sig::SIGTSTP,
-    sig::SIGTTIN,
-    sig::SIGTTOU,
-    sig::SIGURG,
-    sig::SIGXCPU,
-    sig::SIGXFSZ,
-    sig::SIGVTALRM,
-    sig::SIGPROF,
-    sig::SIGWINCH,
-    sig::SIGIO,
-    libc::SIGPWR,
-    sig::SIGSYS,
-    sig::SIGTRAP,
-    sig::SIGABRT,
-];
+/// Signal numbers the init loop treats specially (libc's, which are Linux's).
+mod sig {
+    pub use libc::{SIGCONT, SIGHUP, SIGINT, SIGKILL, SIGQUIT, SIGTERM, SIGTSTP, SIGTTIN, SIGTTOU};
+}
+
+/// The part of the grace kept for the last write-back flush after the command is killed:
+/// a tenth of the grace, at most half a second.
+pub fn kill_margin(grace: Duration) -> Duration {
+    (grace / 10).min(Duration::from_millis(500))
+}
 
 /// What a refresh that changes an exported value does to the child.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +97,8 @@ struct ChildEnv {
     base: Vec<(OsString, OsString)>,
     exports: Vec<Export>,
     export_all: bool,
+    /// `--allow-missing`: an exported name without a value is left out (with a warning).
+    allow_missing: bool,
 }
 
 impl ChildEnv {
@@ -117,6 +107,8 @@ impl ChildEnv {
             !args.keep_token
                 && (key == "OP_SERVICE_ACCOUNT_TOKEN"
                     || key == "OP_CONNECT_TOKEN"
+                    // `op signin` sessions are as good as the token.
+                    || key.starts_with("OP_SESSION_")
                     || (key.starts_with(&config.prefix)
                         && key.ends_with(&config.suffix)
                         && key.len() > config.prefix.len() + config.suffix.len()))
@@ -126,7 +118,12 @@ impl ChildEnv {
             .collect();
         // `op-bridge get` inside the child finds the broker without configuration.
         base.push(("OP_BRIDGE_SOCKET".into(), absolute(&config.socket).into_os_string()));
-        Ok(ChildEnv { base, exports: parse_exports(&args.export)?, export_all: args.export_all })
+        Ok(ChildEnv {
+            base,
+            exports: parse_exports(&args.export)?,
+            export_all: args.export_all,
+            allow_missing: config.allow_missing,
+        })
     }
 
     /// Names whose values the child's environment carries.
@@ -141,6 +138,9 @@ impl ChildEnv {
     /// Why the child's environment cannot be built now (an exported secret has no value),
     /// checked without copying any value.
     fn unavailable(&self, service: &Service) -> Option<String> {
+        if self.allow_missing {
+            return None;
+        }
         let store = &service.broker.store;
         let missing: Vec<&str> = self
             .exports
@@ -156,11 +156,13 @@ impl ChildEnv {
         let mut env = self.base.clone();
         let mut put = |var: &str, name: &str| -> Result<(), String> {
             // Zeroizing until it is handed to the environment, so a refused value leaves no copy.
-            let mut value = service
-                .broker
-                .store
-                .with_value(name, |v| zeroize::Zeroizing::new(v.to_vec()))
-                .ok_or_else(|| format!("exported secret {name} is not available"))?;
+            let Some(mut value) = service.broker.store.with_value(name, |v| zeroize::Zeroizing::new(v.to_vec())) else {
+                if self.allow_missing {
+                    tracing::warn!(name, "exported secret {name} has no value; {var} is left out (--allow-missing)");
+                    return Ok(());
+                }
+                return Err(format!("exported secret {name} is not available"));
+            };
             if value.contains(&0) {
                 return Err(format!(
                     "exported secret {name} contains a NUL byte and cannot be an environment variable"
@@ -236,27 +238,63 @@ struct Supervised {
 
 impl Supervised {
     fn forward(&self, number: i32) {
-        if let Ok(signal) = Signal::try_from(number)
-            && let Err(err) = self.process.signal_group(signal)
-        {
+        if let Err(err) = self.process.signal_group_number(number) {
             // The group may already be gone; the child itself is still signalled directly.
-            tracing::debug!("forwarding {signal} to the group failed ({err}); signalling the child");
-            self.process.signal(signal);
+            tracing::debug!("forwarding {} to the group failed ({err}); signalling the child", signal_name(number));
+            self.process.signal_number(number);
         }
     }
 
-    fn begin_stop(&mut self, signal: Signal, grace: Duration) {
-        self.forward(signal as i32);
+    fn begin_stop(&mut self, number: i32, grace: Duration) {
+        self.forward(number);
         if self.kill_at.is_none() {
-            self.kill_at = Some(Instant::now() + grace);
+            self.kill_at = Some(Instant::now() + grace - kill_margin(grace));
         }
+    }
+
+    /// Resumes the command after op-bridge itself was continued: the terminal's foreground
+    /// goes back to it when op-bridge holds it (`fg`, not `bg`), then SIGCONT.
+    fn resume(&self, terminal: bool) {
+        if terminal && child::owns_terminal() {
+            child::give_terminal(self.process.pid().as_raw());
+        }
+        self.forward(sig::SIGCONT);
     }
 }
 
+/// Stops op-bridge itself, as a shell job does on Ctrl-Z; returns once it is continued. PID 1
+/// cannot be stopped (the kernel ignores SIGSTOP sent to it from inside its namespace), so
+/// then it returns false at once.
+fn suspend_self() -> bool {
+    if std::process::id() == 1 {
+        return false;
+    }
+    tracing::debug!("stopping op-bridge itself (job control)");
+    // The calling thread stops on its way back from kill(2), and the others with it: the
+    // return means SIGCONT has arrived (it is still queued for the signal loop).
+    let _ = nix::sys::signal::raise(Signal::SIGSTOP);
+    true
+}
+
+/// Whether `pid` is stopped right now (job control), according to /proc; true when unknown.
+fn is_stopped(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    stat.rfind(')').and_then(|at| stat[at + 1..].split_whitespace().next()).is_none_or(|state| state == "T")
+}
+
+/// Run options checked before anything starts: a bad value is a usage error (exit 2).
+pub fn check_args(args: &RunArgs) -> Result<(), String> {
+    args.on_change.parse::<OnChange>()?;
+    parse_exports(&args.export)?;
+    Ok(())
+}
+
 /// Runs the init; returns op-bridge's exit code.
-pub async fn run(mut config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> {
+pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> {
     let config_err = |e: String| StartError::Config(e);
-    let on_change: OnChange = args.on_change.parse().map_err(config_err)?;
+    let on_change: OnChange = args.on_change.parse().map_err(StartError::Usage)?;
     let io_err = |action: &str| {
         let action = action.to_string();
         move |source| StartError::Io { action: action.clone(), source }
@@ -265,10 +303,15 @@ pub async fn run(mut config: BrokerConfig, args: RunArgs) -> Result<u8, StartErr
         // Orphans of the child are re-parented to us and reaped, as they would be by PID 1.
         nix::sys::prctl::set_child_subreaper(true).map_err(|e| io_err("become a subreaper")(e.into()))?;
     }
-    let mut signals = Signals::new(FORWARDED).map_err(io_err("install signal handlers"))?;
-    let reaper = Reaper::start().map_err(io_err("install SIGCHLD handler"))?;
+    let mut signals =
+        crate::process::take_signals().map_err(|e| io_err("take signals")(std::io::Error::other(e.to_string())))?;
+    let reaper = Reaper::start().map_err(io_err("start the reaper"))?;
 
-    let child_env = ChildEnv::new(&args, &config).map_err(config_err)?;
+    let env = utf8_env();
+    crate::daemon::check_discovered_names(env.iter().cloned(), &config.prefix, &config.suffix)
+        .map_err(StartError::Usage)?;
+    let mut config = crate::daemon::settle_op_path(config, &env);
+    let child_env = ChildEnv::new(&args, &config).map_err(StartError::Usage)?;
 
     // Privilege separation (--user): the command's uid may connect; tell once at start when
     // it could read the token from the environment of the `op` processes.
@@ -291,8 +334,8 @@ pub async fn run(mut config: BrokerConfig, args: RunArgs) -> Result<u8, StartErr
 
     // Resolve secrets, but let a stop signal abort a slow start-up.
     let service = tokio::select! {
-        started = Service::start(&config, &reaper, utf8_env()) => Arc::new(started?),
-        number = wait_for_stop(&mut signals) => {
+        started = Service::start(&config, &reaper, env) => Arc::new(started?),
+        number = crate::process::wait_for_stop(&mut signals) => {
             tracing::warn!("{} during start-up; exiting without starting the command", signal_name(number));
             return Ok(u8::try_from(128 + number).unwrap_or(255));
         }
@@ -308,6 +351,8 @@ pub async fn run(mut config: BrokerConfig, args: RunArgs) -> Result<u8, StartErr
     };
     let mut changes = service.broker.subscribe_changes();
     let _refresh_timer = crate::refresh::start(service.clone(), config.refresh_interval, config.read_budget);
+    // When the stop ends: counted from the stop signal, or from the command's own exit.
+    let mut stop_deadline: Option<Instant> = None;
 
     // Decided once: a restarted command takes the terminal back from its predecessor.
     let terminal = child::owns_terminal();
@@ -319,16 +364,22 @@ pub async fn run(mut config: BrokerConfig, args: RunArgs) -> Result<u8, StartErr
                 return Ok(Err(err));
             }
         };
+        // Option paths are absolute by now (commands::broker_config); the command keeps its
+        // own working directory.
+        child::leave_working_directory();
         tracing::info!(pid = process.pid().as_raw(), "started {}", args.command[0].to_string_lossy());
         let mut child = Supervised { process, kill_at: None };
+        let mut stops = child.process.stops();
         let mut stopping = false;
         let mut restart_queued = false;
         let mut restarting = false;
         let mut changes_open = true;
+        // SIGCONTs already acted on when op-bridge resumed from its own stop.
+        let mut resumed_early = 0u32;
         loop {
             let kill_at = child.kill_at;
             tokio::select! {
-                Some(number) = signals.next() => match number {
+                Some(number) = signals.recv() => match number {
                     sig::SIGHUP => {
                         if matches!(args.hup, HupMode::Refresh | HupMode::Both) {
                             let service = service.clone();
@@ -340,14 +391,38 @@ pub async fn run(mut config: BrokerConfig, args: RunArgs) -> Result<u8, StartErr
                     }
                     sig::SIGTERM | sig::SIGINT | sig::SIGQUIT => {
                         tracing::info!("{}: stopping the command (grace {:?})", signal_name(number), args.grace);
-                        stopping = true;
-                        child.begin_stop(Signal::try_from(number).unwrap_or(Signal::SIGTERM), args.grace);
+                        if !stopping {
+                            stopping = true;
+                            let deadline = *stop_deadline.get_or_insert(Instant::now() + args.grace);
+                            // Pending write-backs are pushed while the command winds down (the
+                            // watcher keeps capturing until the command is gone).
+                            let writeback = service.broker.writeback.clone();
+                            tokio::spawn(async move { writeback.flush(deadline).await });
+                        }
+                        child.begin_stop(number, args.grace);
                     }
+                    sig::SIGTSTP | sig::SIGTTIN | sig::SIGTTOU => {
+                        child.forward(number);
+                        if suspend_self() {
+                            child.resume(terminal);
+                            resumed_early += 1;
+                        }
+                    }
+                    sig::SIGCONT if resumed_early > 0 => resumed_early -= 1,
+                    sig::SIGCONT => child.resume(terminal),
                     other => child.forward(other),
                 },
+                // Ctrl-Z stopped the command (it holds the terminal's foreground): stop too, so
+                // the shell that started op-bridge sees its job stop and gives the prompt back.
+                _ = stops.next(), if terminal => {
+                    if is_stopped(child.process.pid().as_raw()) && suspend_self() {
+                        child.resume(terminal);
+                        resumed_early += 1;
+                    }
+                }
                 exit = child.process.wait() => {
                     if restarting && !stopping {
-                        reap_group(&child.process, args.grace).await;
+                        reap_group(&child.process, Instant::now() + args.grace).await;
                         let process = match spawn_command(&reaper, &args, &child_env, &service, terminal, user.as_ref())? {
                             Ok(process) => process,
                             Err(err) => {
@@ -357,15 +432,17 @@ pub async fn run(mut config: BrokerConfig, args: RunArgs) -> Result<u8, StartErr
                         };
                         tracing::info!(pid = process.pid().as_raw(), "restarted the command after a secret changed (old one ended with {exit})");
                         child = Supervised { process, kill_at: None };
+                        stops = child.process.stops();
                         restarting = false;
                         if std::mem::take(&mut restart_queued) && child_env.unavailable(&service).is_none() {
                             restarting = true;
-                            child.begin_stop(Signal::SIGTERM, args.grace);
+                            child.begin_stop(sig::SIGTERM, args.grace);
                         }
                         continue;
                     }
                     tracing::info!("command ended with {exit}");
-                    reap_group(&child.process, args.grace).await;
+                    let deadline = *stop_deadline.get_or_insert(Instant::now() + args.grace);
+                    reap_group(&child.process, deadline - kill_margin(args.grace)).await;
                     return Ok(Ok(exit));
                 }
                 changed = changes.recv(), if changes_open => {
@@ -399,7 +476,7 @@ pub async fn run(mut config: BrokerConfig, args: RunArgs) -> Result<u8, StartErr
                             None => {
                                 tracing::info!("exported secrets changed ({hit:?}); restarting the command");
                                 restarting = true;
-                                child.begin_stop(Signal::SIGTERM, args.grace);
+                                child.begin_stop(sig::SIGTERM, args.grace);
                             }
                         },
                     }
@@ -416,8 +493,10 @@ pub async fn run(mut config: BrokerConfig, args: RunArgs) -> Result<u8, StartErr
 
     shutdown.cancel();
     let _ = server.await;
-    // The command's status is kept even when write-backs are lost; the log names them.
-    service.flush(args.grace).await;
+    // The command's status is kept even when write-backs are lost; the log names them. The
+    // flush gets what is left of the stop's budget.
+    let deadline = stop_deadline.unwrap_or_else(|| Instant::now() + args.grace);
+    service.flush(deadline.saturating_duration_since(Instant::now())).await;
     let code = match outcome {
         Ok(Ok(exit)) => exit_code(exit),
         Ok(Err(spawn_err)) => spawn_err.exit_code(),
@@ -434,22 +513,12 @@ fn exit_code(exit: Exit) -> u8 {
     u8::try_from(exit.code()).unwrap_or(255)
 }
 
-async fn wait_for_stop(signals: &mut Signals) -> i32 {
-    while let Some(number) = signals.next().await {
-        if matches!(number, sig::SIGTERM | sig::SIGINT | sig::SIGQUIT) {
-            return number;
-        }
-    }
-    std::future::pending().await
-}
-
-/// After the main child exits: SIGTERM to what is left of its group, SIGKILL after `grace`.
-async fn reap_group(process: &Process, grace: Duration) {
+/// After the main child exits: SIGTERM to what is left of its group, SIGKILL at `kill_at`.
+async fn reap_group(process: &Process, kill_at: Instant) {
     if process.signal_group(Signal::SIGTERM).is_err() {
         return; // nobody left in the group
     }
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
+    while Instant::now() < kill_at {
         tokio::time::sleep(Duration::from_millis(20)).await;
         if process.group_is_empty() {
             return;
