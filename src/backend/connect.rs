@@ -217,41 +217,43 @@ impl Connect {
         }
     }
 
-    /// The id of vault `name`: as written when it is an id, else from the cache or a lookup.
-    async fn vault_id(&self, name: &str) -> Result<String, BackendError> {
+    /// The id of vault `name` (as written when it is an id) and whether it came from the cache.
+    async fn vault_id(&self, name: &str) -> Result<(String, bool), BackendError> {
         if is_id(name) {
-            return Ok(name.to_string());
+            return Ok((name.to_string(), false));
         }
+        // Held across the lookup, so items of one vault resolved together look it up once.
         let mut cache = self.vaults.lock().await;
-        if let Some(id) = cache.get(name) {
-            return Ok(id.clone());
+        if let Some(id) = cache.get(&name.to_lowercase()) {
+            return Ok((id.clone(), true));
         }
-        let what = format!("vault '{name}'");
-        let id = self.lookup("/v1/vaults", "name", name, &what).await?;
-        cache.insert(name.to_string(), id.clone());
-        Ok(id)
+        let id = self.lookup("/v1/vaults", "name", name, &format!("vault '{name}'")).await?;
+        cache.insert(name.to_lowercase(), id.clone());
+        Ok((id, false))
     }
 
-    /// The id of item `title` in vault `vault_id`, and whether it came from the cache.
-    async fn item_id(&self, vault_id: &str, vault: &str, title: &str) -> Result<(String, bool), BackendError> {
+    /// The ids of the vault and item a reference names, and whether either came from the
+    /// cache. Names are cached without regard to case, as they are looked up.
+    async fn ids(&self, vault: &str, title: &str) -> Result<(String, String, bool), BackendError> {
+        let (vault_id, vault_cached) = self.vault_id(vault).await?;
         if is_id(title) {
-            return Ok((title.to_string(), false));
+            return Ok((vault_id, title.to_string(), vault_cached));
         }
-        let key = (vault_id.to_string(), title.to_string());
+        let key = (vault_id.clone(), title.to_lowercase());
         if let Some(id) = self.items.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-            return Ok((id.clone(), true));
+            return Ok((vault_id, id.clone(), true));
         }
         let what = format!("op://{vault}/{title}");
         let id = self.lookup(&format!("/v1/vaults/{vault_id}/items"), "title", title, &what).await?;
         self.items.lock().unwrap_or_else(|e| e.into_inner()).insert(key, id.clone());
-        Ok((id, false))
+        Ok((vault_id, id, vault_cached))
     }
 
-    fn forget(&self, vault: &str, vault_id: &str, title: &str) {
-        self.items.lock().unwrap_or_else(|e| e.into_inner()).remove(&(vault_id.to_string(), title.to_string()));
-        if let Ok(mut vaults) = self.vaults.try_lock() {
-            vaults.remove(vault);
-        }
+    /// Drops the cached ids of a reference's vault and item (they turned out to be gone).
+    async fn forget(&self, vault: &str, title: &str) {
+        let vault_id = self.vaults.lock().await.remove(&vault.to_lowercase());
+        let mut items = self.items.lock().unwrap_or_else(|e| e.into_inner());
+        items.retain(|(v, t), _| !(vault_id.as_deref().is_none_or(|id| id == v) && *t == title.to_lowercase()));
     }
 
     /// Finds the one entry of a collection whose `attribute` equals `wanted` (case-insensitive).
@@ -273,28 +275,30 @@ impl Connect {
         }
     }
 
-    /// The full item a reference points into: one GET (after cached lookups). An id from the
-    /// cache that is gone (the item was deleted and recreated) is looked up once more.
-    async fn fetch_item(&self, vault: &str, item: &str, retrying: bool) -> Result<Item, BackendError> {
-        let what = format!("op://{vault}/{item}");
-        let vault_id = self.vault_id(vault).await?;
-        let (item_id, cached) = self.item_id(&vault_id, vault, item).await?;
+    /// One full-item GET.
+    async fn get_item(&self, vault_id: &str, item_id: &str, what: &str, retrying: bool) -> Result<Item, BackendError> {
         let path = format!("/v1/vaults/{vault_id}/items/{item_id}");
         let body = if retrying {
-            self.get(&path, None, &what).await
+            self.get(&path, None, what).await?
         } else {
-            self.send(Method::GET, &path, None, None).await.and_then(|reply| expect_ok(reply, &what, &[]))
+            expect_ok(self.send(Method::GET, &path, None, None).await?, what, &[])?
         };
-        let body = match body {
+        Item::parse(&body, what)
+    }
+
+    /// The full item a reference points into: one GET after the (cached) lookups. Ids from
+    /// the cache that are gone (the item was deleted and made again) are looked up once more.
+    async fn fetch_item(&self, vault: &str, title: &str, retrying: bool) -> Result<Item, BackendError> {
+        let what = format!("op://{vault}/{title}");
+        let (vault_id, item_id, cached) = self.ids(vault, title).await?;
+        match self.get_item(&vault_id, &item_id, &what, retrying).await {
             Err(err) if err.kind == ErrorKind::NotFound && cached => {
-                self.forget(vault, &vault_id, item);
-                let vault_id = self.vault_id(vault).await?;
-                let (item_id, _) = self.item_id(&vault_id, vault, item).await?;
-                self.get(&format!("/v1/vaults/{vault_id}/items/{item_id}"), None, &what).await?
+                self.forget(vault, title).await;
+                let (vault_id, item_id, _) = self.ids(vault, title).await?;
+                self.get_item(&vault_id, &item_id, &what, retrying).await
             }
-            other => other?,
-        };
-        Item::parse(&body, &what)
+            other => other,
+        }
     }
 
     async fn write_fields(&self, writes: &[FieldWrite], options: WriteOptions) -> ItemWriteResult {
@@ -333,7 +337,7 @@ impl Connect {
     async fn create_item(&self, writes: &[FieldWrite], what: &str) -> ItemWriteResult {
         let (vault, title) = writes[0].reference.item_key();
         let secrets: Vec<&[u8]> = writes.iter().map(|w| w.value.as_slice()).collect();
-        let vault_id = self.vault_id(vault).await?;
+        let (vault_id, _) = self.vault_id(vault).await?;
         let item = Item { id: String::new(), vault_id: vault_id.clone(), json: json!({"fields": [], "sections": []}) };
         let mut ops = Ops::default();
         let mut results = Vec::with_capacity(writes.len());
@@ -394,21 +398,56 @@ impl Connect {
 impl Backend for Connect {
     fn resolve<'a>(&'a self, refs: &'a [SecretRef]) -> BoxFuture<'a, Vec<Result<Value, BackendError>>> {
         Box::pin(async move {
-            let mut groups: Vec<((&str, &str), Vec<usize>)> = Vec::new();
-            for (i, r) in refs.iter().enumerate() {
-                match groups.iter_mut().find(|(key, _)| *key == r.item_key()) {
-                    Some((_, indexes)) => indexes.push(i),
-                    None => groups.push((r.item_key(), vec![i])),
+            // Names first (deduplicated without regard to case, cached for the process), then
+            // one GET per distinct item, however many references name it and however.
+            let mut names: Vec<(&str, &str)> = Vec::new();
+            let name_of: Vec<usize> = refs
+                .iter()
+                .map(|r| {
+                    let (vault, item) = r.item_key();
+                    let same = |(v, i): &(&str, &str)| {
+                        v.to_lowercase() == vault.to_lowercase() && i.to_lowercase() == item.to_lowercase()
+                    };
+                    names.iter().position(same).unwrap_or_else(|| {
+                        names.push((vault, item));
+                        names.len() - 1
+                    })
+                })
+                .collect();
+            let ids = futures_util::future::join_all(names.iter().map(|(v, i)| self.ids(v, i))).await;
+            let mut groups: Vec<((String, String), usize, Vec<usize>)> = Vec::new();
+            let mut slots: Vec<Option<Result<Value, BackendError>>> = refs.iter().map(|_| None).collect();
+            for (i, &n) in name_of.iter().enumerate() {
+                match &ids[n] {
+                    Err(err) => slots[i] = Some(Err(err.clone())),
+                    Ok((vault_id, item_id, _)) => {
+                        let key = (vault_id.clone(), item_id.clone());
+                        match groups.iter_mut().find(|(k, _, _)| *k == key) {
+                            Some((_, _, indexes)) => indexes.push(i),
+                            None => groups.push((key, n, vec![i])),
+                        }
+                    }
                 }
             }
-            let jobs = groups.into_iter().map(|((vault, item), indexes)| async move {
-                let results: Vec<Result<Value, BackendError>> = match self.fetch_item(vault, item, true).await {
-                    Ok(found) => indexes.iter().map(|&i| found.field_value(&refs[i])).collect(),
-                    Err(err) => indexes.iter().map(|_| Err(err.clone())).collect(),
-                };
-                indexes.into_iter().zip(results).collect::<Vec<_>>()
+            let jobs = groups.into_iter().map(|((vault_id, item_id), n, indexes)| {
+                let (vault, item) = names[n];
+                let cached = ids[n].as_ref().is_ok_and(|(_, _, cached)| *cached);
+                async move {
+                    let what = format!("op://{vault}/{item}");
+                    let found = match self.get_item(&vault_id, &item_id, &what, true).await {
+                        Err(err) if err.kind == ErrorKind::NotFound && cached => {
+                            self.forget(vault, item).await;
+                            self.fetch_item(vault, item, true).await
+                        }
+                        other => other,
+                    };
+                    let results: Vec<Result<Value, BackendError>> = match found {
+                        Ok(found) => indexes.iter().map(|&i| found.field_value(&refs[i])).collect(),
+                        Err(err) => indexes.iter().map(|_| Err(err.clone())).collect(),
+                    };
+                    indexes.into_iter().zip(results).collect::<Vec<_>>()
+                }
             });
-            let mut slots: Vec<Option<Result<Value, BackendError>>> = refs.iter().map(|_| None).collect();
             for (i, result) in futures_util::future::join_all(jobs).await.into_iter().flatten() {
                 slots[i] = Some(result);
             }
