@@ -540,7 +540,7 @@ impl Item {
         fields
             .iter()
             .filter(in_section)
-            .find(|f| names(f).iter().any(|n| *n == r.field))
+            .find(|f| names(f).contains(&r.field))
             .or_else(|| fields.iter().filter(in_section).find(|f| names(f).iter().any(|n| n.to_lowercase() == wanted)))
     }
 
