@@ -235,7 +235,17 @@ impl Connect {
     /// The ids of the vault and item a reference names, and whether either came from the
     /// cache. Names are cached without regard to case, as they are looked up.
     async fn ids(&self, vault: &str, title: &str) -> Result<(String, String, bool), BackendError> {
-        let (vault_id, vault_cached) = self.vault_id(vault).await?;
+        let vault_id = self.vault_id(vault).await?;
+        self.item_ids(vault_id, vault, title).await
+    }
+
+    /// [`ids`](Self::ids) once the vault's id is known.
+    async fn item_ids(
+        &self,
+        (vault_id, vault_cached): (String, bool),
+        vault: &str,
+        title: &str,
+    ) -> Result<(String, String, bool), BackendError> {
         if is_id(title) {
             return Ok((vault_id, title.to_string(), vault_cached));
         }
@@ -247,6 +257,35 @@ impl Connect {
         let id = self.lookup(&format!("/v1/vaults/{vault_id}/items"), "title", title, &what).await?;
         self.items.lock().unwrap_or_else(|e| e.into_inner()).insert(key, id.clone());
         Ok((vault_id, id, vault_cached))
+    }
+
+    /// When several titles of one vault are not cached yet, one listing of the vault's items
+    /// names them all instead of one filtered lookup each. Titles it leaves unnamed (absent,
+    /// or shared by several items) are left to the lookup, which reports them.
+    async fn prime_items(&self, vault_id: &str, vault: &str, titles: &[&str]) {
+        let uncached: Vec<String> = {
+            let cache = self.items.lock().unwrap_or_else(|e| e.into_inner());
+            let mut wanted: Vec<String> = titles
+                .iter()
+                .filter(|t| !is_id(t))
+                .map(|t| t.to_lowercase())
+                .filter(|t| !cache.contains_key(&(vault_id.to_string(), t.clone())))
+                .collect();
+            wanted.sort();
+            wanted.dedup();
+            wanted
+        };
+        if uncached.len() < 2 {
+            return;
+        }
+        let what = format!("items of vault '{vault}'");
+        let Ok(body) = self.get(&format!("/v1/vaults/{vault_id}/items"), None, &what).await else { return };
+        let mut cache = self.items.lock().unwrap_or_else(|e| e.into_inner());
+        for title in uncached {
+            if let Ok([id]) = matching_ids(&body, "title", &title, &what).as_deref() {
+                cache.insert((vault_id.to_string(), title), id.clone());
+            }
+        }
     }
 
     /// Drops the cached ids of a reference's vault and item (they turned out to be gone).
@@ -414,7 +453,31 @@ impl Backend for Connect {
                     })
                 })
                 .collect();
-            let ids = futures_util::future::join_all(names.iter().map(|(v, i)| self.ids(v, i))).await;
+            // Each vault once (a missing one is one error for all its items), then the titles.
+            let mut vaults: Vec<(&str, Vec<&str>)> = Vec::new();
+            for &(vault, item) in &names {
+                match vaults.iter_mut().find(|(v, _)| v.to_lowercase() == vault.to_lowercase()) {
+                    Some((_, titles)) => titles.push(item),
+                    None => vaults.push((vault, vec![item])),
+                }
+            }
+            let mut vault_ids = Vec::with_capacity(vaults.len());
+            for (vault, titles) in &vaults {
+                let id = self.vault_id(vault).await;
+                if let Ok((id, _)) = &id {
+                    self.prime_items(id, vault, titles).await;
+                }
+                vault_ids.push(id);
+            }
+            let ids = futures_util::future::join_all(names.iter().map(|&(vault, item)| {
+                let v = vaults.iter().position(|(v, _)| v.to_lowercase() == vault.to_lowercase()).unwrap_or(0);
+                let vault_id = vault_ids
+                    .get(v)
+                    .cloned()
+                    .unwrap_or_else(|| Err(BackendError::new(ErrorKind::Transient, "vault not resolved")));
+                async move { self.item_ids(vault_id?, vault, item).await }
+            }))
+            .await;
             let mut groups: Vec<((String, String), usize, Vec<usize>)> = Vec::new();
             let mut slots: Vec<Option<Result<Value, BackendError>>> = refs.iter().map(|_| None).collect();
             for (i, &n) in name_of.iter().enumerate() {
