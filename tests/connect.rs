@@ -230,9 +230,14 @@ fn refs_by_title_id_and_section_resolve_byte_exact_over_reused_connections() {
 #[test]
 fn a_title_matching_several_items_is_an_error_naming_the_reference() {
     let dir = TestDir::new("cn-dup");
-    let items = json!([item("Shared", &[("k", "1", None)]), item("shared", &[("k", "2", None)])]);
+    let items = json!([
+        item("Shared", &[("k", "1", None)]),
+        item("shared", &[("k", "2", None)]),
+        item("Other", &[("k", "3", None)])
+    ]);
     let fake = FakeConnect::start(&dir, json!([{"id": new_id(), "name": "V", "items": items}]), None);
-    let out = daemon(&dir, &fake, &[("K", "op://V/Shared/k".into())]).output();
+    let refs = [("K", "op://V/Shared/k".to_string()), ("OTHER", "op://V/Other/k".to_string())];
+    let out = daemon(&dir, &fake, &refs).output();
     assert_eq!(out.status.code(), Some(69), "{}", describe(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("op://V/Shared") && stderr.contains("2 entries"), "{stderr}");
@@ -444,4 +449,21 @@ fn connect_without_a_host_is_a_usage_error() {
     let out = BrokerBuilder::new(&dir, "daemon").args(["--backend", "connect"]).env("OP_CONNECT_TOKEN", TOKEN).output();
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("OP_CONNECT_HOST"));
+}
+
+#[test]
+fn an_item_made_again_under_a_new_id_is_found_by_its_title() {
+    let dir = TestDir::new("cn-new");
+    let items = json!([item("Api", &[("key", "old", None)])]);
+    let fake = FakeConnect::start(&dir, json!([{"id": new_id(), "name": "V", "items": items}]), None);
+    let broker = daemon(&dir, &fake, &[("KEY", "op://V/Api/key".into())]).start();
+    assert_eq!(get(&broker, "KEY"), b"old");
+
+    let mut store = fake.store();
+    store["vaults"][0]["items"] = json!([item("Api", &[("key", "remade", None)])]);
+    fake.write_store(&store);
+    let out = broker.client(&["refresh"], None);
+    assert!(out.status.success(), "{}\n{}", describe(&out), broker.stderr());
+    assert_eq!(get(&broker, "KEY"), b"remade");
+    assert_eq!(state_of(&status(&broker), "KEY"), "ok");
 }
