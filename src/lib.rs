@@ -12,8 +12,8 @@
 //!   the store. [`client`]: the typed client, built on `protocol` only.
 //! - [`reference`]: `op://` reference parsing.
 //! - [`store`]: the secret store; [`locked`]: the locked, zeroizing buffers it keeps values in.
-//! - [`backend`]: the `Backend` trait with the `op` CLI and JSON-file implementations,
-//!   error classification and retry policy.
+//! - [`backend`]: the `Backend` trait with the `op` CLI, 1Password Connect (REST) and
+//!   JSON-file implementations, error classification and retry policy.
 //! - [`daemon`]: the broker, the socket listener (bind, peer check, limits), connections,
 //!   the audit log, and `op-bridge daemon`.
 //! - [`supervise`]: the reaper (the only `waitpid`), spawning and signal forwarding, and

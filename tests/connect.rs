@@ -223,6 +223,7 @@ fn refs_by_title_id_and_section_resolve_byte_exact_over_reused_connections() {
     let stats = fake.stats();
     let (requests, connections) = (stats["requests"].as_u64().unwrap(), stats["connections"].as_u64().unwrap());
     assert_eq!(requests, 42);
+    assert!(stats["max_in_flight"].as_u64().unwrap() <= 4, "more requests at once than --concurrency 4: {stats}");
     assert!(connections * 4 <= requests, "{connections} connections for {requests} requests: no keep-alive");
     assert_eq!(fake.route("vaults") + fake.route("items"), lookups, "ids were looked up again");
 }
@@ -272,6 +273,12 @@ fn a_watched_change_is_patched_byte_exact_through_429s() {
     let patches: Vec<&Json> = log.as_array().unwrap().iter().filter(|r| r["method"] == "PATCH").collect();
     assert!(patches.iter().filter(|p| p["status"] == 429).count() == 2, "{patches:?}");
     assert!(patches.iter().any(|p| p["status"] == 200), "{patches:?}");
+    // Retry-After: 1 was honoured (a lower bound: sleeping never ends early). Each watched
+    // field may have its own PATCH, so only the first success is measured: whichever target
+    // it belongs to, it comes after a wait of its own 429's delay.
+    let ts = |status: u64| patches.iter().find(|p| p["status"] == status).unwrap()["ts"].as_f64().unwrap();
+    let waited = ts(200) - ts(429);
+    assert!(waited >= 0.95, "stored {waited:.2}s after a 429 that said 1s: {patches:?}");
     for secret in ["rot-", "new-access-token"] {
         assert!(!log.to_string().contains(secret), "a value in a URL or header: {log}");
         assert!(!broker.stderr().contains(secret), "a value in the log");
@@ -466,4 +473,17 @@ fn an_item_made_again_under_a_new_id_is_found_by_its_title() {
     assert!(out.status.success(), "{}\n{}", describe(&out), broker.stderr());
     assert_eq!(get(&broker, "KEY"), b"remade");
     assert_eq!(state_of(&status(&broker), "KEY"), "ok");
+}
+
+#[test]
+fn a_request_that_outlives_op_timeout_fails_as_a_timeout() {
+    let dir = TestDir::new("cn-slow");
+    let items = json!([item("Api", &[("key", "v", None)])]);
+    let fake = FakeConnect::start(&dir, json!([{"id": new_id(), "name": "V", "items": items}]), None);
+    fake.control(json!({"latency_ms": 5000}));
+    let out = daemon(&dir, &fake, &[("KEY", "op://V/Api/key".into())])
+        .args(["--op-timeout", "300ms", "--retries", "1"])
+        .output();
+    assert_eq!(out.status.code(), Some(69), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("did not answer within 300ms"), "{}", describe(&out));
 }

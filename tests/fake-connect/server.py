@@ -17,7 +17,8 @@ Files (environment variables):
                                     "path_contains": "/items/", "retry_after": 1}],
                          "drop": N (close the next N connections' requests unanswered)}
   FAKE_CONNECT_STATS    written after every request: {"requests", "connections",
-                        "by_route": {...}, "log": [{"method","path","status","headers"}]}.
+                        "max_in_flight", "by_route": {...},
+                        "log": [{"method","path","status","headers","ts"}]}.
                         The Authorization header is logged only as "ok"/"bad", never its text.
   FAKE_CONNECT_PORT_FILE  the listening port is written here once the server accepts.
   FAKE_CONNECT_CERT / FAKE_CONNECT_KEY  serve https with this certificate.
@@ -43,7 +44,7 @@ STATS = os.environ.get("FAKE_CONNECT_STATS", "")
 PORT_FILE = os.environ.get("FAKE_CONNECT_PORT_FILE", "")
 
 LOCK = threading.Lock()
-STATE = {"requests": 0, "connections": 0, "by_route": {}, "log": []}
+STATE = {"requests": 0, "connections": 0, "in_flight": 0, "max_in_flight": 0, "by_route": {}, "log": []}
 CONTROL_STATE = {"mtime": None, "knobs": {}}
 ID_CHARS = string.ascii_lowercase + string.digits
 FILTER = re.compile(r'^\s*(title|name)\s+eq\s+"((?:[^"\\]|\\.)*)"\s*$', re.IGNORECASE)
@@ -163,6 +164,8 @@ class Handler(BaseHTTPRequestHandler):
             with LOCK:
                 k = knobs()
                 STATE["requests"] += 1
+                STATE["in_flight"] += 1
+                STATE["max_in_flight"] = max(STATE["max_in_flight"], STATE["in_flight"])
                 drop = k.get("drop", 0) > 0
                 if drop:
                     k["drop"] -= 1
@@ -195,9 +198,10 @@ class Handler(BaseHTTPRequestHandler):
                 for name in self.headers.keys()
             }
             with LOCK:
+                STATE["in_flight"] -= 1
                 STATE["by_route"][route] = STATE["by_route"].get(route, 0) + 1
                 STATE["log"].append({"method": self.command, "path": self.path, "status": self.status,
-                                     "headers": headers})
+                                     "headers": headers, "ts": time.time()})
                 write_stats()
 
     do_GET = handle_any
