@@ -136,7 +136,8 @@ impl Connect {
         }
         let http = builder.build().map_err(|err| ConnectSetupError::Client(error_chain(&err)))?;
         Ok(Connect {
-            base: host,
+            // Without user info: reqwest would turn it into a Basic header beside the bearer.
+            base: shown.clone(),
             shown,
             http,
             auth,
@@ -174,14 +175,18 @@ impl Connect {
             let mut body = Zeroizing::new(Vec::new());
             while let Some(chunk) = response.chunk().await? {
                 if body.len() + chunk.len() > MAX_BODY {
-                    break;
+                    return Ok(None);
                 }
                 extend_zeroizing(&mut body, &chunk);
             }
-            Ok::<_, reqwest::Error>(Reply { status, body, retry_after })
+            Ok::<_, reqwest::Error>(Some(Reply { status, body, retry_after }))
         };
         match tokio::time::timeout(self.timeout, exchange).await {
-            Ok(Ok(reply)) => Ok(reply),
+            Ok(Ok(Some(reply))) => Ok(reply),
+            Ok(Ok(None)) => Err(BackendError::new(
+                ErrorKind::Invalid,
+                format!("Connect answered more than {} MiB", MAX_BODY / (1024 * 1024)),
+            )),
             Ok(Err(err)) if err.is_timeout() => {
                 Err(BackendError::new(ErrorKind::Timeout, format!("Connect did not answer within {:?}", self.timeout)))
             }
