@@ -487,3 +487,22 @@ fn a_request_that_outlives_op_timeout_fails_as_a_timeout() {
     assert_eq!(out.status.code(), Some(69), "{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("did not answer within 300ms"), "{}", describe(&out));
 }
+
+#[test]
+fn create_items_makes_a_missing_item_with_its_field_in_one_post() {
+    let dir = TestDir::new("cn-new-item");
+    let fake = FakeConnect::start(&dir, json!([{"id": new_id(), "name": "Dev", "items": []}]), None);
+    let file = dir.join("creds/token");
+    let broker = daemon(&dir, &fake, &[])
+        .args(["--debounce", "100ms", "--create-items", "--watch"])
+        .arg(format!("{}=TOKEN=op://Dev/Fresh Item/OAuth/token", file.display()))
+        .start();
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::write(&file, "first-token").unwrap();
+    let stored = eventually(Duration::from_secs(20), || {
+        fake.field("Fresh Item", Some("OAuth"), "token").as_deref() == Some("first-token")
+    });
+    assert!(stored, "{}\n{}", fake.store(), broker.stderr());
+    assert_eq!(fake.route("create"), 1);
+    assert!(!fake.stats()["log"].to_string().contains("first-token"));
+}

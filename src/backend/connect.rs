@@ -350,72 +350,59 @@ impl Connect {
         let (vault, title) = first.reference.item_key();
         let what = format!("op://{vault}/{title}");
         let secrets: Vec<&[u8]> = writes.iter().map(|w| w.value.as_slice()).collect();
-        let existing = match self.fetch_item(vault, title, false).await {
-            Ok(item) => Some(item),
-            Err(err) if err.kind == ErrorKind::NotFound && options.create_item && !err.message.starts_with("vault") => {
-                None
+        // The vault first: a missing vault is never a reason to create an item.
+        let (vault_id, _) = self.vault_id(vault).await?;
+        let item = match self.fetch_item(vault, title, false).await {
+            Ok(item) => item,
+            Err(err) if err.kind == ErrorKind::NotFound && options.create_item => {
+                return self.create_item(writes, &vault_id, &what, &secrets).await;
             }
             Err(err) => return Err(err),
         };
-        let Some(item) = existing else { return self.create_item(writes, &what).await };
-
         let mut ops = Ops::default();
-        let mut results = Vec::with_capacity(writes.len());
-        for write in writes {
-            let outcome = check_writable(&write.reference)
-                .and_then(|()| value_text(&write.value))
-                .and_then(|text| item.patch_ops(&write.reference, text, &mut ops));
-            results.push(outcome);
-        }
+        let results = plan(&item, writes, &mut ops);
         if results.iter().all(Result::is_err) {
             return Ok(results);
         }
-        let body = ops.to_bytes()?;
         let path = format!("/v1/vaults/{}/items/{}", item.vault_id, item.id);
-        let reply = self.send(Method::PATCH, &path, None, Some(body)).await?;
+        let reply = self.send(Method::PATCH, &path, None, Some(ops.to_bytes()?)).await?;
         expect_ok(reply, &what, &secrets)?;
         Ok(results)
     }
 
-    /// Creates the item with every field of `writes` (`--create-items`).
-    async fn create_item(&self, writes: &[FieldWrite], what: &str) -> ItemWriteResult {
-        let (vault, title) = writes[0].reference.item_key();
-        let secrets: Vec<&[u8]> = writes.iter().map(|w| w.value.as_slice()).collect();
-        let (vault_id, _) = self.vault_id(vault).await?;
-        let item = Item { id: String::new(), vault_id: vault_id.clone(), json: json!({"fields": [], "sections": []}) };
+    /// Creates the item with every field of `writes` (`--create-items`): one POST.
+    async fn create_item(
+        &self,
+        writes: &[FieldWrite],
+        vault_id: &str,
+        what: &str,
+        secrets: &[&[u8]],
+    ) -> ItemWriteResult {
+        let empty = Item { id: String::new(), vault_id: vault_id.to_string(), json: json!({}) };
         let mut ops = Ops::default();
-        let mut results = Vec::with_capacity(writes.len());
-        for write in writes {
-            let outcome = check_writable(&write.reference)
-                .and_then(|()| value_text(&write.value))
-                .and_then(|text| item.patch_ops(&write.reference, text, &mut ops));
-            results.push(outcome);
-        }
+        let results = plan(&empty, writes, &mut ops);
         if results.iter().all(Result::is_err) {
             return Ok(results);
         }
-        let mut sections = Vec::new();
-        let mut fields = Vec::new();
-        for op in ops.0.drain(..) {
+        // The planned `add`s become the new item's sections and fields.
+        let (mut sections, mut fields) = (Vec::new(), Vec::new());
+        for op in &ops.0 {
             let value = op.get("value").cloned().unwrap_or(Json::Null);
             if op.get("path").and_then(Json::as_str) == Some("/sections") {
-                sections.push(value)
+                sections.push(value);
             } else {
-                fields.push(value)
+                fields.push(value);
             }
         }
+        let title = writes[0].reference.item_key().1;
         let mut doc = json!({
             "title": title, "category": "API_CREDENTIAL", "vault": {"id": vault_id},
             "sections": sections, "fields": fields,
         });
-        let mut body = Zeroizing::new(Vec::new());
-        let encoded = serde_json::to_writer(&mut *body, &doc);
+        let body = encode(&doc);
         scrub(&mut doc);
-        encoded.map_err(|err| BackendError::new(ErrorKind::Invalid, format!("{what}: cannot encode item: {err}")))?;
-        let reply = self
-            .send(Method::POST, &format!("/v1/vaults/{vault_id}/items"), None, Some(std::mem::take(&mut *body)))
-            .await?;
-        expect_ok(reply, what, &secrets)?;
+        let reply = self.send(Method::POST, &format!("/v1/vaults/{vault_id}/items"), None, Some(body?)).await?;
+        expect_ok(reply, what, secrets)?;
         Ok(results)
     }
 
@@ -695,12 +682,8 @@ impl Ops {
             .map(str::to_string)
     }
 
-    /// The body, moved out of its zeroizing buffer into the request (no second copy).
     fn to_bytes(&self) -> Result<Vec<u8>, BackendError> {
-        let mut out = Zeroizing::new(Vec::with_capacity(1024));
-        serde_json::to_writer(&mut *out, &self.0)
-            .map_err(|err| BackendError::new(ErrorKind::Invalid, format!("cannot encode the patch: {err}")))?;
-        Ok(std::mem::take(&mut *out))
+        encode(&self.0)
     }
 }
 
@@ -708,6 +691,27 @@ impl Drop for Ops {
     fn drop(&mut self) {
         self.0.iter_mut().for_each(scrub);
     }
+}
+
+/// A request body: JSON written once into a buffer that is handed to the request as it is
+/// (no second copy; a failed encoding leaves nothing behind).
+fn encode(value: &impl serde::Serialize) -> Result<Vec<u8>, BackendError> {
+    let mut out = Zeroizing::new(Vec::with_capacity(1024));
+    serde_json::to_writer(&mut *out, value)
+        .map_err(|err| BackendError::new(ErrorKind::Invalid, format!("cannot encode the request: {err}")))?;
+    Ok(std::mem::take(&mut *out))
+}
+
+/// The patch operations for every write that `item` accepts; one result per write, in order.
+fn plan(item: &Item, writes: &[FieldWrite], ops: &mut Ops) -> Vec<Result<(), BackendError>> {
+    writes
+        .iter()
+        .map(|write| {
+            check_writable(&write.reference)
+                .and_then(|()| value_text(&write.value))
+                .and_then(|text| item.patch_ops(&write.reference, text, ops))
+        })
+        .collect()
 }
 
 /// A 2xx answer's body, or the answer classified as an error. `secrets` (the values being
