@@ -102,9 +102,12 @@ struct Reply {
 impl Connect {
     pub fn new(options: ConnectOptions) -> Result<Connect, ConnectSetupError> {
         let host = options.host.trim().trim_end_matches('/').to_string();
-        let mut url = reqwest::Url::parse(&host).map_err(|_| ConnectSetupError::BadHost(host.clone()))?;
+        // A password in user info is not repeated in the error.
+        let bad =
+            || ConnectSetupError::BadHost(if host.contains('@') { "<with user info>".into() } else { host.clone() });
+        let mut url = reqwest::Url::parse(&host).map_err(|_| bad())?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-            return Err(ConnectSetupError::BadHost(host));
+            return Err(bad());
         }
         let https = url.scheme() == "https";
         let _ = url.set_username("");
