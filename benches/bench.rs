@@ -234,6 +234,11 @@ fn main() {
         return;
     }
     let mut rows: Vec<(String, String)> = Vec::new();
+    if std::env::var_os("OPB_BENCH_CONNECT_ONLY").is_some() {
+        rows.extend(backend_rows());
+        print_table(rows);
+        return;
+    }
     let dir = Dir::new("main");
     let (args, env) = file_vault(&dir, 50);
     let (daemon, _) = start(&dir, &args, &env);
@@ -334,6 +339,10 @@ fn main() {
         }
         rows.push((format!("start-up to first answer, {refs} refs ({calls} op calls)"), Spread(times).show("s", 3)));
     }
+
+    // 4b. The same 20 items through the Connect backend and through `op`, both at 20 ms per
+    // request (one op call is one request in this model).
+    rows.extend(backend_rows());
 
     // 5. `op` calls spent on a burst of 100 rewrites of a watched file.
     let mut spent = Vec::new();
@@ -508,4 +517,113 @@ fn print_table(rows: Vec<(String, String)>) {
                 .to_string()))
             .unwrap_or_default()
     );
+}
+
+/// Modelled latency of one request in the backend comparison (Connect request or `op` call).
+const REQUEST_MS: u64 = 20;
+/// Items (one reference each) in the backend comparison.
+const COMPARE_REFS: usize = 20;
+
+/// The fake Connect server (tests/fake-connect/server.py), killed on drop.
+struct FakeConnect {
+    child: Child,
+    port: u16,
+    stats: PathBuf,
+}
+impl Drop for FakeConnect {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn fake_connect(dir: &Dir, items: usize) -> FakeConnect {
+    let id = |n: usize| format!("{n:0>26}");
+    let items: Vec<serde_json::Value> = (0..items)
+        .map(|i| {
+            serde_json::json!({"id": id(i + 1), "title": format!("item{i}"), "category": "PASSWORD", "version": 1,
+                "fields": [{"id": "password", "label": "password", "type": "CONCEALED", "value": format!("pw-{i}")}]})
+        })
+        .collect();
+    let store = serde_json::json!({"vaults": [{"id": id(0), "name": "v", "items": items}]});
+    std::fs::write(dir.join("connect.json"), store.to_string()).unwrap();
+    std::fs::write(dir.join("connect-control.json"), format!("{{\"latency_ms\": {REQUEST_MS}}}")).unwrap();
+    let port_file = dir.join("port");
+    let child = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake-connect/server.py"))
+        .env("PATH", fast_path())
+        .env("FAKE_CONNECT_STORE", dir.join("connect.json"))
+        .env("FAKE_CONNECT_TOKEN", "bench-token")
+        .env("FAKE_CONNECT_CONTROL", dir.join("connect-control.json"))
+        .env("FAKE_CONNECT_STATS", dir.join("connect-stats.json"))
+        .env("FAKE_CONNECT_PORT_FILE", &port_file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut fake = FakeConnect { child, port: 0, stats: dir.join("connect-stats.json") };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fake.port == 0 {
+        fake.port = std::fs::read_to_string(&port_file).ok().and_then(|p| p.trim().parse().ok()).unwrap_or(0);
+        assert!(Instant::now() < deadline, "fake Connect did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    fake
+}
+
+fn connect_stats(fake: &FakeConnect) -> (u64, u64) {
+    let stats: serde_json::Value = serde_json::from_slice(&std::fs::read(&fake.stats).unwrap()).unwrap();
+    (stats["requests"].as_u64().unwrap_or(0), stats["connections"].as_u64().unwrap_or(0))
+}
+
+/// Start-up with 20 references to 20 items, Connect against `op`, same per-request cost.
+fn backend_rows() -> Vec<(String, String)> {
+    let mut rows = Vec::new();
+    let refs = |env: &mut Vec<(String, String)>| {
+        env.extend((0..COMPARE_REFS).map(|i| (format!("OP_S{i}_REF"), format!("op://v/item{i}/password"))));
+    };
+    let (mut times, mut requests, mut connections, mut refresh) = (Vec::new(), 0, 0, 0);
+    for _ in 0..RUNS.min(3) {
+        let d = Dir::new("connect");
+        let fake = fake_connect(&d, COMPARE_REFS);
+        let mut env = vec![
+            ("OP_CONNECT_HOST".to_string(), format!("http://127.0.0.1:{}", fake.port)),
+            ("OP_CONNECT_TOKEN".to_string(), "bench-token".to_string()),
+        ];
+        refs(&mut env);
+        let (daemon, took) = start(&d, &["daemon".to_string()], &env);
+        times.push(took.as_secs_f64());
+        (requests, connections) = connect_stats(&fake);
+        let mut s = UnixStream::connect(&daemon.socket).unwrap();
+        s.write_all(b"REFRESH\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).unwrap();
+        refresh = connect_stats(&fake).0 - requests;
+        drop(daemon);
+    }
+    rows.push((
+        format!(
+            "start-up, {COMPARE_REFS} refs, connect ({REQUEST_MS} ms/request): {requests} requests on {connections} connections; refresh: {refresh} requests"
+        ),
+        Spread(times).show("s", 3),
+    ));
+    let (mut times, mut calls) = (Vec::new(), 0);
+    for _ in 0..RUNS.min(3) {
+        let d = Dir::new("opcompare");
+        let mut env = fake_op_env(&d, COMPARE_REFS);
+        std::fs::write(d.join("control.json"), format!("{{\"delay_ms\": {REQUEST_MS}}}")).unwrap();
+        refs(&mut env);
+        let args = vec!["daemon".to_string(), "--op-path".into(), fake_op().display().to_string()];
+        let (daemon, took) = start(&d, &args, &env);
+        times.push(took.as_secs_f64());
+        calls = op_calls(&d);
+        drop(daemon);
+    }
+    rows.push((
+        format!(
+            "start-up, {COMPARE_REFS} refs, op ({REQUEST_MS} ms/call, plus the fake CLI's start-up): {calls} op calls"
+        ),
+        Spread(times).show("s", 3),
+    ));
+    rows
 }

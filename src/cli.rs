@@ -169,19 +169,21 @@ pub struct BrokerArgs {
     /// (repeatable; in the environment, comma-separated).
     #[arg(long = "watch", env = "OP_BRIDGE_WATCH", value_delimiter = ',', value_name = "SPEC")]
     pub watch: Vec<String>,
-    /// Where secrets come from: `op` (the 1Password CLI) or `file:PATH` (a JSON vault file).
-    #[arg(long, env = "OP_BRIDGE_BACKEND", default_value = "op")]
-    pub backend: String,
+    /// Where secrets come from: `op` (the 1Password CLI), `connect` (a 1Password Connect
+    /// server: OP_CONNECT_HOST and OP_CONNECT_TOKEN) or `file:PATH` (a JSON vault file).
+    /// Default: `connect` when OP_CONNECT_HOST and OP_CONNECT_TOKEN are set, else `op`.
+    #[arg(long, env = "OP_BRIDGE_BACKEND")]
+    pub backend: Option<String>,
     /// Path of the op CLI (default: found on PATH).
     #[arg(long, env = "OP_BRIDGE_OP_PATH")]
     pub op_path: Option<PathBuf>,
-    /// Timeout of one op call; a hung op is killed.
+    /// Timeout of one op call (a hung op is killed) or of one Connect request.
     #[arg(long, env = "OP_BRIDGE_OP_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub op_timeout: Duration,
-    /// Most op processes running at once.
+    /// Most op processes, or Connect requests, running at once.
     #[arg(long, env = "OP_BRIDGE_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub concurrency: u16,
-    /// Attempts for an op call that fails transiently (network, 5xx, 429).
+    /// Attempts for an op call or Connect read that fails transiently (network, 5xx, 429).
     #[arg(long, env = "OP_BRIDGE_RETRIES", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub retries: u32,
     /// Start even when some secrets cannot be resolved (they are reported and left out).
@@ -224,6 +226,10 @@ pub struct BrokerArgs {
     /// Most simultaneous client connections.
     #[arg(long, env = "OP_BRIDGE_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
+    /// URL of the 1Password Connect server (http:// or https://); the token is read from
+    /// OP_CONNECT_TOKEN only, never from the command line.
+    #[arg(long, env = "OP_CONNECT_HOST", value_name = "URL")]
+    pub connect_host: Option<String>,
     /// Close a connection idle this long.
     #[arg(long, env = "OP_BRIDGE_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub idle_timeout: Duration,

@@ -46,7 +46,29 @@ fn absolute(path: &std::path::Path) -> std::path::PathBuf {
 
 /// Turns the broker options into configuration (errors are usage errors).
 pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
-    let backend = match args.backend.as_str() {
+    let connect_env = args.connect_host.as_deref().is_some_and(|h| !h.is_empty())
+        && std::env::var_os("OP_CONNECT_TOKEN").is_some_and(|t| !t.is_empty());
+    let chosen = match args.backend.as_deref() {
+        Some(backend) => backend,
+        None if connect_env => {
+            tracing::info!(
+                "OP_CONNECT_HOST and OP_CONNECT_TOKEN are set and --backend is not: using 1Password Connect"
+            );
+            "connect"
+        }
+        None => "op",
+    };
+    let backend = match chosen {
+        "connect" => BackendSpec::Connect {
+            host: args
+                .connect_host
+                .clone()
+                .filter(|h| !h.is_empty())
+                .ok_or("--backend connect needs OP_CONNECT_HOST (or --connect-host) and OP_CONNECT_TOKEN")?,
+            timeout: args.op_timeout,
+            concurrency: usize::from(args.concurrency),
+            retry: RetryPolicy { attempts: args.retries, ..RetryPolicy::default() },
+        },
         "op" => BackendSpec::Op {
             path: args
                 .op_path
@@ -69,7 +91,7 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
         },
         other => match other.strip_prefix("file:") {
             Some(path) if !path.is_empty() => BackendSpec::File(path.into()),
-            _ => return Err(format!("unknown backend '{other}' (use 'op' or 'file:PATH')")),
+            _ => return Err(format!("unknown backend '{other}' (use 'op', 'connect' or 'file:PATH')")),
         },
     };
     let mut watches = args.watch.iter().map(|spec| WatchSpec::parse(spec)).collect::<Result<Vec<_>, _>>()?;
@@ -235,6 +257,9 @@ pub async fn status(args: &StatusArgs) -> Result<(), CommandError> {
         json["backend"].as_str().unwrap_or("?"),
         json["uptime_s"]
     );
+    if let Some(line) = backend_status_line(&json["backend_status"]) {
+        println!("{line}");
+    }
     println!("{:<32} {:<8} {:>8}  REFERENCE / ERROR", "NAME", "STATE", "AGE(s)");
     for secret in json["secrets"].as_array().into_iter().flatten() {
         let detail = secret["error"].as_str().or(secret["ref"].as_str()).unwrap_or("");
@@ -288,4 +313,31 @@ fn print_writebacks(writeback: &serde_json::Value) {
             detail
         );
     }
+}
+
+/// The backend's own STATUS facts as one line, e.g. `connect https://c:8080: 1Password Connect
+/// API 1.7.1, sync ACTIVE, sqlite ACTIVE` (None when the backend reports nothing).
+fn backend_status_line(status: &serde_json::Value) -> Option<String> {
+    let kind = status["kind"].as_str()?;
+    let host = status["host"].as_str().unwrap_or("?");
+    let health = &status["health"];
+    let detail = match health["error"].as_str() {
+        Some(error) => format!("unreachable ({error})"),
+        None => {
+            let mut parts = vec![format!(
+                "{} {}",
+                health["name"].as_str().unwrap_or("server"),
+                health["version"].as_str().unwrap_or("?")
+            )];
+            for dep in health["dependencies"].as_array().into_iter().flatten() {
+                parts.push(format!(
+                    "{} {}",
+                    dep["service"].as_str().unwrap_or("?"),
+                    dep["status"].as_str().unwrap_or("?")
+                ));
+            }
+            parts.join(", ")
+        }
+    };
+    Some(format!("{kind} {host}: health {detail}"))
 }

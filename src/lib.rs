@@ -14,8 +14,9 @@
 //! - [`socket_path`]: the default socket path shared by servers and clients.
 //! - [`reference`]: `op://` reference parsing.
 //! - [`store`]: the secret store; [`locked`]: the locked, zeroizing buffers it keeps values in.
-//! - [`backend`]: the `Backend` trait with the `op` CLI and JSON-file implementations,
-//!   error classification and retry policy; `op` resolves in batches (`backend::op_batch`).
+//! - [`backend`]: the `Backend` trait with the `op` CLI, 1Password Connect (REST) and
+//!   JSON-file implementations, error classification and retry policy; `op` resolves in
+//!   batches (`backend::op_batch`).
 //! - [`daemon`]: the broker, the socket listener (bind, peer check, limits), connections,
 //!   the in-flight byte budget, the REFRESH gate, the audit log, and `op-bridge daemon`.
 //! - [`process`]: the process-wide primitives every layer may use: the reaper (the only

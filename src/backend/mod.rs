@@ -1,11 +1,13 @@
 //! Where secrets come from and where write-backs go: the [`Backend`] trait, its errors and
 //! the retry policy shared by every caller.
 //!
-//! Two implementations: [`op::OpCli`] runs the real 1Password CLI (production) and
+//! Three implementations: [`op::OpCli`] runs the real 1Password CLI (production),
+//! [`connect::Connect`] speaks a 1Password Connect server's REST API (fleets), and
 //! [`file::FileVault`] reads a JSON vault file (development, demos, CI). Errors are classified
 //! as permanent (not found, invalid reference, authentication: never retried) or transient
 //! (network, 5xx, 429, timeout: retried with backoff and jitter, honouring a stated delay).
 
+pub mod connect;
 pub mod file;
 pub mod op;
 mod op_batch;

@@ -252,7 +252,7 @@ impl Broker {
     }
 
     /// STATUS: names, states, ages and errors as one JSON object; never a value.
-    pub fn status(&self) -> serde_json::Value {
+    pub async fn status(&self) -> serde_json::Value {
         let slots = self.store.status();
         let count = |state| slots.iter().filter(|s| s.state == state).count();
         let locks = lock_stats();
@@ -263,6 +263,7 @@ impl Broker {
             "pid": std::process::id(),
             "uptime_s": self.started.elapsed().as_secs(),
             "backend": self.backend.describe(),
+            "backend_status": self.backend.status().await,
             "read_only": self.policy.read_only,
             "counts": { "total": slots.len(), "ok": count(State::Ok), "stale": count(State::Stale), "missing": count(State::Missing) },
             "secrets": slots,

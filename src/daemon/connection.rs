@@ -259,7 +259,7 @@ impl Connection {
                 Ok(())
             }
             Request::Status => {
-                ok(out, Response::Text(broker.status().to_string()), self.version);
+                ok(out, Response::Text(broker.status().await.to_string()), self.version);
                 Ok(())
             }
             Request::Get(target) => {

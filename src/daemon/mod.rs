@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::connect::{Connect, ConnectOptions};
 use crate::backend::file::FileVault;
 use crate::backend::op::{OpCli, OpOptions, RunAs};
 use crate::backend::{Backend, ErrorKind, RetryPolicy};
@@ -46,6 +47,13 @@ pub enum BackendSpec {
         user: Option<RunAs>,
     },
     File(PathBuf),
+    /// A 1Password Connect server at `host`; the token comes from `OP_CONNECT_TOKEN`.
+    Connect {
+        host: String,
+        timeout: Duration,
+        concurrency: usize,
+        retry: RetryPolicy,
+    },
 }
 
 /// Everything the broker needs to start.
@@ -174,6 +182,18 @@ fn build_backend(spec: &BackendSpec, reaper: &Reaper) -> Result<Arc<dyn Backend>
             let options =
                 OpOptions { path, timeout: *timeout, concurrency: *concurrency, retry: *retry, user: user.clone() };
             Arc::new(OpCli::new(options, reaper.clone()))
+        }
+        BackendSpec::Connect { host, timeout, concurrency, retry } => {
+            // Read here, not carried in the (Debug, Clone) configuration.
+            let token = zeroize::Zeroizing::new(std::env::var("OP_CONNECT_TOKEN").unwrap_or_default());
+            let options = ConnectOptions {
+                host: host.clone(),
+                token,
+                timeout: *timeout,
+                concurrency: *concurrency,
+                retry: *retry,
+            };
+            Arc::new(Connect::new(options).map_err(|e| StartError::Config(e.to_string()))?)
         }
     })
 }
