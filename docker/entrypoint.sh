@@ -19,7 +19,7 @@ if [ "$#" -eq 0 ]; then
     exit 2
 fi
 
-OP_BRIDGE_SOCKET="${OP_BRIDGE_SOCKET:-/tmp/op-bridge.sock}"
+OP_BRIDGE_SOCKET="${OP_BRIDGE_SOCKET:-/run/op-bridge/op-bridge.sock}"
 export OP_BRIDGE_SOCKET
 timeout="${OP_BRIDGE_START_TIMEOUT:-30}"
 case "$timeout" in

@@ -5,9 +5,10 @@
 //! the same file that calls op-bridge must succeed inside it.
 //!
 //! "Inside" means what the image provides: op-bridge at `/usr/local/bin/op-bridge`, the
-//! socket at `/tmp/op-bridge.sock` and `OP_BRIDGE_SOCKET` set (docker/Dockerfile's ENV). A
+//! socket at `/run/op-bridge/op-bridge.sock` and `OP_BRIDGE_SOCKET` set (docker/Dockerfile's ENV). A
 //! private mount namespace (`unshare --mount`, needs root like the PID 1 tests) gives both
-//! without touching the machine: a tmpfs on /tmp and the binary bound over /usr/local/bin.
+//! without touching the machine: a tmpfs on /tmp and /run, and the binary bound over
+//! /usr/local/bin.
 
 mod common;
 use common::*;
@@ -219,16 +220,16 @@ fn check(run: &DockerRun, commands: &[(String, String)]) -> Vec<String> {
     let request = serde_json::json!({"protocolVersion": 1, "provider": "onepassword", "ids": ids}).to_string();
     std::fs::write(dir.join("request.json"), &request).unwrap();
     script.push_str(
-        "env -i /usr/local/bin/op-bridge get --socket /tmp/op-bridge.sock < \"$OUT/request.json\" > \"$OUT/ids.json\"\n",
+        "env -i /usr/local/bin/op-bridge get --socket /run/op-bridge/op-bridge.sock < \"$OUT/request.json\" > \"$OUT/ids.json\"\n",
     );
     std::fs::write(dir.join("child.sh"), script).unwrap();
-    let namespace = r#"mount -t tmpfs tmpfs /tmp && mount --bind "$OUT/bin" /usr/local/bin && exec /usr/local/bin/op-bridge run -- sh "$OUT/child.sh""#;
+    let namespace = r#"mount -t tmpfs tmpfs /tmp && mount -t tmpfs tmpfs /run && mount --bind "$OUT/bin" /usr/local/bin && exec /usr/local/bin/op-bridge run -- sh "$OUT/child.sh""#;
     let mut cmd = Command::new("unshare");
     cmd.args(["--mount", "--propagation", "private", "sh", "-c", namespace])
         .env_clear()
         .env("PATH", "/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin")
         .env("OUT", &dir)
-        .env("OP_BRIDGE_SOCKET", "/tmp/op-bridge.sock")
+        .env("OP_BRIDGE_SOCKET", "/run/op-bridge/op-bridge.sock")
         .env("OP_BRIDGE_BACKEND", format!("file:{}", dir.join("vault.json").display()))
         .envs(run.env.iter().map(|(k, v)| (k, v)));
     let output = run_with_timeout(cmd, Duration::from_secs(60));

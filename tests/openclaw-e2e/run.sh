@@ -116,7 +116,7 @@ check() {
 
 step "1. docker/openclaw.json5 as shipped (command and socket paths replaced)"
 config="$work/openclaw.json5"
-sed -e "s#/usr/local/bin/op-bridge#$work/bin/op-bridge#" -e "s#/tmp/op-bridge.sock#$socket#" \
+sed -e "s#/usr/local/bin/op-bridge#$work/bin/op-bridge#" -e "s#/run/op-bridge/op-bridge.sock#$socket#" \
     "$repo/docker/openclaw.json5" >"$config"
 openclaw config validate
 audit 0
