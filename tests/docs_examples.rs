@@ -178,7 +178,10 @@ fn exec_commands(lines: &[(usize, String)]) -> Vec<(usize, String)> {
     lines
         .iter()
         .filter_map(|(number, line)| {
-            let after = line.split_once("docker exec ")?.1;
+            // A command line starts with it (after an optional prompt); prose that mentions
+            // `docker exec -u node` is not a command.
+            let line = line.trim_start();
+            let after = line.strip_prefix("$ ").unwrap_or(line).strip_prefix("docker exec ")?;
             let (_, command) = after.trim_start().split_once(' ')?;
             command.contains("op-bridge").then(|| (*number, command.trim().to_string()))
         })
