@@ -148,10 +148,12 @@ fn empty_path(dir: &TestDir) -> String {
 /// `op-bridge daemon` against `fake`, with no `op` on PATH and no --backend (chosen from the
 /// environment).
 fn daemon(dir: &TestDir, fake: &FakeConnect, refs: &[(&str, String)]) -> BrokerBuilder {
+    // These tests refresh several times in a row: no client rate limit.
     let mut builder = BrokerBuilder::new(dir, "daemon")
         .env("PATH", empty_path(dir))
         .env("OP_CONNECT_HOST", fake.host())
-        .env("OP_CONNECT_TOKEN", TOKEN);
+        .env("OP_CONNECT_TOKEN", TOKEN)
+        .args(["--refresh-min-interval", "0"]);
     for (name, reference) in refs {
         builder = builder.env(format!("OP_{name}_REF"), reference.clone());
     }
@@ -269,6 +271,10 @@ fn a_watched_change_is_patched_byte_exact_through_429s() {
     assert!(stored, "{}\n{}", fake.store(), broker.stderr());
     assert_eq!(fake.field("OAuth", None, "client_id").as_deref(), Some("cid"), "another field was touched");
 
+    // The fake logs a request after it has answered: wait for the successful PATCH's line.
+    let logged =
+        || fake.stats()["log"].as_array().unwrap().iter().any(|r| r["method"] == "PATCH" && r["status"] == 200);
+    assert!(eventually(Duration::from_secs(5), logged));
     let log = fake.stats()["log"].clone();
     let patches: Vec<&Json> = log.as_array().unwrap().iter().filter(|r| r["method"] == "PATCH").collect();
     assert!(patches.iter().filter(|p| p["status"] == 429).count() == 2, "{patches:?}");
@@ -503,6 +509,7 @@ fn create_items_makes_a_missing_item_with_its_field_in_one_post() {
         fake.field("Fresh Item", Some("OAuth"), "token").as_deref() == Some("first-token")
     });
     assert!(stored, "{}\n{}", fake.store(), broker.stderr());
-    assert_eq!(fake.route("create"), 1);
+    // The fake counts a request after it has answered.
+    assert!(eventually(Duration::from_secs(5), || fake.route("create") == 1), "{}", fake.stats());
     assert!(!fake.stats()["log"].to_string().contains("first-token"));
 }

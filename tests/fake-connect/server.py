@@ -151,13 +151,19 @@ class Handler(BaseHTTPRequestHandler):
     def error(self, status, message, extra=None):
         self.reply(status, {"status": status, "message": message}, extra=extra)
 
-    def body_json(self):
+    def read_body(self):
+        """Reads the request body at once, as a real server does: an answer given before the
+        body is looked at (an injected 429) must not leave it on a kept-alive connection,
+        where it would be read as the next request."""
         length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        return json.loads(raw or b"null")
+        self.raw_body = self.rfile.read(length) if length else b""
+
+    def body_json(self):
+        return json.loads(getattr(self, "raw_body", b"") or b"null")
 
     def handle_any(self):
         self.status = 0
+        self.read_body()
         url = urlsplit(self.path)
         route = "other"
         try:
