@@ -5,10 +5,10 @@
 //! the same file that calls op-bridge must succeed inside it.
 //!
 //! "Inside" means what the image provides: op-bridge at `/usr/local/bin/op-bridge`, the
-//! socket at `/run/op-bridge/op-bridge.sock` and `OP_BRIDGE_SOCKET` set (docker/Dockerfile's ENV). A
-//! private mount namespace (`unshare --mount`, needs root like the PID 1 tests) gives both
-//! without touching the machine: a tmpfs on /tmp and /run, and the binary bound over
-//! /usr/local/bin.
+//! socket at `/run/op-bridge/op-bridge.sock` and `OP_BRIDGE_SOCKET` set (docker/Dockerfile's
+//! ENV). A private mount namespace (`unshare --mount`, needs root like the PID 1 tests) gives
+//! both without touching the machine: a tmpfs on /run and the binary bound over
+//! /usr/local/bin. (Not on /tmp: the test's own files may live there, in a clone under /tmp.)
 
 mod common;
 use common::*;
@@ -226,7 +226,7 @@ fn check(run: &DockerRun, commands: &[(String, String)]) -> Vec<String> {
         "env -i /usr/local/bin/op-bridge get --socket /run/op-bridge/op-bridge.sock < \"$OUT/request.json\" > \"$OUT/ids.json\"\n",
     );
     std::fs::write(dir.join("child.sh"), script).unwrap();
-    let namespace = r#"mount -t tmpfs tmpfs /tmp && mount -t tmpfs tmpfs /run && mount --bind "$OUT/bin" /usr/local/bin && exec /usr/local/bin/op-bridge run -- sh "$OUT/child.sh""#;
+    let namespace = r#"mount -t tmpfs tmpfs /run && mount --bind "$OUT/bin" /usr/local/bin && exec /usr/local/bin/op-bridge run -- sh "$OUT/child.sh""#;
     let mut cmd = Command::new("unshare");
     cmd.args(["--mount", "--propagation", "private", "sh", "-c", namespace])
         .env_clear()

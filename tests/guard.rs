@@ -132,13 +132,15 @@ fn a_client_refuses_a_socket_served_by_another_uid_and_sends_it_nothing() {
 // ---------------------------------------------------------------- 2. default socket path
 
 /// Runs `script` with a private mount namespace whose /run and /tmp are fresh tmpfs mounts
-/// (so the shared machine's /run and /tmp are never touched). `$OPB` is the binary.
+/// (so the shared machine's /run and /tmp are never touched). `$OPB` is the binary, copied
+/// into the private /run first: the checkout (and its target/) may itself live under /tmp.
 fn in_private_run(script: &str) -> Output {
     let mut cmd = Command::new("unshare");
     cmd.args(["--mount", "--fork", "sh", "-c"])
         .arg(format!(
-            "set -e; mount --make-rprivate / ; mount -t tmpfs tmpfs /run; chmod 755 /run; mount -t tmpfs tmpfs /tmp; \
-             chmod 1777 /tmp; {script}"
+            "set -e; mount --make-rprivate / ; mount -t tmpfs tmpfs /run; chmod 755 /run; \
+             cp \"$OPB\" /run/op-bridge-under-test; OPB=/run/op-bridge-under-test; \
+             mount -t tmpfs tmpfs /tmp; chmod 1777 /tmp; {script}"
         ))
         .env("OPB", bin())
         .env_remove("OP_BRIDGE_SOCKET")
