@@ -426,6 +426,11 @@ fn blank_quoted(text: &str) -> String {
 
 /// Parses the CLI's timestamps (`2026-11-21T12:00:00Z`, `2026-11-21T12:00:00.123+01:00`).
 pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
+    // A timestamp is ASCII; anything else is not one (and would make the byte offsets
+    // below fall inside a character).
+    if !text.is_ascii() {
+        return None;
+    }
     let b = text.as_bytes();
     let num = |range: std::ops::Range<usize>| -> Option<i64> { text.get(range)?.parse().ok() };
     if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
@@ -696,6 +701,9 @@ mod tests {
         assert_eq!(t("2024-01-01T01:00:00.5+01:00"), Some(1_704_067_200_500));
         assert_eq!(t("2024-02-30"), None);
         assert_eq!(t("garbage"), None);
+        // Found by the op_output fuzz target: multi-byte characters where the offset goes.
+        assert_eq!(t("2024-01-01T00:00:00é1234"), None);
+        assert_eq!(t("2026-11-21T12:00:00\u{fffd}\u{fffd}"), None);
     }
 
     #[test]
