@@ -21,6 +21,7 @@
 //! - [`watch`]: credential-file watching (capture, debounce, materialization);
 //!   [`writeback`]: the per-target write-back queue that never drops a rotation.
 //! - [`hardening`]: no dumps, not dumpable, memlock reporting.
+//! - [`fuzzing`]: the fuzz target bodies, shared by `fuzz/` and the seed-corpus test.
 
 pub mod backend;
 pub mod cli;
@@ -28,6 +29,7 @@ pub mod client;
 pub mod commands;
 pub mod daemon;
 pub mod exec_provider;
+pub mod fuzzing;
 pub mod hardening;
 pub mod locked;
 pub mod protocol;
