@@ -10,6 +10,7 @@ use std::collections::HashSet;
 
 use serde_json::Value as Json;
 
+use crate::backend::RetryPolicy;
 use crate::backend::op::{ItemJson, classify, parse_rfc3339};
 use crate::cli::parse_duration;
 use crate::exec_provider::{id_to_target, is_valid_exec_id, parse_request};
@@ -83,7 +84,8 @@ pub fn watch_spec(data: &[u8]) {
 /// item's own labels, ids and sections (and a few fixed ones) a field is read, written and
 /// read again, and a write that succeeded is read back. The `updated_at` timestamp is parsed.
 /// As stderr: the error is classified with names taken from its own words (so blanking a name
-/// meets every position), and the whole text is parsed as a timestamp.
+/// meets every position), the retry pause computed from its class (a 429's stated delay), and
+/// the whole text is parsed as a timestamp.
 pub fn op_output(data: &[u8]) {
     let json: Option<Json> = serde_json::from_slice(data).ok();
     if let Ok(mut item) = ItemJson::parse(data) {
@@ -106,7 +108,9 @@ pub fn op_output(data: &[u8]) {
         .filter(|w| !w.is_empty())
         .take(4)
         .collect();
-    let _ = classify(data, "exit status: 1", &words);
+    let error = classify(data, "exit status: 1", &words);
+    // A stated 429 delay goes straight into the retry pause.
+    let _ = RetryPolicy::default().delay(1, error.kind);
     let _ = parse_rfc3339(&text);
 }
 
