@@ -9,18 +9,41 @@
 use std::collections::HashSet;
 
 use serde_json::Value as Json;
+use zeroize::Zeroizing;
 
 use crate::backend::RetryPolicy;
 use crate::backend::op::{ItemJson, classify, parse_rfc3339};
 use crate::cli::parse_duration;
 use crate::exec_provider::{id_to_target, is_valid_exec_id, parse_request};
-use crate::protocol::normalize_name;
+use crate::protocol::{Version, normalize_name, read_reply, read_request};
 use crate::reference::SecretRef;
 use crate::watch::WatchSpec;
 
 /// Most ids of one request, and most references derived from one item, that are checked:
 /// enough to reach every branch, few enough that one input stays fast.
 const MAX_CHECKED: usize = 16;
+
+/// The socket protocol: every request in the input (both versions), then the input as one
+/// reply. No input may panic, allocate beyond the limits, or loop forever.
+pub fn protocol(data: &[u8]) {
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread().build() else { return };
+    runtime.block_on(async {
+        for version in [Version::V1, Version::V2] {
+            let mut reader = data;
+            let mut line = Zeroizing::new(Vec::new());
+            // Each iteration consumes input or ends, so this terminates.
+            for _ in 0..data.len() + 1 {
+                match read_request(&mut reader, version, &mut line).await {
+                    Ok(None) => break,
+                    Ok(Some(_)) => {}
+                    Err(err) if err.is_fatal() => break,
+                    Err(_) => {}
+                }
+            }
+            let _ = read_reply(&mut &data[..], version, true).await;
+        }
+    });
+}
 
 /// The OpenClaw exec-provider request (`op-bridge get` without NAME): the JSON envelope,
 /// then every id it carries (and the whole input as one id). Properties: ids come back

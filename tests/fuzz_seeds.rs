@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 /// Every fuzz target and its body.
 const TARGETS: &[(&str, fn(&[u8]))] = &[
+    ("protocol", op_bridge::fuzzing::protocol),
     ("exec_request", op_bridge::fuzzing::exec_request),
     ("reference", op_bridge::fuzzing::reference),
     ("watch_spec", op_bridge::fuzzing::watch_spec),
