@@ -60,5 +60,5 @@ fn crash_regressions_stay_fixed() {
 #[test]
 #[ignore = "parse_rfc3339 (src/backend/op.rs) panics on a multi-byte UTC offset; fix pending"]
 fn known_crashes_are_fixed() {
-    replay("known-crashes", 1);
+    replay("known-crashes", 2);
 }
