@@ -4,8 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
+/// A fuzz target body: raw bytes in, a panic on a failed property.
+type Body = fn(&[u8]);
+
 /// Every fuzz target and its body.
-const TARGETS: &[(&str, fn(&[u8]))] = &[
+const TARGETS: &[(&str, Body)] = &[
     ("protocol", op_bridge::fuzzing::protocol),
     ("exec_request", op_bridge::fuzzing::exec_request),
     ("reference", op_bridge::fuzzing::reference),
