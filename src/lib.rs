@@ -29,6 +29,7 @@
 //!   periodic refresh timer and the read meter.
 //! - [`hardening`]: no dumps, not dumpable, memlock reporting.
 //! - [`logging`]: the lossy non-blocking writers behind stderr logging and the audit log.
+//! - [`fuzzing`]: the fuzz target bodies, shared by `fuzz/` and the seed-corpus test.
 
 pub mod backend;
 pub mod bufio;
@@ -38,6 +39,7 @@ pub mod client;
 pub mod commands;
 pub mod daemon;
 pub mod exec_provider;
+pub mod fuzzing;
 pub mod hardening;
 pub mod locked;
 pub mod logging;

@@ -168,6 +168,7 @@ impl RetryPolicy {
     pub fn delay(&self, attempt: u32, kind: ErrorKind) -> Duration {
         if let ErrorKind::RateLimited(Some(stated)) = kind {
             // 1Password said when; add up to 10% so a crowd of clients does not return at once.
+            let stated = stated.min(MAX_RETRY_AFTER);
             return stated + stated.mul_f64(fastrand::f64() * 0.1);
         }
         let exp = self.base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16)).min(self.max);
@@ -175,7 +176,13 @@ impl RetryPolicy {
     }
 }
 
-/// Parses a delay like "retry in 3 minutes" / "try again in 10 seconds" out of a 429 message.
+/// Longest stated 429 delay honoured. 1Password's longest limits are daily, so a larger figure
+/// is garbage; capped, it can never overflow the retry arithmetic (a `Duration` sum that
+/// overflows panics, and a panic in PID 1 aborts the container).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// Parses a delay like "retry in 3 minutes" / "try again in 10 seconds" out of a 429 message,
+/// at most [`MAX_RETRY_AFTER`].
 pub fn parse_retry_after(message: &str) -> Option<Duration> {
     let lower = message.to_ascii_lowercase();
     let at = lower.find("retry in ").map(|i| i + 9).or_else(|| lower.find("try again in ").map(|i| i + 13))?;
@@ -183,18 +190,18 @@ pub fn parse_retry_after(message: &str) -> Option<Duration> {
     let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
     let amount: u64 = digits.parse().ok()?;
     let unit = rest[digits.len()..].trim_start();
-    let seconds = if unit.starts_with("ms") || unit.starts_with("millisecond") {
-        return Some(Duration::from_millis(amount));
+    let stated = if unit.starts_with("ms") || unit.starts_with("millisecond") {
+        Duration::from_millis(amount)
     } else if unit.starts_with('s') {
-        amount
+        Duration::from_secs(amount)
     } else if unit.starts_with('m') {
-        amount * 60
+        Duration::from_secs(amount.saturating_mul(60))
     } else if unit.starts_with('h') {
-        amount * 3600
+        Duration::from_secs(amount.saturating_mul(3600))
     } else {
         return None;
     };
-    Some(Duration::from_secs(seconds))
+    Some(stated.min(MAX_RETRY_AFTER))
 }
 
 #[cfg(test)]
@@ -208,6 +215,8 @@ mod tests {
         assert_eq!(parse_retry_after("retry in 3 seconds"), Some(Duration::from_secs(3)));
         assert_eq!(parse_retry_after("Try again in 1 hour"), Some(Duration::from_secs(3600)));
         assert_eq!(parse_retry_after("(429) Too Many Requests"), None);
+        let absurd = format!("retry in {} hours", u64::MAX);
+        assert_eq!(parse_retry_after(&absurd), Some(MAX_RETRY_AFTER));
     }
 
     #[test]

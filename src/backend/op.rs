@@ -480,7 +480,7 @@ fn strip_op_prefix(line: &str) -> &str {
 }
 
 /// An item as `op item get --format json` prints it. Its string values are zeroized on drop.
-struct ItemJson(Json);
+pub struct ItemJson(Json);
 
 impl ItemJson {
     /// Parses what `op item get --format json` printed. Anything but an object with a
@@ -533,9 +533,9 @@ impl ItemJson {
         matches(true).or_else(|| matches(false))
     }
 
-    // Unused since resolution moved to `op_batch` (issue 13); kept for the item tests.
-    #[cfg_attr(not(test), allow(dead_code))]
-    fn field_value(&self, r: &SecretRef) -> Result<Value, BackendError> {
+    /// The value of the field `r` names (the fuzz target reads fields through it; resolution
+    /// itself goes through `op_batch`).
+    pub fn field_value(&self, r: &SecretRef) -> Result<Value, BackendError> {
         let index = self.find_field(r).ok_or_else(|| {
             BackendError::new(
                 ErrorKind::NotFound,
@@ -547,7 +547,7 @@ impl ItemJson {
         Ok(Zeroizing::new(value.as_bytes().to_vec()))
     }
 
-    fn set_field(&mut self, r: &SecretRef, value: &str) -> Result<(), BackendError> {
+    pub fn set_field(&mut self, r: &SecretRef, value: &str) -> Result<(), BackendError> {
         if let Some(index) = self.find_field(r) {
             let field = self.0.get_mut("fields").and_then(|f| f.get_mut(index)).and_then(Json::as_object_mut);
             let Some(field) = field else {
