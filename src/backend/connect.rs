@@ -31,7 +31,7 @@ use zeroize::Zeroizing;
 use super::op::{parse_rfc3339, scrub};
 use super::{
     Backend, BackendError, BoxFuture, ErrorKind, FieldWrite, ItemWriteResult, RetryPolicy, Value, WriteOptions,
-    check_writable, is_text_field_type, value_text,
+    check_text_field, check_writable, value_text,
 };
 use crate::locked::extend_zeroizing;
 use crate::reference::SecretRef;
@@ -629,14 +629,7 @@ impl Item {
     fn patch_ops(&self, r: &SecretRef, value: &str, ops: &mut Ops) -> Result<(), BackendError> {
         if let Some(field) = self.find_field(r) {
             let kind = field.get("type").and_then(Json::as_str).unwrap_or("");
-            if !is_text_field_type(kind) {
-                return Err(BackendError::new(
-                    ErrorKind::Invalid,
-                    format!(
-                        "{r}: refusing to write a field of type {kind} (only text and concealed fields are written)"
-                    ),
-                ));
-            }
+            check_text_field(r, kind)?;
             let Some(id) = field.get("id").and_then(Json::as_str) else {
                 return Err(BackendError::new(ErrorKind::Invalid, format!("{r}: the field has no id")));
             };

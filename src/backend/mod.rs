@@ -135,6 +135,19 @@ pub fn check_writable(reference: &SecretRef) -> Result<(), BackendError> {
     }
 }
 
+/// Refuses a write to a field whose type is not plain text (see [`is_text_field_type`]).
+pub fn check_text_field(reference: &SecretRef, field_type: &str) -> Result<(), BackendError> {
+    if is_text_field_type(field_type) {
+        return Ok(());
+    }
+    Err(BackendError::new(
+        ErrorKind::Invalid,
+        format!(
+            "{reference}: refusing to write a field of type {field_type} (only text and concealed fields are written)"
+        ),
+    ))
+}
+
 /// Field types whose value is plain text op-bridge may replace. Everything else (OTP seeds,
 /// files, SSH keys, addresses, menus, references…) is refused rather than corrupted.
 pub fn is_text_field_type(field_type: &str) -> bool {

@@ -26,7 +26,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 use super::{
     Backend, BackendError, BoxFuture, ErrorKind, FieldWrite, ItemWriteResult, RetryPolicy, Value, WriteOptions,
-    check_writable, is_text_field_type, parse_retry_after, value_text,
+    check_text_field, check_writable, parse_retry_after, value_text,
 };
 use crate::locked::extend_zeroizing;
 use crate::process::{Process, Reaper};
@@ -554,14 +554,7 @@ impl ItemJson {
                 return Err(BackendError::new(ErrorKind::Invalid, format!("{r}: the field is not an object")));
             };
             let kind = field.get("type").and_then(Json::as_str).unwrap_or("");
-            if !is_text_field_type(kind) {
-                return Err(BackendError::new(
-                    ErrorKind::Invalid,
-                    format!(
-                        "{r}: refusing to write a field of type {kind} (only text and concealed fields are written)"
-                    ),
-                ));
-            }
+            check_text_field(r, kind)?;
             if let Some(Json::String(old)) = field.get_mut("value") {
                 old.zeroize();
             }
