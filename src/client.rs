@@ -206,3 +206,24 @@ impl Client {
         }
     }
 }
+
+/// A client command's failure (the exit code of DESIGN §2 comes from it).
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+impl CommandError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CommandError::Client(err) => err.exit_code(),
+            CommandError::Usage(_) => crate::exit::USAGE,
+            CommandError::Io(_) => crate::exit::ERR,
+        }
+    }
+}

@@ -37,7 +37,7 @@ use zeroize::Zeroizing;
 
 use crate::backend::op::scrub;
 use crate::cli::ClientArgs;
-use crate::commands::CommandError;
+use crate::client::CommandError;
 use crate::protocol::{NOT_AVAILABLE, Reply, Request, UNKNOWN_REF, normalize_name};
 use crate::reference::SecretRef;
 

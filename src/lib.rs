@@ -6,10 +6,11 @@
 //!
 //! # Layout
 //!
-//! - [`cli`]: the command line (clap derive); [`commands`]: the client commands and the
-//!   translation of options into configuration.
+//! - [`cli`]: the command line (clap derive); [`config`]: the translation of broker options
+//!   into a `BrokerConfig`; [`commands`]: the client commands.
 //! - [`protocol`]: the wire format (requests, replies, framing, limits); knows nothing of
-//!   the store. [`client`]: the typed client, built on `protocol` only.
+//!   the store. [`client`]: the typed client and the client commands' error type, built on
+//!   `protocol` only.
 //! - [`bufio`]: the fixed-size, wiped read buffer for streams that carry values.
 //! - [`socket_path`]: the default socket path shared by servers and clients.
 //! - [`reference`]: `op://` reference parsing.
@@ -37,6 +38,7 @@ pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod commands;
+pub mod config;
 pub mod daemon;
 pub mod exec_provider;
 pub mod fuzzing;

@@ -79,7 +79,7 @@ where
     }
     // Before any secret is read or any child exists.
     op_bridge::hardening::harden_process();
-    let config = match commands::broker_config(args) {
+    let config = match op_bridge::config::broker_config(args) {
         Ok(config) => config,
         Err(message) => {
             eprintln!("op-bridge: {message}");

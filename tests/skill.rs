@@ -438,7 +438,7 @@ fn check(found: &Found) -> Result<(), String> {
         _ => return Ok(()),
     };
     broker.log_level.as_deref().unwrap_or("info").parse::<tracing::Level>().map_err(|e| format!("--log-level: {e}"))?;
-    op_bridge::commands::broker_config(broker).map(|_| ())
+    op_bridge::config::broker_config(broker).map(|_| ())
 }
 
 fn assert_all_parse(found: &[Found]) {

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use super::connection::Peer;
+use super::listener::Peer;
 use crate::logging::Sink;
 
 pub struct AuditLog {

@@ -22,6 +22,7 @@ use zeroize::{Zeroize, Zeroizing};
 use super::audit::AuditLog;
 use super::broker::Broker;
 use super::budget::{ByteBudget, BytePermit};
+use super::listener::Peer;
 use super::refresh::RefreshGate;
 use crate::bufio::ZeroizingReader;
 use crate::protocol::{self, ProtocolError, Request, Response, Version};
@@ -45,29 +46,6 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Limits {
         Limits { idle: Duration::from_secs(300), request: Duration::from_secs(10) }
-    }
-}
-
-/// Who is on the other end (SO_PEERCRED), for the uid check and the audit log.
-#[derive(Debug, Clone)]
-pub struct Peer {
-    pub pid: Option<i32>,
-    pub uid: u32,
-    pub gid: u32,
-    /// The peer's executable, looked up once per connection and only for the audit log.
-    pub exe: Option<String>,
-}
-
-impl Peer {
-    /// The peer's credentials; `with_exe` also resolves `/proc/<pid>/exe`.
-    pub fn of(stream: &UnixStream, with_exe: bool) -> std::io::Result<Peer> {
-        let cred = stream.peer_cred()?;
-        let exe = cred
-            .pid()
-            .filter(|_| with_exe)
-            .and_then(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).ok())
-            .map(|path| path.display().to_string());
-        Ok(Peer { pid: cred.pid(), uid: cred.uid(), gid: cred.gid(), exe })
     }
 }
 

@@ -364,7 +364,7 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
                 return Ok(Err(err));
             }
         };
-        // Option paths are absolute by now (commands::broker_config); the command keeps its
+        // Option paths are absolute by now (config::broker_config); the command keeps its
         // own working directory.
         child::leave_working_directory();
         tracing::info!(pid = process.pid().as_raw(), "started {}", args.command[0].to_string_lossy());
