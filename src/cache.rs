@@ -256,7 +256,9 @@ impl SealedCache {
         let written = state.written.unwrap_or(SystemTime::UNIX_EPOCH);
         let written = written.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let mut doc = json!({ "version": VERSION, "written": written, "secrets": secrets, "journal": journal });
-        let plain = Zeroizing::new(serde_json::to_vec(&doc).unwrap_or_default());
+        let mut plain = crate::locked::ZeroizingWriter::with_capacity(4096);
+        let _ = serde_json::to_writer(&mut plain, &doc);
+        let plain = plain.0;
         scrub(&mut doc);
         let sealed = self.seal(&plain);
         // Tighten a file someone loosened before replacing it (write_atomic keeps the mode).

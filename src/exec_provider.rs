@@ -312,21 +312,10 @@ pub async fn answer(args: &ClientArgs, ids: &[String]) -> Result<Zeroizing<Vec<u
 /// Encodes `reply` into a buffer sized exactly beforehand, so that growing it never leaves
 /// an unzeroized copy of the values behind.
 fn encode_zeroizing(reply: &Json) -> Result<Zeroizing<Vec<u8>>, CommandError> {
-    struct Counter(usize);
-    impl Write for Counter {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
     let fail = |e: serde_json::Error| CommandError::Io(format!("cannot encode the reply: {e}"));
-    let mut counter = Counter(0);
-    serde_json::to_writer(&mut counter, reply).map_err(fail)?;
-    let mut out = Zeroizing::new(Vec::with_capacity(counter.0 + 1));
-    serde_json::to_writer(&mut *out, reply).map_err(fail)?;
+    let mut out = crate::locked::ZeroizingWriter::with_capacity(4096);
+    serde_json::to_writer(&mut out, reply).map_err(fail)?;
+    let mut out = out.0;
     out.push(b'\n');
     Ok(out)
 }

@@ -157,6 +157,29 @@ pub fn extend_zeroizing(buf: &mut zeroize::Zeroizing<Vec<u8>>, data: &[u8]) {
     buf.extend_from_slice(data);
 }
 
+/// An `io::Write` into a zeroizing buffer that wipes every allocation it outgrows (through
+/// [`extend_zeroizing`]): what a serializer writing a secret (item JSON, the sealed cache's
+/// plaintext, a reply) writes into, so no half-grown copy is freed as it is.
+#[derive(Default)]
+pub struct ZeroizingWriter(pub zeroize::Zeroizing<Vec<u8>>);
+
+impl ZeroizingWriter {
+    pub fn with_capacity(capacity: usize) -> ZeroizingWriter {
+        ZeroizingWriter(zeroize::Zeroizing::new(Vec::with_capacity(capacity)))
+    }
+}
+
+impl std::io::Write for ZeroizingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        extend_zeroizing(&mut self.0, buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

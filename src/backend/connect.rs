@@ -692,10 +692,10 @@ impl Drop for Ops {
 /// A request body: JSON written once into a buffer that is handed to the request as it is
 /// (no second copy; a failed encoding leaves nothing behind).
 fn encode(value: &impl serde::Serialize) -> Result<Vec<u8>, BackendError> {
-    let mut out = Zeroizing::new(Vec::with_capacity(1024));
-    serde_json::to_writer(&mut *out, value)
+    let mut out = crate::locked::ZeroizingWriter::with_capacity(1024);
+    serde_json::to_writer(&mut out, value)
         .map_err(|err| BackendError::new(ErrorKind::Invalid, format!("cannot encode the request: {err}")))?;
-    Ok(std::mem::take(&mut *out))
+    Ok(std::mem::take(&mut *out.0))
 }
 
 /// The patch operations for every write that `item` accepts; one result per write, in order.

@@ -103,10 +103,11 @@ impl FileVault {
         if results.iter().all(Result::is_err) {
             return Ok(results);
         }
-        let mut bytes = Zeroizing::new(Vec::with_capacity(4096));
-        serde_json::to_writer_pretty(&mut *bytes, &doc.0)
+        let mut bytes = crate::locked::ZeroizingWriter::with_capacity(4096);
+        serde_json::to_writer_pretty(&mut bytes, &doc.0)
             .map_err(|e| BackendError::new(ErrorKind::Invalid, format!("cannot encode vault: {e}")))?;
-        bytes.push(b'\n');
+        let mut bytes = bytes.0;
+        crate::locked::extend_zeroizing(&mut bytes, b"\n");
         write_atomic(&self.path, &bytes, None).map_err(|e| {
             BackendError::new(ErrorKind::Transient, format!("cannot write {}: {e}", self.path.display()))
         })?;

@@ -28,7 +28,7 @@ use super::{
     Backend, BackendError, BoxFuture, ErrorKind, FieldWrite, ItemWriteResult, RetryPolicy, Value, WriteOptions,
     check_text_field, check_writable, parse_retry_after, value_text,
 };
-use crate::locked::extend_zeroizing;
+use crate::locked::{ZeroizingWriter, extend_zeroizing};
 use crate::process::{Process, Reaper};
 use crate::reference::SecretRef;
 
@@ -500,10 +500,10 @@ impl ItemJson {
     }
 
     fn to_bytes(&self) -> Result<Value, BackendError> {
-        let mut out = Zeroizing::new(Vec::with_capacity(4096));
-        serde_json::to_writer(&mut *out, &self.0)
+        let mut out = ZeroizingWriter::with_capacity(4096);
+        serde_json::to_writer(&mut out, &self.0)
             .map_err(|err| BackendError::new(ErrorKind::Invalid, format!("cannot encode item: {err}")))?;
-        Ok(out)
+        Ok(out.0)
     }
 
     fn id(&self) -> Option<&str> {
