@@ -158,7 +158,7 @@ impl Connect {
         method: Method,
         path: &str,
         query: Option<(&str, &str)>,
-        body: Option<Vec<u8>>,
+        body: Option<Zeroizing<Vec<u8>>>,
     ) -> Result<Reply, BackendError> {
         let _permit =
             self.permits.acquire().await.map_err(|_| BackendError::new(ErrorKind::Transient, "shutting down"))?;
@@ -168,6 +168,9 @@ impl Connect {
             request = request.query(&[query]);
         }
         if let Some(body) = body {
+            // The body carries the new values: handed over still zeroizing, so the buffer is
+            // wiped when the client lets go of it (its own TLS and write buffers are not).
+            let body = bytes::Bytes::from_owner(body);
             request = request.header(CONTENT_TYPE, "application/json").body(body);
         }
         let exchange = async {
@@ -298,7 +301,9 @@ impl Connect {
 
     /// Drops the cached ids of a reference's vault and item (they turned out to be gone).
     async fn forget(&self, vault: &str, title: &str) {
-        let vault_id = self.vaults.lock().await.remove(&vault.to_lowercase());
+        // A vault named by its id has no cache entry: the id is the vault's.
+        let cached = self.vaults.lock().await.remove(&vault.to_lowercase());
+        let vault_id = cached.or_else(|| is_id(vault).then(|| vault.to_string()));
         let mut items = self.items.lock().unwrap_or_else(|e| e.into_inner());
         items.retain(|(v, t), _| !(vault_id.as_deref().is_none_or(|id| id == v) && *t == title.to_lowercase()));
     }
@@ -388,20 +393,18 @@ impl Connect {
             return Ok(results);
         }
         // The planned `add`s become the new item's sections and fields.
+        // Moved out of the ops and into the document (never copied: only `doc` and `ops` hold
+        // the values, and both are scrubbed).
         let (mut sections, mut fields) = (Vec::new(), Vec::new());
-        for op in &ops.0 {
-            let value = op.get("value").cloned().unwrap_or(Json::Null);
-            if op.get("path").and_then(Json::as_str) == Some("/sections") {
-                sections.push(value);
-            } else {
-                fields.push(value);
-            }
+        for op in &mut ops.0 {
+            let is_section = op.get("path").and_then(Json::as_str) == Some("/sections");
+            let value = op.get_mut("value").map(Json::take).unwrap_or(Json::Null);
+            if is_section { sections.push(value) } else { fields.push(value) }
         }
         let title = writes[0].reference.item_key().1;
-        let mut doc = json!({
-            "title": title, "category": "API_CREDENTIAL", "vault": {"id": vault_id},
-            "sections": sections, "fields": fields,
-        });
+        let mut doc = json!({ "title": title, "category": "API_CREDENTIAL", "vault": {"id": vault_id} });
+        doc["sections"] = Json::Array(sections);
+        doc["fields"] = Json::Array(fields);
         let body = encode(&doc);
         scrub(&mut doc);
         let reply = self.send(Method::POST, &format!("/v1/vaults/{vault_id}/items"), None, Some(body?)).await?;
@@ -650,7 +653,10 @@ impl Item {
             };
             field["section"] = json!({ "id": id });
         }
-        ops.0.push(json!({"op": "add", "path": "/fields", "value": field}));
+        // Moved in, not copied: `json!` would serialize a copy of the value and leave this one.
+        let mut op = json!({"op": "add", "path": "/fields"});
+        op["value"] = field;
+        ops.0.push(op);
         Ok(())
     }
 }
@@ -678,7 +684,7 @@ impl Ops {
             .map(str::to_string)
     }
 
-    fn to_bytes(&self) -> Result<Vec<u8>, BackendError> {
+    fn to_bytes(&self) -> Result<Zeroizing<Vec<u8>>, BackendError> {
         encode(&self.0)
     }
 }
@@ -691,11 +697,11 @@ impl Drop for Ops {
 
 /// A request body: JSON written once into a buffer that is handed to the request as it is
 /// (no second copy; a failed encoding leaves nothing behind).
-fn encode(value: &impl serde::Serialize) -> Result<Vec<u8>, BackendError> {
+fn encode(value: &impl serde::Serialize) -> Result<Zeroizing<Vec<u8>>, BackendError> {
     let mut out = crate::locked::ZeroizingWriter::with_capacity(1024);
     serde_json::to_writer(&mut out, value)
         .map_err(|err| BackendError::new(ErrorKind::Invalid, format!("cannot encode the request: {err}")))?;
-    Ok(std::mem::take(&mut *out.0))
+    Ok(out.0)
 }
 
 /// The patch operations for every write that `item` accepts; one result per write, in order.
@@ -720,12 +726,15 @@ fn expect_ok(reply: Reply, what: &str, secrets: &[&[u8]]) -> Result<Value, Backe
         .ok()
         .and_then(|j| j.get("message").and_then(Json::as_str).map(str::to_string))
         .unwrap_or_default();
-    let mut message: String = message.chars().filter(|c| !c.is_control()).take(MAX_MESSAGE).collect();
+    // Values are blanked in the raw message, before it is cleaned and cut: a value that spans
+    // the cut or holds a control character would otherwise survive in part.
+    let mut message = Zeroizing::new(message);
     for secret in secrets.iter().filter(|s| s.len() >= 4) {
         if let Ok(text) = std::str::from_utf8(secret) {
-            message = message.replace(text, "<value>");
+            *message = message.replace(text, "<value>");
         }
     }
+    let message: String = message.chars().filter(|c| !c.is_control()).take(MAX_MESSAGE).collect();
     let kind = classify_status(reply.status, reply.retry_after.or_else(|| super::parse_retry_after(&message)));
     let code = reply.status.as_u16();
     let text = if message.is_empty() {
@@ -751,7 +760,7 @@ pub fn classify_status(status: StatusCode, retry_after: Option<Duration>) -> Err
 
 /// `Retry-After` as seconds (the HTTP-date form is left to the backoff).
 pub fn parse_retry_after_header(value: &str) -> Option<Duration> {
-    value.trim().parse::<u64>().ok().map(|s| Duration::from_secs(s.min(3600)))
+    value.trim().parse::<u64>().ok().map(|s| Duration::from_secs(s).min(super::MAX_RETRY_AFTER))
 }
 
 /// The ids of the entries of a collection answer whose `attribute` equals `wanted`.
@@ -927,8 +936,11 @@ mod tests {
             retry: RetryPolicy::default(),
         };
         assert!(matches!(Connect::new(options("connect:8080", "t")), Err(ConnectSetupError::BadHost(_))));
+        // A token that cannot be a header is refused, and neither the message nor the Debug
+        // form of the error carries it.
         let err = Connect::new(options("http://c:8080", "sec\nret")).err().unwrap();
-        assert!(!err.to_string().contains("sec"), "{err}");
+        assert!(matches!(err, ConnectSetupError::BadToken), "{err}");
+        assert!(!format!("{err} {err:?}").contains("sec"), "{err:?}");
         let ok = Connect::new(options("http://user:pw@c:8080/", "t")).unwrap();
         assert_eq!(ok.describe(), "connect http://c:8080");
     }
