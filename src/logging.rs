@@ -5,7 +5,8 @@
 //! `--audit-log-strict` makes the audit log wait for its writer.
 //!
 //! The writer threads are flushed at process exit (an `atexit` hook), with tracing-appender's
-//! own bounded wait, so the last lines of a clean shutdown are not lost.
+//! own bounded wait, so the last lines of a clean shutdown are not lost — unless that writer
+//! already dropped lines (its reader stalled): then nothing is waited for.
 
 use std::io::Write;
 use std::sync::{Mutex, Once, OnceLock};
@@ -17,7 +18,7 @@ const QUEUED_LINES: usize = 4096;
 
 static STDERR_DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
 static AUDIT_DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
-static GUARDS: Mutex<Vec<WorkerGuard>> = Mutex::new(Vec::new());
+static GUARDS: Mutex<Vec<(Sink, WorkerGuard)>> = Mutex::new(Vec::new());
 static FLUSH_AT_EXIT: Once = Once::new();
 
 /// Which log a writer feeds, for the dropped-lines counters.
@@ -40,7 +41,7 @@ pub fn non_blocking<W: Write + Send + 'static>(sink: Sink, target: W) -> NonBloc
         Sink::Audit => &AUDIT_DROPPED,
     };
     let _ = counter.set(writer.error_counter());
-    GUARDS.lock().unwrap_or_else(|e| e.into_inner()).push(guard);
+    GUARDS.lock().unwrap_or_else(|e| e.into_inner()).push((sink, guard));
     FLUSH_AT_EXIT.call_once(|| {
         // SAFETY: registering a plain extern "C" function with no captured state.
         unsafe { libc::atexit(flush_at_exit) };
@@ -50,8 +51,17 @@ pub fn non_blocking<W: Write + Send + 'static>(sink: Sink, target: W) -> NonBloc
 
 extern "C" fn flush_at_exit() {
     let guards = std::mem::take(&mut *GUARDS.lock().unwrap_or_else(|e| e.into_inner()));
-    // Dropping a guard waits (bounded) for its worker to write what is queued.
-    drop(guards);
+    for (sink, guard) in guards {
+        if dropped_lines(sink) == 0 {
+            // Waits (bounded) for the worker to write what is queued.
+            drop(guard);
+        } else {
+            // A reader that stalled: the queue is (or was) full, and tracing-appender's guard
+            // then reports with `println!`, which blocks on a stalled stdout or panics on a
+            // closed one. What is queued is lost; exiting is what matters.
+            std::mem::forget(guard);
+        }
+    }
 }
 
 /// Lines dropped so far because a log's reader was not keeping up.

@@ -372,7 +372,9 @@ pub async fn read_request_admitting<R: AsyncBufRead + Unpin>(
             Ok(Some(Request::Set { name, uri, value }))
         }
         _ if word.is_empty() => Err(malformed("empty request")),
-        _ => Err(malformed(format!("unknown command: {}", word.chars().take(32).collect::<String>()))),
+        // The word is not echoed: a line that is not a command may be a pasted value (the
+        // second line of a multi-line SET), and this text reaches the debug log.
+        _ => Err(malformed("unknown command (PING, LIST, GET, SET, DELETE, REFRESH, STATUS, HELLO)")),
     }
 }
 
@@ -381,8 +383,9 @@ const COMMANDS: [&[u8]; 8] = [b"PING", b"LIST", b"GET", b"SET", b"DELETE", b"REF
 
 /// Whether bytes already received after a version-1 SET line are the rest of its value (a
 /// multi-line value pasted into a line protocol) rather than the next request. Only what has
-/// arrived is looked at, without waiting: a value that goes on must be refused whole, never
-/// stored as its first line.
+/// arrived is looked at, without waiting, so this is best effort: it catches a paste or a
+/// pipelined write (the next line came with this one); a line that arrives later cannot be
+/// told from a new request.
 fn continues_on_next_line<R: AsyncBufRead + Unpin>(reader: &mut R) -> bool {
     use futures_util::FutureExt;
     let Some(Ok(next)) = reader.fill_buf().now_or_never() else { return false };
