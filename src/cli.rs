@@ -322,6 +322,9 @@ pub struct RunArgs {
     pub command: Vec<OsString>,
 }
 
+/// Longest duration any option accepts: 100 years.
+const MAX_DURATION_SECS: f64 = 100.0 * 365.25 * 86_400.0;
+
 /// Parses `500ms`, `10s`, `2m`, `1h` or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -335,6 +338,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "h" => number * 3600.0,
         _ => return Err(format!("invalid duration unit in '{text}' (use ms, s, m or h)")),
     };
+    // Bounded so that `now + duration` can never overflow (a panic would abort PID 1).
+    if !(0.0..=MAX_DURATION_SECS).contains(&seconds) {
+        return Err(format!("duration '{text}' is out of range (at most 100 years)"));
+    }
     Duration::try_from_secs_f64(seconds).map_err(|_| format!("duration '{text}' is out of range"))
 }
 
@@ -356,5 +363,8 @@ mod tests {
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("5d").is_err());
+        // `now + grace` must never overflow.
+        assert!(parse_duration("10000000000000000000").is_err());
+        assert!(parse_duration("1000000h").is_err());
     }
 }

@@ -21,7 +21,9 @@ pub(crate) fn absolute(path: &std::path::Path) -> std::path::PathBuf {
 /// Turns the broker options into configuration (errors are usage errors).
 pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
     let connect_env = args.connect_host.as_deref().is_some_and(|h| !h.is_empty())
-        && std::env::var_os("OP_CONNECT_TOKEN").is_some_and(|t| !t.is_empty());
+        && std::env::var_os("OP_CONNECT_TOKEN")
+            .map(|t| zeroize::Zeroizing::new(std::os::unix::ffi::OsStringExt::into_vec(t)))
+            .is_some_and(|t| !t.is_empty());
     let chosen = match args.backend.as_deref() {
         Some(backend) => backend,
         None if connect_env => {

@@ -692,3 +692,14 @@ fn client_falls_back_to_version_1_without_corrupting_set() {
 fn injects_mentioning(fake: &FakeOp, needle: &str) -> Vec<Json> {
     fake.calls_of(&["inject"]).into_iter().filter(|c| c["stdin"].as_str().is_some_and(|s| s.contains(needle))).collect()
 }
+
+#[test]
+fn sigquit_stops_a_running_daemon_cleanly() {
+    let dir = TestDir::new("c-quit");
+    let backend = file_backend(&dir);
+    let mut broker = BrokerBuilder::new(&dir, "daemon").arg(&backend).env("OP_API_REF", "op://dev/api/key").start();
+    broker.signal(libc::SIGQUIT);
+    let status = broker.wait(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{status}\nstderr:\n{}", broker.stderr());
+    assert!(!broker.socket.exists(), "socket left behind");
+}

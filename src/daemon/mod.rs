@@ -99,10 +99,21 @@ pub enum StartError {
     Io { action: String, source: std::io::Error },
 }
 
-/// The process environment without the variables that are not UTF-8 (references are text;
-/// `std::env::vars` would panic on such a variable).
+/// The process environment's `op://` references (the variables discovery looks at), without
+/// those that are not UTF-8 (`std::env::vars` would panic on such a variable).
 pub fn utf8_env() -> Vec<(String, String)> {
-    std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))).collect()
+    std::env::vars_os()
+        .filter_map(|(k, v)| {
+            let v = std::os::unix::ffi::OsStringExt::into_vec(v);
+            // Only references matter to discovery; every other value (the 1Password token
+            // among them) is wiped as it is discarded, so no copy of it outlives this call.
+            if !v.starts_with(b"op://") {
+                drop(zeroize::Zeroizing::new(v));
+                return None;
+            }
+            Some((k.into_string().ok()?, String::from_utf8(v).ok()?))
+        })
+        .collect()
 }
 
 /// Finds `{prefix}{NAME}{suffix}=op://…` variables. Returns (NAME, reference text).
@@ -405,6 +416,11 @@ pub async fn run_daemon(config: BrokerConfig, grace: Duration) -> Result<u8, Sta
             }
             libc::SIGINT => {
                 tracing::info!("SIGINT: shutting down");
+                break;
+            }
+            // As during start-up (and as SIGQUIT's default action did): a stop.
+            libc::SIGQUIT => {
+                tracing::info!("SIGQUIT: shutting down");
                 break;
             }
             // The daemon has no child: job-control signals suspend it as they would by default.

@@ -114,10 +114,18 @@ impl ChildEnv {
                         && key.len() > config.prefix.len() + config.suffix.len()))
         };
         let mut base: Vec<(OsString, OsString)> = std::env::vars_os()
-            .filter(|(k, _)| k.to_str().is_none_or(|k| !hidden(k) && k != "OP_BRIDGE_SOCKET"))
+            .filter_map(|(k, v)| {
+                if k.to_str().is_none_or(|k| !hidden(k) && k != "OP_BRIDGE_SOCKET") {
+                    return Some((k, v));
+                }
+                // A stripped token is wiped, not just left out.
+                drop(zeroize::Zeroizing::new(v.into_vec()));
+                None
+            })
             .collect();
         // `op-bridge get` inside the child finds the broker without configuration.
-        base.push(("OP_BRIDGE_SOCKET".into(), absolute(&config.socket).into_os_string()));
+        // The socket path is absolute already (config::broker_config).
+        base.push(("OP_BRIDGE_SOCKET".into(), config.socket.clone().into_os_string()));
         Ok(ChildEnv {
             base,
             exports: parse_exports(&args.export)?,
@@ -215,14 +223,6 @@ fn spawn_command(
 ) -> Result<Result<Process, SpawnError>, StartError> {
     let env = child_env.build(service).map_err(StartError::SecretsUnavailable)?;
     Ok(child::spawn(reaper, &args.command, &env, terminal, user))
-}
-
-fn absolute(path: &std::path::Path) -> std::path::PathBuf {
-    if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        std::env::current_dir().map(|d| d.join(path)).unwrap_or_else(|_| path.to_path_buf())
-    }
 }
 
 fn signal_name(number: i32) -> String {
@@ -327,7 +327,13 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
         }
     }
     if let BackendSpec::Op { path, user: op_user, .. } = &config.backend
-        && let Some(op) = path.clone().or_else(|| which::which("op").ok())
+        // The file that will run: a bare name (`--op-path op`, or the placeholder when nothing
+        // needs `op`) is looked up on PATH, not taken as `./op`.
+        && let Some(op) = match path {
+            Some(path) if path.components().count() > 1 => Some(path.clone()),
+            Some(name) => which::which(name).ok(),
+            None => which::which("op").ok(),
+        }
     {
         privsep::warn_if_op_exposed(&op, op_user.as_ref().map(|u| (u.uid, u.gid)), user.as_ref().map(|u| u.uid));
     }
