@@ -236,11 +236,16 @@ impl SealedCache {
     }
 
     fn try_write(&self) -> Result<(), CacheError> {
+        self.try_write_with(true)
+    }
+
+    /// Writes the file; without `values`, it holds the journal alone.
+    fn try_write_with(&self, values: bool) -> Result<(), CacheError> {
         let path = &self.options.path;
         let engine = base64::engine::general_purpose::STANDARD;
         let state = self.state();
         let mut secrets = Vec::new();
-        for (name, reference) in self.store.references() {
+        for (name, reference) in self.store.references().into_iter().filter(|_| values) {
             if let Some(text) = self.store.with_value(&name, |v| Zeroizing::new(engine.encode(v))) {
                 secrets.push(json!({ "name": name, "ref": reference.to_string(), "value": text.as_str() }));
             }
@@ -272,8 +277,22 @@ impl SealedCache {
         // `state` is held until here so two writers cannot interleave an older document last.
     }
 
-    /// Removes the file (revoked token, or a reference 1Password no longer has).
+    /// Forgets the cached values (revoked token, or a reference 1Password no longer has): the
+    /// file is removed, unless its journal still holds write-backs not stored in 1Password.
+    /// Those are kept (only a newer value may drop one; a restored item or token stores them
+    /// at a later start) in a file with no values, dated so that it is never fresh.
     pub fn delete(&self) {
+        if !self.state().journal.is_empty() {
+            self.state().written = None;
+            match self.try_write_with(false) {
+                Ok(()) => tracing::warn!(
+                    "sealed cache {}: values dropped; its journal of write-backs not yet stored is kept",
+                    self.options.path.display()
+                ),
+                Err(err) => tracing::warn!("sealed cache: cannot drop its values: {err}"),
+            }
+            return;
+        }
         match std::fs::remove_file(&self.options.path) {
             Ok(()) => tracing::warn!("sealed cache {} deleted", self.options.path.display()),
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}

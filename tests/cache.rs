@@ -198,6 +198,33 @@ fn a_reference_gone_from_1password_never_falls_back_to_the_cache() {
 }
 
 #[test]
+fn a_refused_start_drops_the_cached_values_but_never_the_journal() {
+    let s = setup("cachekeepj");
+    warm(&s);
+    // A rotation accepted during an outage, journaled, then kill -9.
+    let mut broker = builder(&s, "daemon", TOKEN).start();
+    s.fake.control(json!({"outage": true}));
+    let out = broker.client(&["set", "API", "-"], Some(b"rotated-before-the-crash"));
+    assert_eq!(out.status.code(), Some(75), "{}", describe(&out));
+    broker.signal(libc::SIGKILL);
+    broker.wait(Duration::from_secs(10));
+    s.fake.control(json!({}));
+    // 1Password answers again, but another reference is gone: the start fails closed.
+    let mut store = s.fake.read_store();
+    let db = store["Dev"].as_object_mut().unwrap().remove("db").unwrap();
+    s.fake.write_store(&store);
+    let out = builder(&s, "daemon", TOKEN).args(["--cache-fresh", "0s"]).output();
+    assert_eq!(out.status.code(), Some(69), "{}", describe(&out));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("rotated"), "{}", describe(&out));
+    // The operator restores the item: the journaled rotation is still there and is stored.
+    store["Dev"]["db"] = db;
+    s.fake.write_store(&store);
+    let broker = builder(&s, "daemon", TOKEN).start();
+    let stored = || s.fake.read_store()["Dev"]["api"]["credential"] == "rotated-before-the-crash";
+    assert!(eventually(Duration::from_secs(30), stored), "journaled SET lost\n{}", broker.stderr());
+}
+
+#[test]
 fn a_value_picked_up_by_refresh_is_what_the_next_restart_serves() {
     let s = setup("cacherefresh");
     warm(&s);
