@@ -213,7 +213,7 @@ const BUSY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 const BUSY_PAUSE_MAX: std::time::Duration = std::time::Duration::from_millis(400);
 
 fn is_busy(message: &str) -> bool {
-    message.starts_with("busy")
+    message.starts_with(crate::protocol::BUSY)
 }
 
 /// Sends the GETs, asking again while the daemon says `busy` and the budget lasts. Replies
@@ -254,7 +254,10 @@ async fn get_all(args: &ClientArgs, targets: &[String]) -> Result<Vec<Reply>, Co
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(BUSY_PAUSE_MAX);
     }
-    Ok(replies.into_iter().map(|r| r.unwrap_or_else(|| Reply::Err("busy: op-bridge is overloaded".into()))).collect())
+    Ok(replies
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Reply::Err(format!("{}op-bridge is overloaded", crate::protocol::BUSY))))
+        .collect())
 }
 
 /// Resolves `ids` through the daemon and encodes the exec-provider reply (one JSON object

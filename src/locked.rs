@@ -148,13 +148,24 @@ impl std::fmt::Debug for LockedBytes {
 /// Appends to a buffer that may hold secret bytes without leaving copies behind: when the
 /// buffer must grow, the old allocation is zeroized (a plain `Vec` growth frees it as is).
 pub fn extend_zeroizing(buf: &mut zeroize::Zeroizing<Vec<u8>>, data: &[u8]) {
-    if buf.len() + data.len() > buf.capacity() {
-        let wanted = (buf.len() + data.len()).next_power_of_two().max(256);
-        let mut grown = zeroize::Zeroizing::new(Vec::with_capacity(wanted));
+    append_wiping(buf, &[data]);
+}
+
+/// Appends `parts` to a buffer that may hold secret bytes, growing it at most once and wiping
+/// the allocation it leaves (the one implementation behind [`extend_zeroizing`] and the
+/// protocol's reply encoding).
+pub fn append_wiping(buf: &mut Vec<u8>, parts: &[&[u8]]) {
+    let wanted = buf.len() + parts.iter().map(|p| p.len()).sum::<usize>();
+    if wanted > buf.capacity() {
+        let mut grown = Vec::with_capacity(wanted.next_power_of_two().max(256));
         grown.extend_from_slice(buf);
+        // `Vec::zeroize` wipes the whole capacity, then the old allocation is freed.
+        zeroize::Zeroize::zeroize(buf);
         *buf = grown;
     }
-    buf.extend_from_slice(data);
+    for part in parts {
+        buf.extend_from_slice(part);
+    }
 }
 
 /// An `io::Write` into a zeroizing buffer that wipes every allocation it outgrows (through

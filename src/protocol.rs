@@ -41,7 +41,7 @@ use std::io;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use zeroize::Zeroizing;
 
-use crate::locked::extend_zeroizing;
+use crate::locked::{append_wiping, extend_zeroizing};
 
 /// Longest request line, terminator excluded.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -56,6 +56,9 @@ pub const NOT_AVAILABLE: &str = " (not available: ";
 /// Start of the ERR text of a SET that was accepted and queued but not stored in 1Password
 /// within its wait: it will be stored (clients exit 75, not 1).
 pub const PENDING: &str = "pending: ";
+/// Start of the ERR text of a request refused for load (too many connections, too many bytes
+/// in flight): nothing was done, and asking again later may succeed.
+pub const BUSY: &str = "busy: ";
 /// Highest protocol version this build speaks.
 pub const LATEST_VERSION: Version = Version::V2;
 
@@ -451,31 +454,16 @@ pub enum Response<'a> {
 /// grow, its old allocation is wiped first (it may hold earlier values of a pipeline).
 pub fn encode_response(out: &mut Vec<u8>, response: &Response<'_>, version: Version) {
     match response {
-        Response::Ok => append(out, &[b"OK\n"]),
-        Response::Text(text) => append(out, &[b"OK ", one_line(text).as_bytes(), b"\n"]),
-        Response::Err(text) => append(out, &[b"ERR ", one_line(text).as_bytes(), b"\n"]),
+        Response::Ok => append_wiping(out, &[b"OK\n"]),
+        Response::Text(text) => append_wiping(out, &[b"OK ", one_line(text).as_bytes(), b"\n"]),
+        Response::Err(text) => append_wiping(out, &[b"ERR ", one_line(text).as_bytes(), b"\n"]),
         Response::Value(value) => match version {
-            Version::V2 => append(out, &[format!("OK {}\n", value.len()).as_bytes(), value, b"\n"]),
+            Version::V2 => append_wiping(out, &[format!("OK {}\n", value.len()).as_bytes(), value, b"\n"]),
             Version::V1 if value.iter().any(|b| matches!(b, b'\r' | b'\n' | 0)) => {
-                append(out, &[b"ERR value contains a line break or NUL byte; use HELLO 2 for framed values\n"])
+                append_wiping(out, &[b"ERR value contains a line break or NUL byte; use HELLO 2 for framed values\n"])
             }
-            Version::V1 => append(out, &[b"OK ", value, b"\n"]),
+            Version::V1 => append_wiping(out, &[b"OK ", value, b"\n"]),
         },
-    }
-}
-
-/// Appends `parts` to `out`, growing it at most once and wiping the allocation it leaves.
-fn append(out: &mut Vec<u8>, parts: &[&[u8]]) {
-    let wanted = out.len() + parts.iter().map(|p| p.len()).sum::<usize>();
-    if wanted > out.capacity() {
-        let mut grown = Vec::with_capacity(wanted.next_power_of_two().max(256));
-        grown.extend_from_slice(out);
-        // `Vec::zeroize` wipes the whole capacity, then the old allocation is freed.
-        zeroize::Zeroize::zeroize(out);
-        *out = grown;
-    }
-    for part in parts {
-        out.extend_from_slice(part);
     }
 }
 
@@ -583,6 +571,11 @@ mod tests {
             "Hello(2)",
         ];
         assert_eq!(got, want.iter().map(|s| Ok(s.to_string())).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn busy_errors_carry_the_busy_prefix() {
+        assert!(ProtocolError::Busy.to_string().starts_with(BUSY));
     }
 
     #[tokio::test]

@@ -42,6 +42,8 @@ const MAX_BODY: usize = 16 * 1024 * 1024;
 const MAX_MESSAGE: usize = 300;
 /// STATUS must answer promptly even when Connect does not.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
+/// Largest `/health` answer read.
+const MAX_HEALTH_BODY: usize = 64 * 1024;
 /// Where distributions keep the system's CA bundle (the first one found is used).
 const SYSTEM_BUNDLES: &[&str] = &[
     "/etc/ssl/certs/ca-certificates.crt",
@@ -89,6 +91,9 @@ pub struct Connect {
     vaults: tokio::sync::Mutex<HashMap<String, String>>,
     /// (vault id, item title) → item id.
     items: Mutex<HashMap<(String, String), String>>,
+    /// The last `/health` answer and when it came (the lock is held across the request, so
+    /// concurrent STATUS requests share one).
+    health: tokio::sync::Mutex<Option<(std::time::Instant, Json)>>,
 }
 
 /// One answer: the status, the body (zeroized on drop: item JSON carries values) and the
@@ -149,6 +154,7 @@ impl Connect {
             permits: Semaphore::new(options.concurrency.max(1)),
             vaults: tokio::sync::Mutex::new(HashMap::new()),
             items: Mutex::new(HashMap::new()),
+            health: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -413,12 +419,34 @@ impl Connect {
     }
 
     /// `/health`, unauthenticated and short: what STATUS shows about the server.
+    /// The server's `/health`. STATUS is a socket client's to ask at will: concurrent callers
+    /// share one request (an answer that came after a caller arrived is its answer too), so
+    /// many clients cannot make op-bridge open many requests to the Connect server.
     async fn health(&self) -> Json {
+        let arrived = std::time::Instant::now();
+        let mut cached = self.health.lock().await;
+        if let Some((at, answer)) = &*cached
+            && *at >= arrived
+        {
+            return answer.clone();
+        }
+        let answer = self.ask_health().await;
+        *cached = Some((std::time::Instant::now(), answer.clone()));
+        answer
+    }
+
+    async fn ask_health(&self) -> Json {
         let request = self.http.get(format!("{}/health", self.base)).timeout(HEALTH_TIMEOUT);
         let answer = async {
-            let response = request.send().await?;
+            let mut response = request.send().await?;
             let status = response.status();
-            let bytes = response.bytes().await?;
+            let mut bytes = Vec::new();
+            while let Some(chunk) = response.chunk().await? {
+                bytes.extend_from_slice(&chunk[..chunk.len().min(MAX_HEALTH_BODY - bytes.len())]);
+                if bytes.len() >= MAX_HEALTH_BODY {
+                    break;
+                }
+            }
             Ok::<_, reqwest::Error>((status, bytes))
         };
         match tokio::time::timeout(HEALTH_TIMEOUT, answer).await {

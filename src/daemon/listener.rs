@@ -245,7 +245,8 @@ pub async fn serve(
     options: ServeOptions,
     shutdown: CancellationToken,
 ) {
-    let own_uid = nix::unistd::getuid().as_raw();
+    // The effective uid, as at bind and in the client's check of the server.
+    let own_uid = nix::unistd::geteuid().as_raw();
     let permits = Arc::new(Semaphore::new(options.max_connections));
     let shared = Shared {
         budget: ByteBudget::new(options.max_inflight_bytes),
@@ -283,7 +284,7 @@ pub async fn serve(
         }
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             tracing::warn!(max = options.max_connections, "connection limit reached; refusing a connection");
-            refuse(stream, "ERR busy: too many connections\n".to_string());
+            refuse(stream, format!("ERR {}too many connections\n", crate::protocol::BUSY));
             continue;
         };
         let connection =
