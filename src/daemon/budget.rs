@@ -28,6 +28,17 @@ impl ByteBudget {
     }
 
     /// Bytes currently taken.
+    /// Takes `bytes` into `held` (merged with what it already holds); false when the budget
+    /// has no room, and then nothing is taken.
+    pub fn take_into(self: &Arc<Self>, bytes: usize, held: &mut Option<BytePermit>) -> bool {
+        let Some(permit) = self.try_take(bytes) else { return false };
+        match held {
+            Some(held) => held.absorb(permit),
+            None => *held = Some(permit),
+        }
+        true
+    }
+
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Acquire)
     }

@@ -133,16 +133,7 @@ impl Connection {
             // A framed value is read into memory only once the budget has room for it.
             let mut frame_permit: Option<BytePermit> = None;
             let budget = self.shared.budget.clone();
-            let mut admit = |len: usize| match budget.try_take(len) {
-                Some(permit) => {
-                    match &mut frame_permit {
-                        Some(held) => held.absorb(permit),
-                        None => frame_permit = Some(permit),
-                    }
-                    true
-                }
-                None => false,
-            };
+            let mut admit = |len: usize| budget.take_into(len, &mut frame_permit);
             let buffered = self.request_is_buffered();
             let reading = protocol::read_request_admitting(&mut self.reader, self.version, &mut line, &mut admit);
             let read = if buffered {
@@ -245,16 +236,12 @@ impl Connection {
                 let budget = &self.shared.budget;
                 let held = &mut self.reply_permit;
                 broker
-                    .lookup(&target, |value| match budget.try_take(value.len()) {
-                        Some(permit) => {
-                            match held {
-                                Some(held) => held.absorb(permit),
-                                None => *held = Some(permit),
-                            }
-                            ok(out, Response::Value(value), version);
-                            Ok(())
+                    .lookup(&target, |value| {
+                        if !budget.take_into(value.len(), held) {
+                            return Err(protocol::ProtocolError::Busy.to_string());
                         }
-                        None => Err(protocol::ProtocolError::Busy.to_string()),
+                        ok(out, Response::Value(value), version);
+                        Ok(())
                     })
                     .and_then(|encoded| encoded)
             }

@@ -163,13 +163,20 @@ pub fn check_discovered_names(
 /// A missing `op` is an error only when something needs it: with no reference to resolve and
 /// no file to watch, the broker starts without one (a SET then fails with "cannot run op").
 pub fn settle_op_path(mut config: BrokerConfig, env: &[(String, String)]) -> BrokerConfig {
-    if let BackendSpec::Op { path: path @ None, .. } = &mut config.backend
-        && which::which("op").is_err()
-        && config.watches.is_empty()
-        && discover(env.iter().cloned(), &config.prefix, &config.suffix).is_empty()
-    {
-        tracing::debug!("no 1Password CLI on PATH and nothing to resolve; starting without it");
-        *path = Some(PathBuf::from("op"));
+    if let BackendSpec::Op { path: path @ None, .. } = &mut config.backend {
+        // PATH is searched once; the backend and `run`'s mode check use what was found.
+        match which::which("op") {
+            Ok(found) => *path = Some(found),
+            Err(_)
+                if config.watches.is_empty()
+                    && discover(env.iter().cloned(), &config.prefix, &config.suffix).is_empty() =>
+            {
+                tracing::debug!("no 1Password CLI on PATH and nothing to resolve; starting without it");
+                *path = Some(PathBuf::from("op"));
+            }
+            // Left unset: building the backend reports the missing CLI.
+            Err(_) => {}
+        }
     }
     config
 }
