@@ -141,14 +141,15 @@ async fn inject_narrowing<'a>(runner: &'a dyn OpRunner, refs: Vec<&'a SecretRef>
     }
     let err = match inject_retrying(runner, &refs, plan).await {
         Ok(values) => {
-            let mut out = Vec::with_capacity(refs.len());
-            for (r, value) in refs.iter().zip(values) {
-                out.push(match value {
+            // A value the answer could not delimit is read on its own; those reads run side
+            // by side (the runner's semaphore bounds them).
+            let reads = refs.iter().zip(values).map(|(r, value)| async move {
+                match value {
                     Some(value) => Ok(value),
                     None => read_lone(runner, r, plan).await,
-                });
-            }
-            return out;
+                }
+            });
+            return futures_util::future::join_all(reads).await;
         }
         Err(err) => err,
     };
