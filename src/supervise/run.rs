@@ -164,7 +164,7 @@ impl ChildEnv {
         let mut env = self.base.clone();
         let mut put = |var: &str, name: &str| -> Result<(), String> {
             // Zeroizing until it is handed to the environment, so a refused value leaves no copy.
-            let Some(mut value) = service.broker.store.with_value(name, |v| zeroize::Zeroizing::new(v.to_vec())) else {
+            let Some(mut value) = service.broker.give_out(name, |v| zeroize::Zeroizing::new(v.to_vec())) else {
                 if self.allow_missing {
                     tracing::warn!(name, "exported secret {name} has no value; {var} is left out (--allow-missing)");
                     return Ok(());
@@ -175,6 +175,9 @@ impl ChildEnv {
                 return Err(format!(
                     "exported secret {name} contains a NUL byte and cannot be an environment variable"
                 ));
+            }
+            if service.broker.bindings().is_raw(name) {
+                tracing::info!(name, "bound secret {name} exported raw as {var} (--allow-raw)");
             }
             env.retain(|(k, _)| k != var);
             env.push((var.into(), OsString::from_vec(std::mem::take(&mut *value))));
