@@ -47,6 +47,7 @@ pub mod locked;
 pub mod logging;
 pub mod process;
 pub mod protocol;
+pub mod proxy;
 pub mod reference;
 pub mod refresh;
 pub mod socket_path;
