@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
 use super::ProxyConfig;
+use super::bindings::Bindings;
 use super::ca::ProxyCa;
 use super::substitute::{Action, Encoding, Pattern, Substituter};
 use super::upstream::{self, Body, BoxError, Upstream};
@@ -91,6 +92,44 @@ pub struct ProxyInfo {
     pub no_proxy: String,
 }
 
+/// The variables that point a child at the proxy: the proxy URL (with the credential) in
+/// both cases, `NODE_USE_ENV_PROXY`, the CA bundle under every name common clients read, and
+/// `NO_PROXY`: loopback plus the user's entries, minus any that would let a bound host
+/// bypass the proxy (it would get the placeholder, not the key).
+pub fn child_env(info: &ProxyInfo, bindings: &Bindings, user_no_proxy: &str) -> Vec<(&'static str, String)> {
+    let mut no_proxy: Vec<String> = info.no_proxy.split(',').filter(|h| !h.is_empty()).map(str::to_string).collect();
+    for entry in user_no_proxy.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let domain = entry.trim_start_matches("*.").trim_start_matches('.').to_ascii_lowercase();
+        let domain = domain.split(':').next().unwrap_or("").to_string();
+        let shadows_binding = entry == "*"
+            || bindings.iter().any(|b| {
+                b.hosts.iter().any(|pattern| {
+                    let bound = pattern_host(pattern);
+                    bound == domain || bound.ends_with(&format!(".{domain}")) || domain.ends_with(&format!(".{bound}"))
+                })
+            });
+        if !shadows_binding && !no_proxy.iter().any(|e| e == entry) {
+            no_proxy.push(entry.to_string());
+        }
+    }
+    let no_proxy = no_proxy.join(",");
+    let bundle = info.ca_bundle.display().to_string();
+    let url = info.url.to_string();
+    vec![
+        ("HTTPS_PROXY", url.clone()),
+        ("https_proxy", url.clone()),
+        ("HTTP_PROXY", url.clone()),
+        ("http_proxy", url),
+        ("NO_PROXY", no_proxy.clone()),
+        ("no_proxy", no_proxy),
+        ("NODE_USE_ENV_PROXY", "1".into()),
+        ("SSL_CERT_FILE", bundle.clone()),
+        ("NODE_EXTRA_CA_CERTS", bundle.clone()),
+        ("REQUESTS_CA_BUNDLE", bundle.clone()),
+        ("CURL_CA_BUNDLE", bundle),
+    ]
+}
+
 pub struct Proxy {
     broker: Arc<Broker>,
     config: ProxyConfig,
@@ -127,7 +166,7 @@ impl Proxy {
         let bindings = broker.bindings();
         let no_proxy: Vec<&str> = ["localhost", "127.0.0.1", "::1"]
             .into_iter()
-            .filter(|h| !bindings.iter().any(|b| b.hosts.iter().any(|p| p.matches(h, 443) || p.matches(h, 80))))
+            .filter(|h| !bindings.iter().any(|b| b.hosts.iter().any(|p| pattern_host(p) == *h)))
             .collect();
         let info = ProxyInfo { addr, url, ca_bundle: config.ca_bundle.clone(), no_proxy: no_proxy.join(",") };
         broker.set_proxy_status(serde_json::json!({
@@ -522,7 +561,7 @@ impl Proxy {
         let reverse = Arc::new(Substituter::new(secrets.reverse(), Encoding::Raw));
         if !reverse.is_empty() {
             for value in parts.headers.values_mut() {
-                if let Ok(applied) = reverse.apply(value.as_bytes())
+                if let Ok(applied) = reverse.apply_header("", value.as_bytes())
                     && !applied.used.is_empty()
                     && let Ok(replaced) = HeaderValue::from_bytes(&applied.out)
                 {
@@ -771,6 +810,18 @@ where
         }
     });
     BodyExt::boxed(StreamBody::new(frames))
+}
+
+/// A host pattern's host part (no port, brackets or wildcard).
+fn pattern_host(pattern: &super::hosts::HostPattern) -> String {
+    let text = pattern.to_string().to_ascii_lowercase();
+    let text = text.trim_start_matches("*.");
+    let host = match text.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None if text.matches(':').count() == 1 => text.split(':').next().unwrap_or(""),
+        None => text,
+    };
+    host.to_string()
 }
 
 fn strip_brackets(host: &str) -> String {

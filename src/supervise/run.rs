@@ -191,6 +191,18 @@ impl ChildEnv {
         for export in &self.exports {
             put(&export.var, &export.name)?;
         }
+        if let Some(proxy) = service.proxy_info() {
+            let user_no_proxy = env
+                .iter()
+                .find(|(k, _)| k == "NO_PROXY" || k == "no_proxy")
+                .and_then(|(_, v)| v.to_str())
+                .unwrap_or("")
+                .to_string();
+            for (var, value) in crate::proxy::server::child_env(proxy, service.broker.bindings(), &user_no_proxy) {
+                env.retain(|(k, _)| k.as_os_str() != var);
+                env.push((var.into(), value.into()));
+            }
+        }
         Ok(SecretEnv(env))
     }
 }
