@@ -76,6 +76,9 @@ pub enum Command {
     Refresh(RefreshArgs),
     /// Show the broker's state (names, ages, staleness; never values).
     Status(StatusArgs),
+    /// Print the environment that points a process at the egress proxy (for `daemon`
+    /// users: `eval "$(op-bridge proxy-env)"` before starting the application).
+    ProxyEnv(StatusArgs),
 }
 
 #[derive(Debug, Clone, Args)]

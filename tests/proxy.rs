@@ -555,3 +555,118 @@ fn nix_is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
+
+#[test]
+fn daemon_users_get_the_environment_from_proxy_env() {
+    let dir = TestDir::new("px-env");
+    let key = random_key();
+    let upstream = Upstream::start(&dir, &key);
+    let broker =
+        builder(&dir, "daemon", &key, &upstream).args(["--proxy", "127.0.0.1:0", "--proxy-allow-private"]).start();
+    let out = broker.client(&["proxy-env"], None);
+    assert!(out.status.success(), "{}", describe(&out));
+    let exports = String::from_utf8(out.stdout).unwrap();
+    assert!(!exports.contains(&key));
+    for var in ["HTTPS_PROXY", "http_proxy", "NO_PROXY", "NODE_USE_ENV_PROXY", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"] {
+        assert!(exports.contains(&format!("export {var}='")), "{var}: {exports}");
+    }
+    let script = format!(
+        "{exports}\nAPI=$(\"{bin}\" get API --socket \"{socket}\")\ncurl -sS -o /dev/null -w '%{{http_code}}' https://localhost:{port}/echo -H \"Authorization: Bearer $API\"",
+        bin = bin().display(),
+        socket = broker.socket.display(),
+        port = upstream.port
+    );
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", &script]).env_clear().env("PATH", std::env::var("PATH").unwrap());
+    let out = run_with_timeout(cmd, LIMIT);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{}", describe(&out));
+    assert!(places(&upstream.received()[0]).contains(&"header:authorization".to_string()));
+    // Without --proxy, PROXYENV is an error (exit 1), not an empty environment.
+    drop(broker);
+    let broker = builder(&dir, "daemon", &key, &upstream).start();
+    assert_eq!(broker.client(&["proxy-env"], None).status.code(), Some(1));
+}
+
+#[test]
+fn unbound_hosts_are_tunnelled_or_refused_with_egress_bound_only() {
+    let dir = TestDir::new("px-egress");
+    let key = random_key();
+    let upstream = Upstream::start(&dir, &key);
+    // 127.0.0.1 is not bound (API is bound to localhost): a tunnel, untouched, so the
+    // upstream sees the placeholder, never the value.
+    let script = format!(
+        r#"echo "tunnel $(curl -sS -o /dev/null -w '%{{http_code}}' --noproxy '' "https://127.0.0.1:{port}/echo" -H "Authorization: Bearer $API")""#,
+        port = upstream.port
+    );
+    let broker = builder(&dir, "run", &key, &upstream).args([
+        "--proxy",
+        "127.0.0.1:0",
+        "--proxy-allow-private",
+        "--export",
+        "API",
+    ]);
+    let (code, stdout, stderr) = run_child(broker, &script);
+    assert!(code.success(), "{stdout}\n{stderr}");
+    assert!(stdout.lines().any(|l| l == "tunnel 200"), "{stdout}\n{stderr}");
+    let received = upstream.received();
+    assert_eq!(received.len(), 1);
+    assert!(places(&received[0]).is_empty(), "a tunnelled request carried the value: {received:#?}");
+    let audit = audit_lines(&dir);
+    assert!(audit.iter().any(|l| l["note"] == "tunnel" && l["status"] == 200), "{audit:#?}");
+
+    let dir = TestDir::new("px-egress2");
+    let broker = builder(&dir, "run", &key, &upstream).args([
+        "--proxy",
+        "127.0.0.1:0",
+        "--proxy-allow-private",
+        "--egress",
+        "bound-only",
+        "--export",
+        "API",
+    ]);
+    let (code, stdout, stderr) = run_child(broker, &script);
+    assert!(code.success(), "{stdout}\n{stderr}");
+    assert!(stdout.lines().any(|l| l == "tunnel 000" || l == "tunnel 403"), "{stdout}");
+    assert_eq!(upstream.received().len(), 1, "the refused tunnel reached the upstream");
+    assert!(audit_lines(&dir).iter().any(|l| l["note"] == "egress bound-only" && l["status"] == 403));
+}
+
+#[test]
+fn the_proxy_is_bounded_header_size_and_connections() {
+    use std::io::{Read, Write};
+    let dir = TestDir::new("px-bounds");
+    let key = random_key();
+    let upstream = Upstream::start(&dir, &key);
+    let broker = builder(&dir, "daemon", &key, &upstream)
+        .args(["--proxy", "127.0.0.1:0", "--proxy-allow-private", "--proxy-max-connections", "2"])
+        .start();
+    let addr = proxy_addr(&broker);
+    // A request head past 64 KiB is answered with an error and the connection closed.
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let head = format!("GET /x HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n", "a".repeat(200 * 1024));
+    let _ = stream.write_all(head.as_bytes());
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    // Two idle connections fill the limit; a third is closed at once.
+    let held: Vec<_> = (0..2).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut third = std::net::TcpStream::connect(&addr).unwrap();
+    third.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = third.write_all(b"GET /nothing HTTP/1.1\r\nHost: a\r\n\r\n");
+    let mut buf = Vec::new();
+    let _ = third.read_to_end(&mut buf);
+    assert!(buf.is_empty(), "a connection past the limit was served: {}", String::from_utf8_lossy(&buf));
+    drop(held);
+    // Once they are gone, the proxy serves again.
+    assert!(eventually(Duration::from_secs(10), || {
+        let Ok(mut s) = std::net::TcpStream::connect(&addr) else { return false };
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(b"GET /nothing HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        buf.starts_with(b"HTTP/1.1 404")
+    }));
+}

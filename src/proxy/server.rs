@@ -179,6 +179,13 @@ impl Proxy {
             "egress": match config.egress { Egress::All => "all", Egress::BoundOnly => "bound-only" },
             "allow_private": config.allow_private,
         }));
+        let user_no_proxy = std::env::var("NO_PROXY").or_else(|_| std::env::var("no_proxy")).unwrap_or_default();
+        broker.set_proxy_env(
+            child_env(&info, bindings, &user_no_proxy)
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), Zeroizing::new(v)))
+                .collect(),
+        );
         let connections = Arc::new(Semaphore::new(config.max_connections));
         let proxy = Proxy { broker, config, ca, client, authorization, audit, connections, info };
         Ok((Arc::new(proxy), listener))
