@@ -240,6 +240,12 @@ fn get_exec_provider_status_and_allow_raw() {
     assert!(!text.contains(&key) && !text.contains(&placeholder), "STATUS shows a value or placeholder");
     drop(broker);
 
+    // A fixed prefix for tools that check a key's shape.
+    let broker = builder(&dir, "daemon", &key, &upstream).args(["--placeholder-prefix", "API=sk-proj-"]).start();
+    let prefixed = String::from_utf8(broker.client(&["get", "API"], None).stdout).unwrap();
+    assert!(prefixed.starts_with("sk-proj-opb_") && prefixed.len() == "sk-proj-".len() + 36, "{prefixed}");
+    drop(broker);
+
     // --allow-raw: the value, and an audit line saying it was a raw read of a bound secret.
     let broker = builder(&dir, "daemon", &key, &upstream).args(["--allow-raw", "API"]).start();
     assert_eq!(broker.client(&["get", "API"], None).stdout, key.as_bytes());
@@ -546,6 +552,10 @@ EOF
     broker.wait(LIMIT);
     let received = upstream.received();
     assert_eq!(received.iter().filter(|r| places(r).contains(&"header:authorization".to_string())).count(), 100);
+    // Keep-alive and pooled: 100 requests over a handful of upstream connections.
+    let conns: std::collections::BTreeSet<String> = received.iter().map(|r| r["conn"].to_string()).collect();
+    eprintln!("measured: 100 proxied requests used {} upstream connection(s)", conns.len());
+    assert!(conns.len() <= 5, "upstream connections are not reused: {}", conns.len());
     eprintln!("measured: the value appears {in_child} times in the child's memory after 100 proxied requests");
     assert!(placeholder_in_child > 0, "the scan must see the placeholder the child holds, or it proves nothing");
     assert_eq!(in_child, 0, "the child's memory holds the value");
@@ -669,4 +679,27 @@ fn the_proxy_is_bounded_header_size_and_connections() {
         let _ = s.read_to_end(&mut buf);
         buf.starts_with(b"HTTP/1.1 404")
     }));
+}
+
+#[test]
+fn upstream_tls_is_verified() {
+    let dir = TestDir::new("px-verify");
+    let key = random_key();
+    let upstream = Upstream::start(&dir, &key);
+    // op-bridge does not trust the upstream's test CA here (no SSL_CERT_FILE for it): the
+    // intercepted request fails with 502 and nothing is sent.
+    let script = format!(
+        r#"echo "code $(curl -sS -o /dev/null -w '%{{http_code}}' "https://localhost:{port}/echo" -H "Authorization: Bearer $API")""#,
+        port = upstream.port
+    );
+    let broker = BrokerBuilder::new(&dir, "run")
+        .arg("--backend")
+        .arg(vault(&dir, &key))
+        .env("OP_API_REF", "op://v/api/key")
+        .env("OP_API_HOSTS", format!("localhost:{}", upstream.port))
+        .args(["--proxy", "127.0.0.1:0", "--proxy-allow-private", "--export", "API"]);
+    let (code, stdout, stderr) = run_child(broker, &script);
+    assert!(code.success(), "{stdout}\n{stderr}");
+    assert!(stdout.lines().any(|l| l == "code 502"), "{stdout}\n{stderr}");
+    assert!(upstream.received().is_empty(), "{:#?}", upstream.received());
 }
