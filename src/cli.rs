@@ -308,6 +308,9 @@ pub struct BrokerArgs {
     /// Most simultaneous proxy connections.
     #[arg(long, env = "OP_BRIDGE_PROXY_MAX_CONNECTIONS", default_value_t = 256)]
     pub proxy_max_connections: usize,
+    /// Close a proxy connection that waits this long for its next request.
+    #[arg(long, env = "OP_BRIDGE_PROXY_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
+    pub proxy_idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -342,7 +342,17 @@ echo "unbound-body $(curl -sS -o /dev/null -w '%{{http_code}}' "$base/echo?tag=u
 noauth="http://${{HTTPS_PROXY##*@}}"
 echo "nocred $(curl -sS -o /dev/null -w '%{{http_code}}' --proxy "$noauth" "$base/echo?tag=nocred")"
 echo "nocred-http $(curl -sS -o /dev/null -w '%{{http_code}}' --proxy "$noauth" "http://localhost:{port}/echo")"
+echo "plain-http $(curl -sS -o /dev/null -w '%{{http_code}}' "http://localhost:{port}/echo" -H "Authorization: Bearer $API")"
+"{py}" - <<'EOF'
+import os, requests
+def body():
+    yield b"x" * (2 << 20)
+    yield ("k=" + os.environ["OTHER"]).encode()
+r = requests.post("https://localhost:{port}/upload?tag=streamed-unbound", data=body())
+print("streamed-unbound", r.status_code)
+EOF
 "#,
+        py = python(),
         port = upstream.port
     );
     let broker = builder(&dir, "run", &key, &upstream).args([
@@ -357,12 +367,20 @@ echo "nocred-http $(curl -sS -o /dev/null -w '%{{http_code}}' --proxy "$noauth" 
     let (code, stdout, stderr) = run_child(broker, &script);
     assert!(code.success(), "{stdout}\n{stderr}");
     // curl prints 000 for a CONNECT answered 407 (the tunnel failed), or the 407 itself.
-    for (tag, expect) in [("unbound", "403"), ("unbound-body", "403")] {
+    for (tag, expect) in
+        [("unbound", "403"), ("unbound-body", "403"), ("plain-http", "403"), ("streamed-unbound", "403")]
+    {
         assert!(stdout.lines().any(|l| l == format!("{tag} {expect}")), "{tag}: {stdout}\n{stderr}");
     }
     assert!(stdout.lines().any(|l| l == "nocred 000" || l == "nocred 407"), "{stdout}");
     assert!(stdout.lines().any(|l| l == "nocred-http 407"), "{stdout}");
-    assert!(upstream.received().is_empty(), "the upstream saw a refused request: {:#?}", upstream.received());
+    // The upstream answered nothing: the streamed refusal reached it as an aborted request.
+    assert!(
+        upstream.received().iter().all(|r| r["status"] != 200),
+        "the upstream served a refused request: {:#?}",
+        upstream.received()
+    );
+    assert!(upstream.received().iter().all(|r| places(r).is_empty()), "{:#?}", upstream.received());
     let audit = audit_lines(&dir);
     assert!(
         audit.iter().any(|l| l["status"] == 403
@@ -460,11 +478,13 @@ base, key = os.environ["BASE"], os.environ["KEY"]
 size = 200 * 1024 * 1024
 def gen():
     block = bytes(i % 251 for i in range(1 << 16))
-    for _ in range(size // len(block)):
-        yield block
+    marked = key.encode() + block[len(key):]
+    for i in range(size // len(block)):
+        yield marked if i in (0, size // len(block) - 1) else block
 r = requests.post(base + "/upload", data=gen(), headers={"Authorization": "Bearer " + key})
 assert r.status_code == 200, r.text
-assert r.json()["len"] == size, r.text
+# The placeholder in the body became the (longer) value, twice.
+assert r.json()["len"] == size + 2 * (int(os.environ["REAL_LEN"]) - len(key)), r.text
 h = hashlib.sha256(); n = 0
 with requests.get(base + "/download?bytes=%d" % size, headers={"Authorization": "Bearer " + key}, stream=True) as r:
     for chunk in r.iter_content(1 << 16):
@@ -473,7 +493,10 @@ assert n == size, n
 print("ok")
 "#;
     let mut cmd = Command::new(python());
-    cmd.args(["-c", script]).env("KEY", &placeholder).env("BASE", format!("http://{addr}/up"));
+    cmd.args(["-c", script])
+        .env("KEY", &placeholder)
+        .env("BASE", format!("http://{addr}/up"))
+        .env("REAL_LEN", key.len().to_string());
     let out = run_with_timeout(cmd, Duration::from_secs(600));
     assert!(out.status.success(), "{}", describe(&out));
     let peak = peak_rss_kib(broker.pid());
@@ -481,6 +504,7 @@ print("ok")
     assert!(peak < 100 * 1024, "peak RSS {peak} KiB: the transfer was buffered");
     let received = upstream.received();
     assert!(received.iter().all(|r| r["status"] == 200 && places(r).contains(&"header:authorization".to_string())));
+    assert!(places(&received[0]).contains(&"body".to_string()), "{:?}", received[0]);
 }
 
 /// Counts `needle` in every readable mapping of `pid` (root reads any process's memory).
@@ -702,4 +726,28 @@ fn upstream_tls_is_verified() {
     assert!(code.success(), "{stdout}\n{stderr}");
     assert!(stdout.lines().any(|l| l == "code 502"), "{stdout}\n{stderr}");
     assert!(upstream.received().is_empty(), "{:#?}", upstream.received());
+}
+
+#[test]
+fn idle_connections_are_closed_and_the_proxy_listens_on_loopback_only() {
+    use std::io::Read;
+    let dir = TestDir::new("px-idle");
+    let key = random_key();
+    let upstream = Upstream::start(&dir, &key);
+    let broker =
+        builder(&dir, "daemon", &key, &upstream).args(["--proxy", "127.0.0.1:0", "--proxy-idle-timeout", "1s"]).start();
+    let addr = proxy_addr(&broker);
+    let mut idle = std::net::TcpStream::connect(&addr).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let _ = idle.read_to_end(&mut buf);
+    let kept = started.elapsed();
+    assert!(kept >= Duration::from_millis(900), "closed before the idle timeout: {kept:?}");
+    assert!(kept < Duration::from_secs(15), "an idle connection was kept {kept:?}");
+    drop(broker);
+
+    let out = builder(&dir, "daemon", &key, &upstream).args(["--proxy", "0.0.0.0:0"]).output();
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"), "{}", describe(&out));
 }
