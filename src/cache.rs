@@ -91,6 +91,9 @@ pub struct Snapshot {
     pub written: SystemTime,
     pub secrets: Vec<CachedSecret>,
     pub journal: Vec<JournalEntry>,
+    /// The bound secrets' placeholders (NAME → placeholder), kept so that a restart hands
+    /// out the same ones.
+    pub placeholders: BTreeMap<String, String>,
 }
 
 impl Snapshot {
@@ -119,6 +122,8 @@ struct State {
     /// When the cached values were last resolved (kept across journal-only rewrites).
     written: Option<SystemTime>,
     journal: BTreeMap<String, JournalEntry>,
+    /// The bound secrets' placeholders, written with every document.
+    placeholders: BTreeMap<String, String>,
 }
 
 /// The 1Password token op-bridge itself runs with, if any.
@@ -221,6 +226,11 @@ impl SealedCache {
         header
     }
 
+    /// The bound secrets' placeholders, written with every document from now on.
+    pub fn keep_placeholders(&self, placeholders: BTreeMap<String, String>) {
+        self.state().placeholders = placeholders;
+    }
+
     /// Writes the store's current values (and the journal) as a fresh resolution.
     pub fn save_resolved(&self) {
         self.state().written = Some(SystemTime::now());
@@ -261,6 +271,9 @@ impl SealedCache {
         let written = state.written.unwrap_or(SystemTime::UNIX_EPOCH);
         let written = written.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let mut doc = json!({ "version": VERSION, "written": written, "secrets": secrets, "journal": journal });
+        if !state.placeholders.is_empty() {
+            doc["placeholders"] = json!(state.placeholders);
+        }
         let mut plain = crate::locked::ZeroizingWriter::with_capacity(4096);
         let _ = serde_json::to_writer(&mut plain, &doc);
         let plain = plain.0;
@@ -371,7 +384,13 @@ fn decode(doc: &Json) -> Option<Snapshot> {
             value: value(e)?,
         });
     }
-    Some(Snapshot { written, secrets, journal })
+    // Absent in files written before bindings existed.
+    let placeholders = doc
+        .get("placeholders")
+        .and_then(Json::as_object)
+        .map(|map| map.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+        .unwrap_or_default();
+    Some(Snapshot { written, secrets, journal, placeholders })
 }
 
 fn random(buf: &mut [u8]) {

@@ -82,8 +82,36 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
     if args.prefix.is_empty() && args.suffix.is_empty() {
         return Err("--prefix and --suffix cannot both be empty".into());
     }
+    let bindings = crate::proxy::bindings::BindingSpec::parse(
+        hosts_env(),
+        &args.prefix,
+        &args.bind,
+        &args.allow_raw,
+        &args.placeholder_prefix,
+    )?;
+    let socket = absolute(&args.socket);
+    let proxy = match args.proxy {
+        Some(addr) => {
+            let bundle = match &args.proxy_ca_bundle {
+                Some(path) => absolute(path),
+                None => socket.with_file_name("op-bridge-proxy-ca.pem"),
+            };
+            Some(crate::proxy::ProxyConfig::new(
+                addr,
+                &args.route,
+                args.egress,
+                args.proxy_allow_private,
+                bundle,
+                args.proxy_max_connections,
+            )?)
+        }
+        None if !args.route.is_empty() => return Err("--route needs --proxy".into()),
+        None => None,
+    };
     Ok(BrokerConfig {
-        socket: absolute(&args.socket),
+        socket,
+        bindings,
+        proxy,
         prefix: args.prefix.clone(),
         suffix: args.suffix.clone(),
         backend,
@@ -115,4 +143,16 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
         refresh_interval: args.refresh_interval,
         read_budget: args.read_budget,
     })
+}
+
+/// The environment's `…_HOSTS` variables (binding discovery); other variables are skipped, so
+/// no value of another variable is copied.
+fn hosts_env() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| {
+            let k = k.into_string().ok()?;
+            k.ends_with("_HOSTS").then_some(())?;
+            Some((k, v.into_string().ok()?))
+        })
+        .collect()
 }

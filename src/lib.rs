@@ -28,6 +28,8 @@
 //!   [`writeback`]: the per-target write-back queue that never drops a rotation.
 //! - [`cache`]: the sealed restart cache and the write-back journal; [`refresh`]: the
 //!   periodic refresh timer and the read meter.
+//! - [`proxy`]: agent-blind secrets: bindings, placeholders and the egress proxy that swaps
+//!   a placeholder for its value on the way to a host the secret is bound to.
 //! - [`hardening`]: no dumps, not dumpable, memlock reporting.
 //! - [`logging`]: the lossy non-blocking writers behind stderr logging and the audit log.
 //! - [`fuzzing`]: the fuzz target bodies, shared by `fuzz/` and the seed-corpus test.

@@ -244,6 +244,15 @@ impl Connection {
                         Ok(())
                     })
                     .and_then(|encoded| encoded)
+                    .inspect(|()| {
+                        // Every raw read of a bound secret is audited, whatever the audit level.
+                        if let Some(name) = broker.target_name(&target).filter(|n| broker.bindings().is_raw(n)) {
+                            tracing::info!(pid = self.peer.pid, name, "raw read of bound secret {name} (--allow-raw)");
+                            if let Some(audit) = &self.audit {
+                                audit.record(&self.peer, "GET", Some(&name), "ok raw-bound");
+                            }
+                        }
+                    })
             }
             Request::Delete(name) => broker.delete(&name).map(|()| ok(out, Response::Ok, self.version)),
             Request::Set { name, uri, value } => {

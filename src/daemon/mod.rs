@@ -79,6 +79,10 @@ pub struct BrokerConfig {
     /// Timed refresh (`--refresh-interval`, None = off) and the reads/hour it may plan for.
     pub refresh_interval: Option<Duration>,
     pub read_budget: u64,
+    /// Bound secrets (`{prefix}NAME_HOSTS`, `--bind`), given out as placeholders.
+    pub bindings: crate::proxy::bindings::BindingSpec,
+    /// The egress proxy (`--proxy`).
+    pub proxy: Option<crate::proxy::ProxyConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -225,6 +229,9 @@ pub struct Service {
     pid_file: Option<PathBuf>,
     watcher: std::sync::Mutex<Option<WatchHandle>>,
     cache: Option<Arc<crate::cache::SealedCache>>,
+    /// The egress proxy (`--proxy`) and its listener, taken by `serve`.
+    proxy: Option<Arc<crate::proxy::server::Proxy>>,
+    proxy_listener: std::sync::Mutex<Option<tokio::net::TcpListener>>,
 }
 
 impl Service {
@@ -278,6 +285,19 @@ impl Service {
         let cache = config.cache.clone().and_then(|options| {
             crate::cache::SealedCache::new(options, token.as_ref().map(|t| t.as_str()), broker.store.clone())
         });
+        // Placeholders are made before anything is resolved or cached, from those the cache
+        // kept, so a restart with --cache hands out the same ones.
+        let kept = cache.as_ref().and_then(|c| c.load().ok().flatten()).map(|s| s.placeholders).unwrap_or_default();
+        let bindings = crate::proxy::bindings::Bindings::new(&config.bindings, &kept).map_err(StartError::Config)?;
+        for binding in bindings.iter() {
+            if !broker.store.contains(&binding.name) {
+                tracing::warn!(name = %binding.name, "{} is bound to hosts but names no secret", binding.name);
+            }
+        }
+        if let Some(cache) = &cache {
+            cache.keep_placeholders(bindings.placeholders());
+        }
+        broker.set_bindings(bindings);
         let watched: Vec<String> = config.watches.iter().map(|w| w.name.clone()).collect();
         let mut report = crate::cache::resolve_at_start(&broker, cache.as_ref(), &watched).await;
         log_report("start-up", &report);
@@ -302,8 +322,20 @@ impl Service {
             std::fs::write(path, format!("{}\n", std::process::id()))
                 .map_err(|source| StartError::Io { action: format!("write pid file {}", path.display()), source })?;
         }
+        let (proxy, proxy_listener) = match &config.proxy {
+            Some(proxy) => {
+                let (proxy, listener) =
+                    crate::proxy::server::Proxy::start(broker.clone(), proxy.clone(), audit.clone())
+                        .await
+                        .map_err(StartError::Config)?;
+                (Some(proxy), Some(listener))
+            }
+            None => (None, None),
+        };
         crate::hardening::report_memlock();
         Ok(Service {
+            proxy,
+            proxy_listener: std::sync::Mutex::new(proxy_listener),
             broker,
             socket,
             audit,
@@ -314,6 +346,11 @@ impl Service {
         })
     }
 
+    /// What the child needs to use the proxy (None without `--proxy`).
+    pub fn proxy_info(&self) -> Option<&crate::proxy::server::ProxyInfo> {
+        self.proxy.as_ref().map(|p| &p.info)
+    }
+
     pub fn socket_path(&self) -> &Path {
         self.socket.path()
     }
@@ -321,8 +358,20 @@ impl Service {
     /// Serves until `shutdown` is cancelled and open connections have drained.
     pub async fn serve(&self, shutdown: CancellationToken) {
         tracing::info!(socket = %self.socket.path().display(), "serving");
-        listener::serve(&self.socket.listener, self.broker.clone(), self.audit.clone(), self.serve.clone(), shutdown)
-            .await;
+        let proxy_listener = self.proxy_listener.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let proxy = async {
+            if let (Some(proxy), Some(listener)) = (&self.proxy, proxy_listener) {
+                proxy.clone().serve(listener, shutdown.clone()).await;
+            }
+        };
+        let socket = listener::serve(
+            &self.socket.listener,
+            self.broker.clone(),
+            self.audit.clone(),
+            self.serve.clone(),
+            shutdown.clone(),
+        );
+        tokio::join!(socket, proxy);
     }
 
     /// Re-resolves everything (SIGHUP, REFRESH fallback) and logs what happened.

@@ -164,7 +164,7 @@ impl ChildEnv {
         let mut env = self.base.clone();
         let mut put = |var: &str, name: &str| -> Result<(), String> {
             // Zeroizing until it is handed to the environment, so a refused value leaves no copy.
-            let Some(mut value) = service.broker.store.with_value(name, |v| zeroize::Zeroizing::new(v.to_vec())) else {
+            let Some(mut value) = service.broker.give_out(name, |v| zeroize::Zeroizing::new(v.to_vec())) else {
                 if self.allow_missing {
                     tracing::warn!(name, "exported secret {name} has no value; {var} is left out (--allow-missing)");
                     return Ok(());
@@ -175,6 +175,9 @@ impl ChildEnv {
                 return Err(format!(
                     "exported secret {name} contains a NUL byte and cannot be an environment variable"
                 ));
+            }
+            if service.broker.bindings().is_raw(name) {
+                tracing::info!(name, "bound secret {name} exported raw as {var} (--allow-raw)");
             }
             env.retain(|(k, _)| k != var);
             env.push((var.into(), OsString::from_vec(std::mem::take(&mut *value))));
@@ -187,6 +190,18 @@ impl ChildEnv {
         }
         for export in &self.exports {
             put(&export.var, &export.name)?;
+        }
+        if let Some(proxy) = service.proxy_info() {
+            let user_no_proxy = env
+                .iter()
+                .find(|(k, _)| k == "NO_PROXY" || k == "no_proxy")
+                .and_then(|(_, v)| v.to_str())
+                .unwrap_or("")
+                .to_string();
+            for (var, value) in crate::proxy::server::child_env(proxy, service.broker.bindings(), &user_no_proxy) {
+                env.retain(|(k, _)| k.as_os_str() != var);
+                env.push((var.into(), value.into()));
+            }
         }
         Ok(SecretEnv(env))
     }
