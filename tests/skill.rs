@@ -643,3 +643,42 @@ fn the_tokenizer_splits_like_a_shell() {
     assert!(tokenize("cat <<EOF", &mut Vec::new()).is_err());
     assert!(tokenize("echo `op-bridge list`", &mut Vec::new()).is_err());
 }
+
+/// The repository root holds only what a user expects (a test run once committed its
+/// `fake.pid` and `out-*.txt` there). Tracked files only, so a local scratch file does not
+/// fail the suite; outside a git checkout there is nothing to check.
+#[test]
+fn repository_root_holds_only_what_a_user_expects() {
+    let Ok(out) = std::process::Command::new("git").arg("-C").arg(repo()).args(["ls-files", "--", "."]).output() else {
+        eprintln!("git not found: root contents not checked");
+        return;
+    };
+    if !out.status.success() {
+        eprintln!("not a git checkout: root contents not checked");
+        return;
+    }
+    const EXPECTED: &[&str] = &[
+        "Cargo.toml",
+        "Cargo.lock",
+        "README.md",
+        "CHANGELOG.md",
+        "LICENSE",
+        "src",
+        "tests",
+        "docs",
+        "docker",
+        "skill",
+        "examples",
+        "benches",
+        "fuzz",
+    ];
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let unexpected: std::collections::BTreeSet<&str> = listing
+        .lines()
+        .map(|path| path.split('/').next().unwrap())
+        .filter(|top| !EXPECTED.contains(top))
+        // Dotfiles (.gitignore, .ci) and tool configuration (rustfmt.toml, clippy.toml, …).
+        .filter(|top| !top.starts_with('.') && !top.ends_with(".toml"))
+        .collect();
+    assert!(unexpected.is_empty(), "unexpected files at the repository root: {unexpected:?}");
+}
