@@ -76,6 +76,9 @@ pub enum Command {
     Refresh(RefreshArgs),
     /// Show the broker's state (names, ages, staleness; never values).
     Status(StatusArgs),
+    /// Print the environment that points a process at the egress proxy (for `daemon`
+    /// users: `eval "$(op-bridge proxy-env)"` before starting the application).
+    ProxyEnv(StatusArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -305,6 +308,9 @@ pub struct BrokerArgs {
     /// Most simultaneous proxy connections.
     #[arg(long, env = "OP_BRIDGE_PROXY_MAX_CONNECTIONS", default_value_t = 256)]
     pub proxy_max_connections: usize,
+    /// Close a proxy connection that waits this long for its next request.
+    #[arg(long, env = "OP_BRIDGE_PROXY_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
+    pub proxy_idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

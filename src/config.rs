@@ -96,14 +96,16 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
                 Some(path) => absolute(path),
                 None => socket.with_file_name("op-bridge-proxy-ca.pem"),
             };
-            Some(crate::proxy::ProxyConfig::new(
+            let mut proxy = crate::proxy::ProxyConfig::new(
                 addr,
                 &args.route,
                 args.egress,
                 args.proxy_allow_private,
                 bundle,
                 args.proxy_max_connections,
-            )?)
+            )?;
+            proxy.idle = args.proxy_idle_timeout.max(std::time::Duration::from_millis(100));
+            Some(proxy)
         }
         None if !args.route.is_empty() => return Err("--route needs --proxy".into()),
         None => None,

@@ -128,6 +128,7 @@ fn client_main(command: Command) -> ExitCode {
             Command::Ping(args) => commands::ping(args).await,
             Command::Refresh(args) => commands::refresh(args).await,
             Command::Status(args) => commands::status(args).await,
+            Command::ProxyEnv(args) => commands::proxy_env(args).await,
             Command::Run(_) | Command::Daemon(_) => unreachable!("handled by broker_main"),
         }
     });

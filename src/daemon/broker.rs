@@ -81,6 +81,8 @@ pub struct Broker {
     bindings: std::sync::OnceLock<Bindings>,
     /// The proxy's STATUS section (set once the proxy listens).
     proxy_status: std::sync::OnceLock<serde_json::Value>,
+    /// PROXYENV's answer: the variables that point a process at the proxy.
+    proxy_env: std::sync::OnceLock<Vec<(String, zeroize::Zeroizing<String>)>>,
 }
 
 impl Broker {
@@ -100,6 +102,7 @@ impl Broker {
             changes_tx,
             bindings: std::sync::OnceLock::new(),
             proxy_status: std::sync::OnceLock::new(),
+            proxy_env: std::sync::OnceLock::new(),
         }
     }
 
@@ -117,6 +120,16 @@ impl Broker {
     /// Sets what STATUS says about the proxy (once, when it listens).
     pub fn set_proxy_status(&self, status: serde_json::Value) {
         let _ = self.proxy_status.set(status);
+    }
+
+    /// Sets PROXYENV's answer (once, when the proxy listens).
+    pub fn set_proxy_env(&self, vars: Vec<(String, zeroize::Zeroizing<String>)>) {
+        let _ = self.proxy_env.set(vars);
+    }
+
+    /// The variables that point a process at the proxy (None without `--proxy`).
+    pub fn proxy_env(&self) -> Option<&[(String, zeroize::Zeroizing<String>)]> {
+        self.proxy_env.get().map(Vec::as_slice)
     }
 
     /// What a reader is given for `name` (GET, the exec provider, `--export`): the placeholder

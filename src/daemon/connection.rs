@@ -227,6 +227,15 @@ impl Connection {
                 ok(out, Response::Text(broker.store.names().join(",")), self.version);
                 Ok(())
             }
+            Request::ProxyEnv => match broker.proxy_env() {
+                Some(vars) => {
+                    let map: serde_json::Map<String, serde_json::Value> =
+                        vars.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str()))).collect();
+                    ok(out, Response::Text(serde_json::Value::Object(map).to_string()), self.version);
+                    Ok(())
+                }
+                None => Err("no egress proxy (start op-bridge with --proxy)".into()),
+            },
             Request::Status => {
                 ok(out, Response::Text(broker.status().await.to_string()), self.version);
                 Ok(())

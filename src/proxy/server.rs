@@ -179,6 +179,13 @@ impl Proxy {
             "egress": match config.egress { Egress::All => "all", Egress::BoundOnly => "bound-only" },
             "allow_private": config.allow_private,
         }));
+        let user_no_proxy = std::env::var("NO_PROXY").or_else(|_| std::env::var("no_proxy")).unwrap_or_default();
+        broker.set_proxy_env(
+            child_env(&info, bindings, &user_no_proxy)
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), Zeroizing::new(v)))
+                .collect(),
+        );
         let connections = Arc::new(Semaphore::new(config.max_connections));
         let proxy = Proxy { broker, config, ca, client, authorization, audit, connections, info };
         Ok((Arc::new(proxy), listener))
@@ -254,9 +261,12 @@ impl Proxy {
                 audit(&target, StatusCode::PROXY_AUTHENTICATION_REQUIRED, "no or wrong proxy credential");
                 return proxy_auth_required();
             }
-            let Some(dest) = req.uri().authority().and_then(|a| {
-                Some(Dest { https: true, host: strip_brackets(a.host()), port: a.port_u16().unwrap_or(443) })
-            }) else {
+            let dest = req.uri().authority().map(|a| Dest {
+                https: true,
+                host: strip_brackets(a.host()),
+                port: a.port_u16().unwrap_or(443),
+            });
+            let Some(dest) = dest else {
                 audit(&target, StatusCode::BAD_REQUEST, "CONNECT without host:port");
                 return text(StatusCode::BAD_REQUEST, "CONNECT needs host:port\n");
             };
@@ -466,7 +476,7 @@ impl Proxy {
         // Body: small ones whole (exact length, refusal before anything is sent), large ones
         // streamed.
         let encoding = body_encoding(&parts.headers);
-        let body_sub = Arc::new(Substituter::new(secrets.patterns(true), encoding));
+        let body_sub = Arc::new(Substituter::new(secrets.patterns(), encoding));
         let sent = Arc::new(AtomicU64::new(0));
         let stream_refusal: Arc<Mutex<Option<String>>> = Arc::default();
         let length = hyper::body::Body::size_hint(&body).exact();
@@ -604,9 +614,9 @@ impl Proxy {
             let value = (dest.https && binding.matches(&dest.host, dest.port))
                 .then(|| self.broker.store.with_value(&binding.name, |v| Zeroizing::new(v.to_vec())))
                 .flatten();
-            entries.push((binding.name.clone(), binding.placeholder.clone(), value));
+            entries.push(Entry { name: binding.name.clone(), placeholder: binding.placeholder.clone(), value });
         }
-        let make = |encoding| Substituter::new(patterns(&entries, true), encoding);
+        let make = |encoding| Substituter::new(patterns(&entries), encoding);
         Secrets { uri: make(Encoding::Percent), headers: make(Encoding::Raw), entries }
     }
 
@@ -645,28 +655,36 @@ impl Proxy {
     }
 }
 
-/// One destination's secrets: (name, placeholder, value when bound to it).
+/// One bound secret as one destination sees it.
+struct Entry {
+    name: String,
+    placeholder: String,
+    /// The value, when the secret is bound to the destination.
+    value: Option<Zeroizing<Vec<u8>>>,
+}
+
+/// One destination's secrets and the substituters for its URI and headers.
 struct Secrets {
     uri: Substituter,
     headers: Substituter,
-    entries: Vec<(String, String, Option<Zeroizing<Vec<u8>>>)>,
+    entries: Vec<Entry>,
 }
 
 impl Secrets {
-    fn patterns(&self, forward: bool) -> Vec<Pattern> {
-        patterns(&self.entries, forward)
+    fn patterns(&self) -> Vec<Pattern> {
+        patterns(&self.entries)
     }
 
     /// Value → placeholder, for the secrets bound to the destination.
     fn reverse(&self) -> Vec<Pattern> {
         self.entries
             .iter()
-            .filter_map(|(name, placeholder, value)| {
-                let value = value.as_ref().filter(|v| !v.is_empty())?;
+            .filter_map(|entry| {
+                let value = entry.value.as_ref().filter(|v| !v.is_empty())?;
                 Some(Pattern {
                     needle: value.clone(),
-                    action: Action::Replace(Zeroizing::new(placeholder.as_bytes().to_vec())),
-                    label: name.clone(),
+                    action: Action::Replace(Zeroizing::new(entry.placeholder.as_bytes().to_vec())),
+                    label: entry.name.clone(),
                 })
             })
             .collect()
@@ -675,16 +693,16 @@ impl Secrets {
 
 /// Placeholder → value for the secrets bound to the destination; placeholder → refusal for
 /// every other bound secret.
-fn patterns(entries: &[(String, String, Option<Zeroizing<Vec<u8>>>)], _forward: bool) -> Vec<Pattern> {
+fn patterns(entries: &[Entry]) -> Vec<Pattern> {
     entries
         .iter()
-        .map(|(name, placeholder, value)| Pattern {
-            needle: Zeroizing::new(placeholder.as_bytes().to_vec()),
-            action: match value {
+        .map(|entry| Pattern {
+            needle: Zeroizing::new(entry.placeholder.as_bytes().to_vec()),
+            action: match &entry.value {
                 Some(value) => Action::Replace(value.clone()),
                 None => Action::Refuse,
             },
-            label: name.clone(),
+            label: entry.name.clone(),
         })
         .collect()
 }
@@ -844,4 +862,38 @@ fn proxy_auth_required() -> Response<Body> {
     let mut response = text(StatusCode::PROXY_AUTHENTICATION_REQUIRED, "op-bridge: proxy credential required\n");
     response.headers_mut().insert(header::PROXY_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"op-bridge\""));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::bindings::BindingSpec;
+
+    #[test]
+    fn no_proxy_never_names_a_bound_host() {
+        let spec = BindingSpec::parse([], "OP_", &["API=api.example.com,localhost:8443".into()], &[], &[]).unwrap();
+        let bindings = Bindings::new(&spec, &Default::default()).unwrap();
+        let info = ProxyInfo {
+            addr: "127.0.0.1:8118".parse().unwrap(),
+            url: Zeroizing::new("http://opb:x@127.0.0.1:8118".into()),
+            ca_bundle: "/b.pem".into(),
+            no_proxy: "127.0.0.1,::1".into(),
+        };
+        let env = child_env(&info, &bindings, "internal.corp,.example.com,api.example.com,*,other.org:8080");
+        let no_proxy = &env.iter().find(|(k, _)| *k == "NO_PROXY").unwrap().1;
+        assert_eq!(no_proxy, "127.0.0.1,::1,internal.corp,other.org:8080");
+        assert!(env.iter().any(|(k, v)| *k == "https_proxy" && v == "http://opb:x@127.0.0.1:8118"));
+        assert!(env.iter().any(|(k, v)| *k == "NODE_EXTRA_CA_CERTS" && v == "/b.pem"));
+    }
+
+    #[test]
+    fn pattern_hosts() {
+        for (pattern, host) in [
+            ("api.example.com", "api.example.com"),
+            ("*.example.com:8443", "example.com"),
+            ("localhost:1", "localhost"),
+        ] {
+            assert_eq!(pattern_host(&super::super::hosts::HostPattern::parse(pattern).unwrap()), host);
+        }
+    }
 }
