@@ -38,7 +38,9 @@ const LATENCY_REQUESTS: usize = 1000;
 const WARMUP_REQUESTS: usize = 100;
 /// Connections and duration of the throughput figure.
 const CONNECTIONS: usize = 8;
-const THROUGHPUT_FOR: Duration = Duration::from_secs(4);
+const THROUGHPUT_FOR: Duration = Duration::from_secs(3);
+/// Runs per column (reported as median [min–max]).
+const RUNS: usize = 3;
 /// The child role: set in the environment of the load generator `op-bridge run` starts.
 const ROLE_VAR: &str = "OPB_PROXY_BENCH_ROLE";
 
@@ -46,12 +48,12 @@ fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_op-bridge"))
 }
 
-/// One column's figures.
+/// One column's figures: each run's p50, p99 and requests/s.
 #[derive(Debug, Clone, Default)]
 struct Figures {
-    p50_us: f64,
-    p99_us: f64,
-    rps: f64,
+    p50_us: Vec<f64>,
+    p99_us: Vec<f64>,
+    rps: Vec<f64>,
     /// Responses other than 200 (the upstream saw no key, or the proxy failed).
     failures: u64,
     requests: u64,
@@ -63,14 +65,29 @@ impl Figures {
                "failures": self.failures, "requests": self.requests})
     }
     fn from_json(j: &Json) -> Figures {
+        let list = |k: &str| j[k].as_array().map(|a| a.iter().filter_map(Json::as_f64).collect()).unwrap_or_default();
         Figures {
-            p50_us: j["p50_us"].as_f64().unwrap_or(0.0),
-            p99_us: j["p99_us"].as_f64().unwrap_or(0.0),
-            rps: j["rps"].as_f64().unwrap_or(0.0),
+            p50_us: list("p50_us"),
+            p99_us: list("p99_us"),
+            rps: list("rps"),
             failures: j["failures"].as_u64().unwrap_or(0),
             requests: j["requests"].as_u64().unwrap_or(0),
         }
     }
+}
+
+/// The median of some runs (0 for none).
+fn median(runs: &[f64]) -> f64 {
+    let mut sorted = runs.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// "median [min–max]" of some runs, each shown by `show`.
+fn spread(runs: &[f64], show: impl Fn(f64) -> String) -> String {
+    let min = runs.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = runs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{} [{}–{}]", show(median(runs)), show(min), show(max))
 }
 
 /// How a client reaches the upstream.
@@ -114,9 +131,16 @@ async fn one(client: &reqwest::Client, target: &Target) -> bool {
     }
 }
 
-/// Latency on one keep-alive connection, then requests/s on CONNECTIONS of them.
+/// RUNS times: latency on one keep-alive connection, then requests/s on CONNECTIONS of them.
 async fn measure(target: &Target) -> Figures {
     let mut figures = Figures::default();
+    for _ in 0..RUNS {
+        measure_once(target, &mut figures).await;
+    }
+    figures
+}
+
+async fn measure_once(target: &Target, figures: &mut Figures) {
     let client = target.client();
     for _ in 0..WARMUP_REQUESTS {
         figures.failures += u64::from(!one(&client, target).await);
@@ -128,9 +152,9 @@ async fn measure(target: &Target) -> Figures {
         times.push(started.elapsed().as_secs_f64() * 1e6);
     }
     times.sort_by(f64::total_cmp);
-    figures.p50_us = times[times.len() / 2];
-    figures.p99_us = times[times.len() * 99 / 100];
-    figures.requests = (WARMUP_REQUESTS + LATENCY_REQUESTS) as u64;
+    figures.p50_us.push(times[times.len() / 2]);
+    figures.p99_us.push(times[times.len() * 99 / 100]);
+    figures.requests += (WARMUP_REQUESTS + LATENCY_REQUESTS) as u64;
 
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -156,10 +180,9 @@ async fn measure(target: &Target) -> Figures {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let (done, failed) = (done.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    figures.rps = done as f64 / elapsed;
+    figures.rps.push(done as f64 / elapsed);
     figures.failures += failed;
     figures.requests += done + failed;
-    figures
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -455,31 +478,33 @@ fn main() {
     println!(
         "Keep-alive HTTPS to a local upstream (hyper + rustls) that answers 200 only for the real key; the \
          client sends a placeholder through each proxy. Latency over {LATENCY_REQUESTS} sequential requests on \
-         one connection after {WARMUP_REQUESTS} warm-up; throughput on {CONNECTIONS} connections for {} s. \
-         One run on this machine ({} CPUs); compare rows, not runs.\n",
+         one connection after {WARMUP_REQUESTS} warm-up; throughput on {CONNECTIONS} connections for {} s; \
+         median [min–max] of {RUNS} runs on this machine ({} CPUs); compare rows, not runs.\n",
         THROUGHPUT_FOR.as_secs(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
     println!("| path | p50 | p99 | added p50 | added p99 | req/s, {CONNECTIONS} conns | non-200 |");
     println!("|---|---|---|---|---|---|---|");
-    let ms = |us: f64| format!("{:.2} ms", us / 1000.0);
+    let ms = |us: f64| format!("{:.2}", us / 1000.0);
+    let added = |us: f64| format!("{:+.2} ms", us / 1000.0);
+    let rps = |r: f64| format!("{r:.0}");
     println!(
-        "| direct (no proxy) | {} | {} | – | – | {:.0} | {} |",
-        ms(direct.p50_us),
-        ms(direct.p99_us),
-        direct.rps,
+        "| direct (no proxy) | {} ms | {} ms | – | – | {} | {} |",
+        spread(&direct.p50_us, ms),
+        spread(&direct.p99_us, ms),
+        spread(&direct.rps, rps),
         direct.failures
     );
     for column in &columns {
         match &column.figures {
             Ok(f) => println!(
-                "| {} | {} | {} | +{} | +{} | {:.0} | {}{} |",
+                "| {} | {} ms | {} ms | {} | {} | {} | {}{} |",
                 column.name,
-                ms(f.p50_us),
-                ms(f.p99_us),
-                ms(f.p50_us - direct.p50_us),
-                ms(f.p99_us - direct.p99_us),
-                f.rps,
+                spread(&f.p50_us, ms),
+                spread(&f.p99_us, ms),
+                added(median(&f.p50_us) - median(&direct.p50_us)),
+                added(median(&f.p99_us) - median(&direct.p99_us)),
+                spread(&f.rps, rps),
                 f.failures,
                 if f.failures > 0 { " (FAILED: the key did not arrive)" } else { "" }
             ),

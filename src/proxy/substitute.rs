@@ -15,7 +15,6 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
 
-use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 use base64::Engine;
 use zeroize::Zeroizing;
 
@@ -116,11 +115,9 @@ enum Target {
     Raw,
 }
 
-/// An immutable set of patterns, searched all at once (Aho-Corasick, leftmost-longest).
+/// An immutable set of patterns, searched leftmost-longest (see [`Matches`]).
 pub struct Substituter {
-    /// `None` when there is no non-empty needle: everything passes through untouched.
-    searcher: Option<AhoCorasick>,
-    /// The patterns, in the searcher's pattern-id order (empty needles dropped).
+    /// The patterns, empty needles dropped; none: everything passes through untouched.
     patterns: Vec<Pattern>,
     /// Each pattern's replacement written with `encoding` (empty for [`Action::Refuse`]).
     encoded: Vec<Zeroizing<Vec<u8>>>,
@@ -135,21 +132,12 @@ impl fmt::Debug for Substituter {
 }
 
 impl Substituter {
-    /// Builds the searcher. Empty needles are dropped (they would match everywhere); where two
-    /// patterns share a needle, the first one wins.
+    /// Takes the patterns (cheap: nothing is compiled, so building one per request is fine).
+    /// Empty needles are dropped (they would match everywhere); where two patterns share a
+    /// needle, the first one wins.
     pub fn new(patterns: Vec<Pattern>, encoding: Encoding) -> Self {
         let patterns: Vec<Pattern> = patterns.into_iter().filter(|p| !p.needle.is_empty()).collect();
         let max_needle_len = patterns.iter().map(|p| p.needle.len()).max().unwrap_or(0);
-        let searcher = if patterns.is_empty() {
-            None
-        } else {
-            let built = AhoCorasickBuilder::new()
-                .match_kind(MatchKind::LeftmostLongest)
-                .build(patterns.iter().map(|p| p.needle.as_slice()));
-            // Building fails only past the automaton's size limits (far beyond any set of
-            // secrets); the builder's defaults pick an automaton that fits, so this holds.
-            Some(built.expect("a few short needles always fit an Aho-Corasick automaton"))
-        };
         let encoded = patterns
             .iter()
             .map(|p| match &p.action {
@@ -157,12 +145,12 @@ impl Substituter {
                 Action::Refuse => Zeroizing::new(Vec::new()),
             })
             .collect();
-        Substituter { searcher, patterns, encoded, encoding, max_needle_len }
+        Substituter { patterns, encoded, encoding, max_needle_len }
     }
 
     /// Whether there is nothing to look for (every input passes through unchanged).
     pub fn is_empty(&self) -> bool {
-        self.searcher.is_none()
+        self.patterns.is_empty()
     }
 
     /// The longest needle: a stream holds back at most one byte less than this.
@@ -265,21 +253,20 @@ impl Substituter {
         out: &mut Zeroizing<Vec<u8>>,
         used: &mut BTreeSet<String>,
     ) -> Result<usize, Refused> {
-        let Some(searcher) = &self.searcher else {
+        if self.is_empty() {
             append_wiping(out, &[input]);
             return Ok(input.len());
-        };
+        }
         let mut copied_to = 0;
         // Where a match not yet confirmed starts (more input could change it).
         let mut unconfirmed = input.len();
-        for found in searcher.find_iter(input) {
+        for (start, end, id) in Matches::new(&self.patterns, input) {
             // Every needle starting here is wholly visible, so leftmost-longest has decided
             // this match as it would on the whole input; a match nearer the end has not.
-            if !at_end && found.start() + self.max_needle_len > input.len() {
-                unconfirmed = found.start();
+            if !at_end && start + self.max_needle_len > input.len() {
+                unconfirmed = start;
                 break;
             }
-            let id = found.pattern().as_usize();
             let pattern = &self.patterns[id];
             let value: &[u8] = match (&pattern.action, target) {
                 (Action::Refuse, _) => return Err(Refused { label: pattern.label.clone() }),
@@ -293,9 +280,9 @@ impl Substituter {
                     value
                 }
             };
-            append_wiping(out, &[&input[copied_to..found.start()], value]);
+            append_wiping(out, &[&input[copied_to..start], value]);
             used.insert(pattern.label.clone());
-            copied_to = found.end();
+            copied_to = end;
         }
         let consumed = if at_end {
             input.len()
@@ -306,6 +293,56 @@ impl Substituter {
         };
         append_wiping(out, &[&input[copied_to..consumed]]);
         Ok(consumed)
+    }
+}
+
+/// Leftmost-longest, non-overlapping matches of the patterns' needles in a haystack (the
+/// first pattern on a tie), as `(start, end, pattern index)`. Each needle is searched with
+/// `memmem` straight from its zeroizing buffer: no automaton holds a copy of a needle (in
+/// the reverse direction, a value) in memory nobody wipes. A needle's next occurrence is
+/// searched again only once the scan has passed it, so the cost is one pass per needle —
+/// fine for the few secrets bound to one host.
+struct Matches<'a> {
+    patterns: &'a [Pattern],
+    haystack: &'a [u8],
+    /// Where the next match may start (the end of the last one).
+    at: usize,
+    /// Each needle's first occurrence found at or after some earlier `at`; `None`: no more.
+    next: Vec<Option<usize>>,
+}
+
+impl<'a> Matches<'a> {
+    fn new(patterns: &'a [Pattern], haystack: &'a [u8]) -> Self {
+        let next = patterns.iter().map(|p| memchr::memmem::find(haystack, &p.needle)).collect();
+        Matches { patterns, haystack, at: 0, next }
+    }
+}
+
+impl Iterator for Matches<'_> {
+    type Item = (usize, usize, usize);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut best: Option<(usize, usize)> = None;
+        for (id, pattern) in self.patterns.iter().enumerate() {
+            if let Some(start) = self.next[id]
+                && start < self.at
+            {
+                // Overlapped by the last match: look again past it.
+                self.next[id] = memchr::memmem::find(&self.haystack[self.at..], &pattern.needle).map(|i| i + self.at);
+            }
+            let Some(start) = self.next[id] else { continue };
+            let better = best.is_none_or(|(best_start, best_id)| {
+                start < best_start
+                    || (start == best_start && pattern.needle.len() > self.patterns[best_id].needle.len())
+            });
+            if better {
+                best = Some((start, id));
+            }
+        }
+        let (start, id) = best?;
+        let end = start + self.patterns[id].needle.len();
+        self.at = end;
+        Some((start, end, id))
     }
 }
 
@@ -641,7 +678,7 @@ mod tests {
             let s = sub(build(), Encoding::Raw);
             let input = input.into_bytes();
             let one_shot = s.apply(&input).map(|a| a.out.to_vec());
-            // The searcher agrees with the obvious definition; a refusal names some refusing
+            // `apply` agrees with the obvious definition; a refusal names some refusing
             // pattern with that needle (the first of equal needles).
             match (&one_shot, reference(&patterns, &input)) {
                 (Ok(out), Ok(expected)) => prop_assert_eq!(out, &expected),
