@@ -243,4 +243,13 @@ mod tests {
         let d = policy.delay(1, ErrorKind::RateLimited(Some(Duration::from_secs(2))));
         assert!(d >= Duration::from_secs(2) && d <= Duration::from_millis(2200));
     }
+
+    #[test]
+    fn a_stated_delay_stays_under_the_cap_after_jitter() {
+        let policy = RetryPolicy::default();
+        for _ in 0..100 {
+            let d = policy.delay(1, ErrorKind::RateLimited(Some(MAX_RETRY_AFTER)));
+            assert!(d <= MAX_RETRY_AFTER, "{d:?}");
+        }
+    }
 }
