@@ -25,7 +25,7 @@ use tokio::sync::Semaphore;
 use zeroize::{Zeroize, Zeroizing};
 
 use super::{
-    Backend, BackendError, BoxFuture, ErrorKind, FieldWrite, ItemWriteResult, RetryPolicy, Value, WriteOptions,
+    Backend, BackendError, BoxFuture, ErrorKind, FieldWrite, ItemWriteResult, Pauses, RetryPolicy, Value, WriteOptions,
     check_text_field, check_writable, parse_retry_after, value_text,
 };
 use crate::locked::{ZeroizingWriter, extend_zeroizing};
@@ -62,12 +62,13 @@ pub struct OpCli {
     options: OpOptions,
     reaper: Reaper,
     permits: Arc<Semaphore>,
+    pauses: Pauses,
 }
 
 impl OpCli {
     pub fn new(options: OpOptions, reaper: Reaper) -> OpCli {
         let permits = Arc::new(Semaphore::new(options.concurrency.max(1)));
-        OpCli { options, reaper, permits }
+        OpCli { options, reaper, permits, pauses: Pauses::default() }
     }
 
     /// One `op` invocation: bounded by the semaphore and the timeout.
@@ -132,24 +133,7 @@ impl OpCli {
 
     /// [`call`](Self::call) with retries of transient failures.
     async fn call_retrying(&self, args: &[&str], what: &str, names: &[&str]) -> Result<Value, BackendError> {
-        let mut attempt = 1;
-        loop {
-            match self.call(args, None, names).await {
-                Ok(out) => return Ok(out),
-                Err(err) if err.kind.is_permanent() || attempt >= self.options.retry.attempts => return Err(err),
-                Err(err) => {
-                    let pause = self.options.retry.delay(attempt, err.kind);
-                    tracing::warn!(
-                        "{what}: {err} ({}); retry {attempt}/{} in {:.1}s",
-                        err.kind.label(),
-                        self.options.retry.attempts - 1,
-                        pause.as_secs_f64()
-                    );
-                    tokio::time::sleep(pause).await;
-                    attempt += 1;
-                }
-            }
-        }
+        self.options.retry.run(&self.pauses, what, || self.call(args, None, names)).await
     }
 
     async fn get_item(&self, vault: &str, item: &str) -> Result<ItemJson, BackendError> {
@@ -210,7 +194,11 @@ impl OpCli {
 impl Backend for OpCli {
     fn resolve<'a>(&'a self, refs: &'a [SecretRef]) -> BoxFuture<'a, Vec<Result<Value, BackendError>>> {
         // Batched: see `op_batch` (issue 13).
-        let plan = super::op_batch::Plan { concurrency: self.options.concurrency, retry: self.options.retry };
+        let plan = super::op_batch::Plan {
+            concurrency: self.options.concurrency,
+            retry: self.options.retry,
+            pauses: &self.pauses,
+        };
         Box::pin(super::op_batch::resolve(self, refs, plan))
     }
 
@@ -228,6 +216,10 @@ impl Backend for OpCli {
 
     fn describe(&self) -> String {
         format!("op CLI {}", self.options.path.display())
+    }
+
+    fn pauses(&self) -> Option<&Pauses> {
+        Some(&self.pauses)
     }
 }
 
