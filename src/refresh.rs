@@ -8,7 +8,6 @@
 //! spends them (start-up, SIGHUP, REFRESH and timer alike): it is process-wide because the
 //! quota it tracks is the token's, not one caller's.
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,42 +18,13 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::ErrorKind;
 use crate::daemon::Service;
 use crate::daemon::broker::ResolveReport;
+use crate::meter::READS;
 
-/// The window of `reads_last_hour`.
+/// The hour over which the refresh budget is counted.
 const HOUR: Duration = Duration::from_secs(3600);
-
-/// Item reads spent, with when.
-pub struct ReadMeter {
-    events: Mutex<VecDeque<(std::time::Instant, u64)>>,
-}
-
-/// Every item read of this process (the `op` backend adds to it).
-pub static READS: ReadMeter = ReadMeter { events: Mutex::new(VecDeque::new()) };
 
 /// When the timer's next pass is due (None: no timer).
 static NEXT_REFRESH: Mutex<Option<Instant>> = Mutex::new(None);
-
-impl ReadMeter {
-    pub fn add(&self, reads: u64) {
-        let now = std::time::Instant::now();
-        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
-        prune(&mut events, now);
-        events.push_back((now, reads));
-    }
-
-    pub fn last_hour(&self) -> u64 {
-        let now = std::time::Instant::now();
-        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
-        prune(&mut events, now);
-        events.iter().map(|(_, n)| n).sum()
-    }
-}
-
-fn prune(events: &mut VecDeque<(std::time::Instant, u64)>, now: std::time::Instant) {
-    while events.front().is_some_and(|(at, _)| now.duration_since(*at) > HOUR) {
-        events.pop_front();
-    }
-}
 
 /// STATUS facts: seconds to the next timed refresh (null without a timer) and item reads
 /// spent in the last hour.
@@ -142,11 +112,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn meter_sums_reads_and_jitter_stays_within_ten_percent() {
-        let meter = ReadMeter { events: Mutex::new(VecDeque::new()) };
-        meter.add(3);
-        meter.add(4);
-        assert_eq!(meter.last_hour(), 7);
+    fn jitter_stays_within_ten_percent() {
         for _ in 0..100 {
             let d = jittered(Duration::from_secs(10));
             assert!(d >= Duration::from_secs(9) && d <= Duration::from_secs(11), "{d:?}");

@@ -608,7 +608,8 @@ fn a_self_signed_server_certificate_in_ssl_cert_file_is_trusted() {
 fn a_certificate_refused_is_a_permanent_failure_that_says_what_to_do() {
     let dir = TestDir::new("cn-cert");
     let (cert, key) = self_signed(&dir);
-    let (other, _) = self_signed(&TestDir::new("cn-cert2"));
+    let other_dir = TestDir::new("cn-cert2");
+    let (other, _) = self_signed(&other_dir);
     let items = json!([item("Api", &[("key", "v", None)])]);
     let fake = FakeConnect::start(&dir, json!([{"id": new_id(), "name": "V", "items": items}]), Some((&cert, &key)));
     // Not trusted (another self-signed certificate is): refused, not retried, and the message

@@ -24,17 +24,20 @@ use std::time::{Duration, SystemTime};
 
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use serde_json::{Value as Json, json};
 use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
 
-use super::op::{parse_rfc3339, scrub};
 use super::{
     Backend, BackendError, BoxFuture, ErrorKind, FieldWrite, ItemWriteResult, Pauses, RetryPolicy, Value, WriteOptions,
     check_text_field, check_writable, value_text,
 };
 use crate::locked::extend_zeroizing;
 use crate::reference::SecretRef;
+use crate::scrub::scrub;
+use crate::time::parse_rfc3339;
 
 /// Largest response body read (a big item with many fields is well under this).
 const MAX_BODY: usize = 16 * 1024 * 1024;
@@ -139,9 +142,8 @@ impl Connect {
             if roots.is_empty() {
                 tracing::warn!("no CA certificates found (system bundle or SSL_CERT_FILE): https to Connect will fail");
             }
-            for cert in roots {
-                builder = builder.add_root_certificate(cert);
-            }
+            builder =
+                builder.use_preconfigured_tls(super::tls::client_config(roots).map_err(ConnectSetupError::Client)?);
         }
         let http = builder.build().map_err(|err| ConnectSetupError::Client(error_chain(&err)))?;
         Ok(Connect {
@@ -204,6 +206,17 @@ impl Connect {
             Ok(Err(err)) if err.is_timeout() => {
                 Err(BackendError::new(ErrorKind::Timeout, format!("Connect did not answer within {:?}", self.timeout)))
             }
+            Ok(Err(err)) if super::tls::is_certificate_error(&err) => Err(BackendError::new(
+                // Permanent: retrying cannot make the certificate trusted.
+                ErrorKind::Auth,
+                format!(
+                    "Connect at {}: the server's certificate is not trusted ({}); put the certificate of the CA \
+                     that signed it, or the server's own self-signed certificate, in a PEM file and name it in \
+                     SSL_CERT_FILE",
+                    self.shown,
+                    certificate_reason(&err)
+                ),
+            )),
             Ok(Err(err)) => {
                 Err(BackendError::new(ErrorKind::Transient, format!("Connect request failed: {}", error_chain(&err))))
             }
@@ -853,10 +866,10 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 
 /// The system's CA bundle (the first found) and `SSL_CERT_FILE`: both are trusted, since a
 /// private CA for Connect must not cost the public roots a proxy may need.
-fn load_roots() -> Result<Vec<reqwest::Certificate>, ConnectSetupError> {
+fn load_roots() -> Result<Vec<CertificateDer<'static>>, ConnectSetupError> {
     let mut roots = Vec::new();
     if let Some(path) = SYSTEM_BUNDLES.iter().find(|p| std::path::Path::new(p).is_file()) {
-        match std::fs::read(path).map(|pem| reqwest::Certificate::from_pem_bundle(&pem)) {
+        match std::fs::read(path).map(|pem| pem_certificates(&pem)) {
             Ok(Ok(certs)) => roots.extend(certs),
             Ok(Err(err)) => tracing::warn!("ignoring the system CA bundle {path}: {err}"),
             Err(err) => tracing::warn!("ignoring the system CA bundle {path}: {err}"),
@@ -866,14 +879,29 @@ fn load_roots() -> Result<Vec<reqwest::Certificate>, ConnectSetupError> {
         let shown = path.to_string_lossy().into_owned();
         let pem = std::fs::read(&path)
             .map_err(|err| ConnectSetupError::Certificates { path: shown.clone(), reason: err.to_string() })?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|err| ConnectSetupError::Certificates { path: shown.clone(), reason: error_chain(&err) })?;
+        let certs =
+            pem_certificates(&pem).map_err(|reason| ConnectSetupError::Certificates { path: shown.clone(), reason })?;
         if certs.is_empty() {
             return Err(ConnectSetupError::Certificates { path: shown, reason: "no PEM certificate in it".into() });
         }
         roots.extend(certs);
     }
     Ok(roots)
+}
+
+/// Every certificate of a PEM bundle, as DER.
+fn pem_certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    CertificateDer::pem_slice_iter(pem).collect::<Result<Vec<_>, _>>().map_err(|err| err.to_string())
+}
+
+/// The TLS library's reason for refusing a certificate ("UnknownIssuer", "Expired", …),
+/// without the transport's layers of context.
+fn certificate_reason(err: &(dyn std::error::Error + 'static)) -> String {
+    let chain = error_chain(err);
+    match chain.find("invalid peer certificate: ") {
+        Some(at) => chain[at + "invalid peer certificate: ".len()..].to_string(),
+        None => chain,
+    }
 }
 
 #[cfg(test)]

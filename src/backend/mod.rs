@@ -12,6 +12,7 @@ pub mod file;
 pub mod op;
 mod op_batch;
 mod retry;
+mod tls;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -202,7 +202,7 @@ async fn inject_retrying(
         .run(plan.pauses, &what, || async {
             let nonce = nonce();
             let template = template(&nonce, refs);
-            crate::refresh::READS.add(distinct_items(refs));
+            crate::meter::READS.add(distinct_items(refs));
             let out = runner.run(&["inject"], Some(&template), &names).await.map_err(|err| {
                 // Classified again with only the names of the reference the error is about: the
                 // names of a whole batch are many, and blanking them all can hide the wording.
@@ -225,7 +225,7 @@ async fn read_lone(runner: &dyn OpRunner, reference: &SecretRef, plan: Plan<'_>)
     let args = ["read", "--no-newline", &uri];
     plan.retry
         .run(plan.pauses, &uri, || {
-            crate::refresh::READS.add(1);
+            crate::meter::READS.add(1);
             runner.run(&args, None, &names)
         })
         .await
