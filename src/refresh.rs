@@ -15,9 +15,7 @@ use serde_json::json;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::ErrorKind;
-use crate::daemon::Service;
-use crate::daemon::broker::ResolveReport;
+use crate::backend::BoxFuture;
 use crate::meter::READS;
 
 /// The hour over which the refresh budget is counted.
@@ -64,12 +62,19 @@ impl Drop for RefreshTimer {
     }
 }
 
+/// What the timer drives: the daemon's refresh pass (the daemon implements it, so this
+/// module does not know the daemon).
+pub trait Refresh: Send + Sync + 'static {
+    /// How many distinct items one pass reads.
+    fn items(&self) -> usize;
+    /// Runs one pass; returns the longest delay 1Password stated in a 429, if any.
+    fn refresh_pass(&self) -> BoxFuture<'_, Option<Duration>>;
+}
+
 /// Starts the timer when `interval` is set; keep the handle as long as it should run.
-pub fn start(service: Arc<Service>, interval: Option<Duration>, budget: u64) -> Option<RefreshTimer> {
+pub fn start(service: Arc<impl Refresh>, interval: Option<Duration>, budget: u64) -> Option<RefreshTimer> {
     let interval = interval.filter(|d| !d.is_zero())?;
-    let items: std::collections::BTreeSet<(String, String)> =
-        service.broker.store.references().into_iter().map(|(_, r)| (r.vault, r.item)).collect();
-    check_budget(interval, items.len(), budget);
+    check_budget(interval, service.items(), budget);
     let stop = CancellationToken::new();
     let timer = RefreshTimer { stop: stop.clone() };
     tokio::spawn(async move {
@@ -81,8 +86,8 @@ pub fn start(service: Arc<Service>, interval: Option<Duration>, budget: u64) -> 
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep_until(due) => {}
             }
-            let report = service.refresh().await;
-            pause = next_pause(interval, &report);
+            let stated = service.refresh_pass().await;
+            pause = next_pause(interval, stated);
         }
     });
     Some(timer)
@@ -90,15 +95,7 @@ pub fn start(service: Arc<Service>, interval: Option<Duration>, budget: u64) -> 
 
 /// The pause before the next pass: the jittered interval, or longer when 1Password answered
 /// 429 and said how long to wait.
-fn next_pause(interval: Duration, report: &ResolveReport) -> Duration {
-    let stated = report
-        .failed
-        .iter()
-        .filter_map(|(_, err)| match err.kind {
-            ErrorKind::RateLimited(Some(delay)) => Some(delay),
-            _ => None,
-        })
-        .max();
+fn next_pause(interval: Duration, stated: Option<Duration>) -> Duration {
     jittered(interval).max(stated.unwrap_or_default())
 }
 
@@ -121,11 +118,7 @@ mod tests {
 
     #[test]
     fn a_stated_429_delay_pushes_the_next_pass_back() {
-        use crate::backend::BackendError;
-        let mut report = ResolveReport::default();
-        assert!(next_pause(Duration::from_secs(10), &report) <= Duration::from_secs(11));
-        let limited = BackendError::new(ErrorKind::RateLimited(Some(Duration::from_secs(120))), "(429)");
-        report.failed.push(("A".into(), limited));
-        assert_eq!(next_pause(Duration::from_secs(10), &report), Duration::from_secs(120));
+        assert!(next_pause(Duration::from_secs(10), None) <= Duration::from_secs(11));
+        assert_eq!(next_pause(Duration::from_secs(10), Some(Duration::from_secs(120))), Duration::from_secs(120));
     }
 }

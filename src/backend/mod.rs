@@ -11,6 +11,7 @@ pub mod connect;
 pub mod file;
 pub mod op;
 mod op_batch;
+mod op_errors;
 mod retry;
 mod tls;
 

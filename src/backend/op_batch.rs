@@ -41,17 +41,6 @@ pub(super) trait OpRunner: Send + Sync {
     ) -> BoxFuture<'a, Result<Value, BackendError>>;
 }
 
-impl OpRunner for super::op::OpCli {
-    fn run<'a>(
-        &'a self,
-        args: &'a [&'a str],
-        stdin: Option<&'a [u8]>,
-        names: &'a [&'a str],
-    ) -> BoxFuture<'a, Result<Value, BackendError>> {
-        Box::pin(self.call(args, stdin, names))
-    }
-}
-
 /// How a pass may spend processes.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Plan<'a> {
@@ -207,9 +196,10 @@ async fn inject_retrying(
                 // Classified again with only the names of the reference the error is about: the
                 // names of a whole batch are many, and blanking them all can hide the wording.
                 match named_reference(&err, refs) {
-                    Some(bad) => {
-                        BackendError::new(super::op::classify_text(&err.message, &refs[bad].names()), err.message)
-                    }
+                    Some(bad) => BackendError::new(
+                        super::op_errors::classify_text(&err.message, &refs[bad].names()),
+                        err.message,
+                    ),
                     None => err,
                 }
             })?;

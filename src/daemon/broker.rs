@@ -55,6 +55,17 @@ pub struct ResolveReport {
 }
 
 impl ResolveReport {
+    /// The longest delay 1Password stated in a 429 during the pass, if any.
+    pub fn stated_delay(&self) -> Option<Duration> {
+        self.failed
+            .iter()
+            .filter_map(|(_, err)| match err.kind {
+                ErrorKind::RateLimited(Some(delay)) => Some(delay),
+                _ => None,
+            })
+            .max()
+    }
+
     /// One line naming every failure, for errors and replies (no values, only names).
     pub fn failure_summary(&self) -> String {
         self.failed
