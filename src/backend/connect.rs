@@ -631,20 +631,12 @@ impl Item {
             Some(name) => Some(self.section_id(name)?),
             None => None,
         };
-        let in_section = |f: &&Json| match &section {
+        let in_section = |f: &Json| match &section {
             None => true,
             Some(id) => f.get("section").and_then(|s| s.get("id")).and_then(Json::as_str) == Some(id.as_str()),
         };
-        let names = |f: &Json| -> Vec<String> {
-            [f.get("label"), f.get("id")].into_iter().flatten().filter_map(Json::as_str).map(str::to_string).collect()
-        };
-        let wanted = r.field.to_lowercase();
         let fields = self.fields();
-        fields
-            .iter()
-            .filter(in_section)
-            .find(|f| names(f).contains(&r.field))
-            .or_else(|| fields.iter().filter(in_section).find(|f| names(f).iter().any(|n| n.to_lowercase() == wanted)))
+        super::find_field(fields, &r.field, in_section).map(|i| &fields[i])
     }
 
     fn field_value(&self, r: &SecretRef) -> Result<Value, BackendError> {

@@ -171,6 +171,24 @@ pub fn value_text(value: &[u8]) -> Result<&str, BackendError> {
         .map_err(|_| BackendError::new(ErrorKind::Invalid, "1Password fields hold text; the value is not UTF-8"))
 }
 
+/// The index of the field of `fields` named `name` (its label or its id) among those
+/// `in_section` accepts: an exact match first, then one without regard to case. The `op` and
+/// Connect item finders share it; each says what "in the section" means for its JSON.
+pub(crate) fn find_field(
+    fields: &[serde_json::Value],
+    name: &str,
+    in_section: impl Fn(&serde_json::Value) -> bool,
+) -> Option<usize> {
+    fn names(f: &serde_json::Value) -> Vec<&str> {
+        [f.get("label"), f.get("id")].into_iter().flatten().filter_map(serde_json::Value::as_str).collect()
+    }
+    let wanted = name.to_lowercase();
+    fields
+        .iter()
+        .position(|f| in_section(f) && names(f).contains(&name))
+        .or_else(|| fields.iter().position(|f| in_section(f) && names(f).iter().any(|n| n.to_lowercase() == wanted)))
+}
+
 /// Parses a delay like "retry in 3 minutes" / "try again in 10 seconds" out of a 429 message,
 /// at most [`MAX_RETRY_AFTER`].
 pub fn parse_retry_after(message: &str) -> Option<Duration> {

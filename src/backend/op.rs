@@ -297,23 +297,13 @@ impl ItemJson {
     /// label or id) when the reference has one. Exact match first, then case-insensitive.
     fn find_field(&self, r: &SecretRef) -> Option<usize> {
         let fields = self.0.get("fields")?.as_array()?;
-        let section_ok = |f: &Json| match &r.section {
+        let in_section = |f: &Json| match &r.section {
             None => true,
             Some(want) => f.get("section").is_some_and(|s| {
                 [s.get("label"), s.get("id")].into_iter().flatten().filter_map(Json::as_str).any(|v| v == want)
             }),
         };
-        let name_of = |f: &Json, key: &str| f.get(key).and_then(Json::as_str).map(str::to_string);
-        let matches = |exact: bool| {
-            fields.iter().position(|f| {
-                section_ok(f)
-                    && [name_of(f, "label"), name_of(f, "id")]
-                        .into_iter()
-                        .flatten()
-                        .any(|n| if exact { n == r.field } else { n.eq_ignore_ascii_case(&r.field) })
-            })
-        };
-        matches(true).or_else(|| matches(false))
+        super::find_field(fields, &r.field, in_section)
     }
 
     /// The value of the field `r` names (the fuzz target reads fields through it; resolution
