@@ -565,6 +565,11 @@ fn a_long_retry_after_in_an_id_lookup_holds_up_neither_other_sets_nor_the_stop()
 /// A self-signed certificate made the usual way (`openssl req -x509`, which marks it CA:TRUE)
 /// for localhost/127.0.0.1: (certificate, key).
 fn self_signed(dir: &TestDir) -> (PathBuf, PathBuf) {
+    self_signed_for(dir, "DNS:localhost,IP:127.0.0.1")
+}
+
+/// [`self_signed`] for the names `san` (an openssl subjectAltName value).
+fn self_signed_for(dir: &TestDir, san: &str) -> (PathBuf, PathBuf) {
     let (cert, key) = (dir.join("self.pem"), dir.join("self.key"));
     let args = [
         "req",
@@ -579,7 +584,7 @@ fn self_signed(dir: &TestDir) -> (PathBuf, PathBuf) {
         "-subj",
         "/CN=localhost",
         "-addext",
-        "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        &format!("subjectAltName={san}"),
         "-keyout",
         &key.display().to_string(),
         "-out",
@@ -624,4 +629,18 @@ fn a_certificate_refused_is_a_permanent_failure_that_says_what_to_do() {
     assert!(!stderr.contains("retry 1/"), "a certificate failure was retried: {stderr}");
     assert!(!stderr.contains("(transient)"), "{stderr}");
     assert_eq!(fake.stats()["requests"], 0, "a request got through an untrusted connection");
+}
+
+#[test]
+fn a_self_signed_certificate_for_another_name_is_refused() {
+    let dir = TestDir::new("cn-name");
+    let (cert, key) = self_signed_for(&dir, "DNS:connect.example");
+    let items = json!([item("Api", &[("key", "v", None)])]);
+    let fake = FakeConnect::start(&dir, json!([{"id": new_id(), "name": "V", "items": items}]), Some((&cert, &key)));
+    let out = daemon(&dir, &fake, &[("KEY", "op://V/Api/key".into())])
+        .env("SSL_CERT_FILE", cert.display().to_string())
+        .output();
+    assert_eq!(out.status.code(), Some(69), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not trusted"), "{}", describe(&out));
+    assert_eq!(fake.stats()["requests"], 0, "a request got through to a server of another name");
 }
