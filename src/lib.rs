@@ -66,6 +66,9 @@ pub mod exit {
     pub const UNREACHABLE: u8 = 3;
     /// `set`: accepted and queued, but not stored in 1Password yet (it will be; EX_TEMPFAIL).
     pub const PENDING: u8 = 75;
+    /// `set`: queued, but neither stored in 1Password yet nor journaled (`--cache` could not be
+    /// written): a restart before 1Password answers loses it (EX_IOERR).
+    pub const NOT_JOURNALED: u8 = 74;
     /// Required secrets could not be resolved; the child was not started (EX_UNAVAILABLE).
     pub const SECRETS_UNAVAILABLE: u8 = 69;
     /// Pending write-backs could not be stored before exit (EX_TEMPFAIL).

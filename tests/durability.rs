@@ -52,8 +52,7 @@ fn builder(s: &Setup, mode: &str, watch: bool) -> BrokerBuilder {
         .args(["--cache".to_string(), cache_path(s).display().to_string(), "--retries".into(), "1".into()])
         .env("OP_SERVICE_ACCOUNT_TOKEN", TOKEN);
     if watch {
-        b.args(["--watch".to_string(), format!("{}=CREDS={CREDS_REF}", s.file.display())])
-            .args(["--debounce", "100ms"])
+        b.args(["--watch".to_string(), format!("{}=CREDS={CREDS_REF}", s.file.display())]).args(["--debounce", "100ms"])
     } else {
         b.env("OP_API_REF", "op://Dev/api/credential")
     }
@@ -238,11 +237,7 @@ fn a_pending_journaled_rotation_wins_over_1password_at_start_whatever_the_item_t
     assert_eq!(file_text(&s), "C1-pending", "the app would start on 1Password's older value\n{}", broker.stderr());
     assert_eq!(get(&broker, "CREDS"), b"C1-pending");
     s.fake.control(json!({}));
-    assert!(
-        eventually(Duration::from_secs(30), || creds_in_1password(&s) == "C1-pending"),
-        "{}",
-        broker.stderr()
-    );
+    assert!(eventually(Duration::from_secs(30), || creds_in_1password(&s) == "C1-pending"), "{}", broker.stderr());
 }
 
 #[test]
@@ -253,11 +248,7 @@ fn a_file_rotated_while_op_bridge_was_down_is_written_back_although_it_looks_old
 
     let broker = builder(&s, "daemon", true).args(["--cache-fresh", "0s"]).start();
     assert_eq!(file_text(&s), "C2-local", "a local rotation was rolled back\n{}", broker.stderr());
-    assert!(
-        eventually(Duration::from_secs(30), || creds_in_1password(&s) == "C2-local"),
-        "{}",
-        broker.stderr()
-    );
+    assert!(eventually(Duration::from_secs(30), || creds_in_1password(&s) == "C2-local"), "{}", broker.stderr());
 }
 
 #[test]
@@ -288,11 +279,7 @@ fn when_both_the_file_and_1password_changed_the_file_wins_and_the_conflict_is_lo
 
     let broker = builder(&s, "daemon", true).args(["--cache-fresh", "0s"]).start();
     assert_eq!(file_text(&s), "C2-local", "{}", broker.stderr());
-    assert!(
-        eventually(Duration::from_secs(30), || creds_in_1password(&s) == "C2-local"),
-        "{}",
-        broker.stderr()
-    );
+    assert!(eventually(Duration::from_secs(30), || creds_in_1password(&s) == "C2-local"), "{}", broker.stderr());
     let log = broker.stderr();
     assert!(log.contains("both changed"), "{log}");
     assert!(!log.contains("C2-local") && !log.contains("C3-remote"), "{log}");
