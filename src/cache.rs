@@ -595,6 +595,26 @@ mod tests {
     }
 
     #[test]
+    fn the_base_of_tracked_references_survives_a_reload_and_only_theirs() {
+        let dir = tempdir();
+        let (cache, _) = cache(&dir, "tok");
+        let watched = SecretRef::parse("op://v/i/watched").unwrap();
+        let other = SecretRef::parse("op://v/i/other").unwrap();
+        cache.track_held([watched.clone()]);
+        let journal = Journal::new(cache.clone());
+        journal.note_held([(&watched, &b"held-1"[..]), (&other, &b"not-kept"[..])]);
+        assert!(journal.held_at_start(&watched).is_none(), "the base at start does not move during the run");
+
+        let (reopened, _) = self::cache(&dir, "tok");
+        reopened.track_held([watched.clone()]);
+        reopened.load().unwrap().unwrap();
+        let journal = Journal::new(reopened.clone());
+        assert_eq!(journal.held_at_start(&watched).unwrap().as_slice(), b"held-1");
+        assert!(journal.held_at_start(&other).is_none());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn no_token_means_no_cache() {
         let options =
             CacheOptions { path: "/nonexistent/cache".into(), fresh: Duration::ZERO, max_stale: Duration::ZERO };

@@ -26,7 +26,8 @@
 //!   separation (`run --user`, `--op-user`, the `op` mode check).
 //! - [`watch`]: credential-file watching (capture, debounce, materialization);
 //!   [`writeback`]: the per-target write-back queue that never drops a rotation.
-//! - [`cache`]: the sealed restart cache and the write-back journal; [`refresh`]: the
+//! - [`cache`]: the sealed restart cache and the write-back journal, a store the daemon drives
+//!   (`daemon::recovery`: start-up from the cache, journal replay); [`refresh`]: the
 //!   periodic refresh timer and the read meter.
 //! - [`hardening`]: no dumps, not dumpable, memlock reporting.
 //! - [`logging`]: the lossy non-blocking writers behind stderr logging and the audit log.

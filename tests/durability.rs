@@ -196,6 +196,23 @@ fn an_unreadable_cache_file_is_moved_aside_and_never_overwritten() {
 }
 
 #[test]
+fn a_cache_path_that_cannot_be_read_is_left_alone_and_nothing_is_journaled() {
+    let s = setup("dur-leftalone");
+    // Not a file op-bridge can read (nor move aside without losing track of it): a directory.
+    std::fs::create_dir_all(cache_path(&s)).unwrap();
+    std::fs::write(cache_path(&s).join("keep"), "kept").unwrap();
+    let broker = builder(&s, "daemon", false).start();
+    assert_eq!(get(&broker, "API"), b"key-1");
+    assert!(broker.stderr().contains("left as it is"), "{}", broker.stderr());
+    s.fake.control(json!({"outage": true}));
+    let out = broker.client(&["set", "API", "-"], Some(b"rotated"));
+    assert_eq!(out.status.code(), Some(74), "{}", describe(&out));
+    stop(broker);
+    assert_eq!(std::fs::read_to_string(cache_path(&s).join("keep")).unwrap(), "kept");
+    assert_eq!(std::fs::read_dir(cache_dir(&s)).unwrap().count(), 1, "something was written beside it");
+}
+
+#[test]
 fn a_journal_write_that_fails_is_not_acknowledged_as_durable() {
     let s = setup("dur-nojournal");
     let broker = builder(&s, "daemon", false).start();
