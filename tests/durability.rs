@@ -230,6 +230,8 @@ fn a_journal_write_that_fails_is_not_acknowledged_as_durable() {
     let target = st["writeback"]["targets"].as_array().unwrap().iter().find(|t| t["name"] == "API").unwrap().clone();
     assert!(target["not_journaled"].is_string(), "{st}");
     assert_eq!(st["writeback"]["not_journaled"], 1, "{st}");
+    let text = broker.client(&["status"], None);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("NOT journaled: 1"), "{}", describe(&text));
     let log = broker.stderr();
     assert!(log.contains("NOT journaled") && log.contains("op://Dev/api/credential"), "{log}");
     assert!(!log.contains("rotated-not-journaled") && !st.to_string().contains("rotated-not-journaled"));
