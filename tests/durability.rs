@@ -243,6 +243,48 @@ fn a_journal_write_that_fails_is_not_acknowledged_as_durable() {
 }
 
 #[test]
+fn a_full_filesystem_under_the_journal_is_reported_never_acknowledged_as_durable() {
+    let s = setup("dur-diskfull");
+    // The cache's directory is a tiny tmpfs of the broker's own mount namespace.
+    let plain = builder(&s, "daemon", false).command();
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--mount", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs \"$0\" && exec \"$@\""])
+        .arg(cache_dir(&s))
+        .arg(plain.get_program())
+        .args(plain.get_args())
+        .env_clear()
+        .envs(plain.get_envs().filter_map(|(k, v)| Some((k, v?))));
+    let stderr_path = s.dir.join("diskfull.stderr");
+    let stdout_path = s.dir.join("diskfull.stdout");
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&stdout_path).unwrap())
+        .stderr(std::fs::File::create(&stderr_path).unwrap());
+    let mut broker = Broker { child: cmd.spawn().unwrap(), socket: s.dir.join("s.sock"), stderr_path, stdout_path };
+    broker.wait_ready(Duration::from_secs(20));
+    assert_eq!(get(&broker, "API"), b"key-1");
+    // Fill what the cache file left free (seen through the broker's root).
+    let inside = PathBuf::from(format!("/proc/{}/root{}", broker.pid(), cache_dir(&s).display()));
+    assert!(inside.join("secrets.cache").exists(), "no cache on the tmpfs\n{}", broker.stderr());
+    let mut filler = std::fs::File::create(inside.join("filler")).unwrap();
+    while std::io::Write::write_all(&mut filler, &[0u8; 4096]).is_ok() {}
+    drop(filler);
+
+    s.fake.control(json!({"outage": true}));
+    let out = broker.client(&["set", "API", "-"], Some(b"rotated-disk-full"));
+    assert_eq!(out.status.code(), Some(74), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not journaled"), "{}", describe(&out));
+    assert!(broker.stderr().contains("NOT journaled"), "{}", broker.stderr());
+    assert_eq!(status(&broker)["writeback"]["not_journaled"], 1);
+
+    // Space again and 1Password back: stored, and journaled values are durable again.
+    std::fs::remove_file(inside.join("filler")).unwrap();
+    s.fake.control(json!({}));
+    let stored = || s.fake.read_store()["Dev"]["api"]["credential"] == "rotated-disk-full";
+    assert!(eventually(Duration::from_secs(30), stored), "{}", broker.stderr());
+    assert!(eventually(Duration::from_secs(10), || status(&broker)["writeback"]["not_journaled"] == 0));
+}
+
+#[test]
 fn a_pending_journaled_rotation_wins_over_1password_at_start_whatever_the_item_time() {
     let s = setup("dur-pendwins");
     warm_watched(&s);
