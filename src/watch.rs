@@ -332,8 +332,8 @@ async fn initial_sync(spec: WatchSpec, broker: &WatchContext, options: &WatchOpt
             match resolved {
                 Some((value, generation)) if value[..] == content[..] => state.file_generation = generation,
                 Some((value, generation)) if !file_wins(&state.spec, &content, &value, broker).await => {
-                    // 1Password changed after the file did: the file is stale (a replica or a
-                    // person rotated it meanwhile). Keep 1Password's value, bring the file up.
+                    // The served value is newer (1Password's, rotated by a replica or a person, or
+                    // a journaled write-back not stored yet): keep it, bring the file up.
                     write_atomic(&path, &value, Some(0o600))
                         .map_err(|e| format!("cannot rewrite {}: {e}", path.display()))?;
                     state.last_seen = Some(LockedBytes::new(&value));
