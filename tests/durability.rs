@@ -135,6 +135,7 @@ fn a_rotation_journaled_before_kill_9_is_stored_after_a_restart_within_cache_fre
     warm_watched(&s);
     rotate_during_outage_then_crash(&s, "C1-rotated");
     s.fake.control(json!({}));
+    let _ = std::fs::remove_file(&s.fake.log);
 
     let broker = builder(&s, "daemon", true).start();
     assert!(
@@ -145,6 +146,9 @@ fn a_rotation_journaled_before_kill_9_is_stored_after_a_restart_within_cache_fre
     );
     assert_eq!(file_text(&s), "C1-rotated");
     assert_eq!(get(&broker, "CREDS"), b"C1-rotated");
+    // Within --cache-fresh the only read is the one comparing the journal with 1Password.
+    let reads = s.fake.calls().iter().filter(|c| matches!(c["argv"][0].as_str(), Some("read" | "inject"))).count();
+    assert_eq!(reads, 1, "{:?}", s.fake.calls());
 }
 
 #[test]
@@ -359,6 +363,22 @@ fn a_journaled_set_is_served_at_start_before_the_replay_lands() {
         .args(["--grace", "1s", "--export", "API", "--", "sh", "-c", "printf %s \"$API\""])
         .output();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "rotated-single-use", "{}", describe(&out));
+}
+
+#[test]
+fn a_journaled_value_whose_name_is_no_longer_configured_is_stored_and_served_under_that_name() {
+    let s = setup("dur-unnamed");
+    set_during_outage_then_crash(&s, b"api-rotated");
+    s.fake.control(json!({}));
+    let broker = BrokerBuilder::new(&s.dir, "daemon")
+        .fake_op(&s.fake)
+        .args(["--cache".to_string(), cache_path(&s).display().to_string(), "--retries".into(), "1".into()])
+        .env("OP_SERVICE_ACCOUNT_TOKEN", TOKEN)
+        .env("OP_DB_REF", "op://Dev/db/password")
+        .start();
+    assert_eq!(get(&broker, "API"), b"api-rotated");
+    let stored = || s.fake.read_store()["Dev"]["api"]["credential"] == "api-rotated";
+    assert!(eventually(Duration::from_secs(30), stored), "{}", broker.stderr());
 }
 
 #[test]
