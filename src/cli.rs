@@ -240,8 +240,8 @@ pub struct BrokerArgs {
     /// neither the command nor op-bridge shares a uid with the processes holding the token.
     #[arg(long, env = "OP_BRIDGE_OP_USER", value_name = "USER[:GROUP]", value_parser = check_user_spec)]
     pub op_user: Option<String>,
-    /// Socket clients cause at most one refresh per this interval; a REFRESH within it gets
-    /// the last result (SIGHUP and the refresh timer are not limited).
+    /// REFRESH and SIGHUP cause at most one refresh per this interval; one that comes within
+    /// it waits for a trailing refresh at the interval's end (the refresh timer is not limited).
     #[arg(long, env = "OP_BRIDGE_REFRESH_MIN_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub refresh_min_interval: Duration,
     /// Bytes in flight across all connections (framed values, long request lines, replies

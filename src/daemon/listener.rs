@@ -242,16 +242,14 @@ pub async fn serve(
     listener: &UnixListener,
     broker: Arc<Broker>,
     audit: Option<Arc<AuditLog>>,
+    refresh: Arc<RefreshGate>,
     options: ServeOptions,
     shutdown: CancellationToken,
 ) {
     // The effective uid, as at bind and in the client's check of the server.
     let own_uid = nix::unistd::geteuid().as_raw();
     let permits = Arc::new(Semaphore::new(options.max_connections));
-    let shared = Shared {
-        budget: ByteBudget::new(options.max_inflight_bytes),
-        refresh: RefreshGate::new(broker.clone(), options.refresh_min_interval),
-    };
+    let shared = Shared { budget: ByteBudget::new(options.max_inflight_bytes), refresh };
     let tracker = TaskTracker::new();
     loop {
         let accepted = tokio::select! {

@@ -338,14 +338,17 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
         privsep::warn_if_op_exposed(&op, op_user.as_ref().map(|u| (u.uid, u.gid)), user.as_ref().map(|u| u.uid));
     }
 
-    // Resolve secrets, but let a stop signal abort a slow start-up.
+    // Resolve secrets, but let a stop signal abort a slow start-up. Other signals wait for
+    // the command: the loop below takes them first, as if they came just after it started.
+    let mut queued = Vec::new();
     let service = tokio::select! {
         started = Service::start(&config, &reaper, env) => Arc::new(started?),
-        number = crate::process::wait_for_stop(&mut signals) => {
+        number = crate::process::wait_for_stop(&mut signals, &mut queued) => {
             tracing::warn!("{} during start-up; exiting without starting the command", signal_name(number));
             return Ok(u8::try_from(128 + number).unwrap_or(255));
         }
     };
+    let mut signals = crate::process::requeue(queued, signals);
     if let Some(user) = &user {
         privsep::grant_socket(service.socket_path(), user).map_err(|e| config_err(e.to_string()))?;
     }
@@ -388,8 +391,7 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
                 Some(number) = signals.recv() => match number {
                     sig::SIGHUP => {
                         if matches!(args.hup, HupMode::Refresh | HupMode::Both) {
-                            let service = service.clone();
-                            tokio::spawn(async move { service.refresh().await });
+                            service.request_refresh();
                         }
                         if matches!(args.hup, HupMode::Forward | HupMode::Both) {
                             child.forward(number);

@@ -1,0 +1,239 @@
+//! What the app's uid can make op-bridge do: REFRESH and SIGHUP (coalesced, every request
+//! answered by a pass that began after it), signals sent while op-bridge starts, the
+//! privileges of the command under `--user`, the `op` it may have planted, and floods of
+//! refused connections. Every test drives op-bridge from uid 1000 (setpriv), as PID 1 of a
+//! pid namespace (unshare) where that matters. Needs root.
+
+mod common;
+use common::*;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value as Json, json};
+
+/// The app's uid and gid.
+const APP: u32 = 1000;
+const LIMIT: Duration = Duration::from_secs(60);
+const AS_APP: [&str; 6] = ["setpriv", "--reuid", "1000", "--regid", "1000", "--clear-groups"];
+const AS_PID1: [&str; 4] = ["unshare", "--pid", "--fork", "--mount-proc"];
+
+fn require_root() {
+    // SAFETY: a plain query.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "tests/app_uid.rs needs root (setpriv, unshare, chown)");
+}
+
+fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn chown_tree(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).unwrap();
+    if path.is_dir() && !path.is_symlink() {
+        for entry in std::fs::read_dir(path).unwrap() {
+            chown_tree(&entry.unwrap().path(), uid, gid);
+        }
+    }
+}
+
+/// A test's files, all reachable by the app's uid: the fake `op` (a private copy), its store
+/// and call log, and python3 on PATH.
+struct Scene {
+    dir: TestDir,
+    fake: FakeOp,
+    fake_op: PathBuf,
+    path_env: String,
+}
+
+impl Scene {
+    fn new(tag: &str, store: Json) -> Scene {
+        require_root();
+        let dir = TestDir::new(tag);
+        chmod(dir.path(), 0o755);
+        let fake = FakeOp::new(&dir, store);
+        let fake_op = dir.join("fakeop");
+        std::fs::copy(fake_op_path(), &fake_op).unwrap();
+        chmod(&fake_op, 0o755);
+        std::fs::create_dir(dir.join("py")).unwrap();
+        std::os::unix::fs::symlink("/usr/bin/python3", dir.join("py/python3")).unwrap();
+        let path_env = format!("{}:/usr/local/bin:/usr/bin:/bin", dir.join("py").display());
+        Scene { dir, fake, fake_op, path_env }
+    }
+
+    /// Hands every file to the app's uid (for an op-bridge that runs as that uid), `op` included.
+    fn give_to_app(&self) {
+        chown_tree(self.dir.path(), APP, APP);
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("s.sock")
+    }
+
+    /// `PREFIX… op-bridge ARGS…` with the fake's environment and one secret, API_KEY.
+    fn command(&self, prefix: &[&str], args: &[&str]) -> Command {
+        let mut cmd = match prefix.split_first() {
+            Some((program, rest)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(rest).arg(bin());
+                cmd
+            }
+            None => Command::new(bin()),
+        };
+        cmd.args(args)
+            .env_clear()
+            .env("PATH", &self.path_env)
+            .env("HOME", "/")
+            .env("OP_API_KEY_REF", "op://AI/OpenAI/credential")
+            .env("OP_BRIDGE_OP_PATH", &self.fake_op)
+            .env("OP_BRIDGE_SOCKET", self.socket())
+            .envs(self.fake.env());
+        cmd
+    }
+
+    /// Calls of the fake that talk to 1Password (`--version` does not).
+    fn backend_calls(&self) -> usize {
+        self.fake
+            .calls()
+            .iter()
+            .filter(|c| c["argv"].as_array().is_some_and(|a| a.first() != Some(&json!("--version"))))
+            .count()
+    }
+}
+
+fn store(value: &str) -> Json {
+    json!({"AI": {"OpenAI": {"credential": value}}})
+}
+
+fn text(output: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+/// A client command run as the app's uid.
+fn client_as_app(scene: &Scene, args: &[&str]) -> Output {
+    let mut cmd = Command::new(AS_APP[0]);
+    cmd.args(&AS_APP[1..]).arg(bin()).args(args).arg("--socket").arg(scene.socket()).env_clear();
+    run_with_timeout(cmd, LIMIT)
+}
+
+// ---------------------------------------------------------------- REFRESH and SIGHUP
+
+/// A root daemon serving the app's uid, with a client interval of `interval`.
+fn daemon_for_app(scene: &Scene, interval: &str) -> Broker {
+    let mut cmd = scene.command(&[], &["daemon", "--allow-uid", "1000", "--refresh-min-interval", interval]);
+    let stderr_path = scene.dir.join("daemon.stderr");
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(scene.dir.join("daemon.stdout")).unwrap())
+        .stderr(std::fs::File::create(&stderr_path).unwrap());
+    let mut broker = Broker {
+        child: cmd.spawn().unwrap(),
+        socket: scene.socket(),
+        stderr_path,
+        stdout_path: scene.dir.join("daemon.stdout"),
+    };
+    broker.wait_ready(LIMIT);
+    broker
+}
+
+#[test]
+fn every_refresh_is_answered_by_a_pass_that_began_after_it_arrived() {
+    let scene = Scene::new("au-refresh", store("v1"));
+    let broker = daemon_for_app(&scene, "3s");
+    let first = client_as_app(&scene, &["refresh"]);
+    assert!(first.status.success(), "{}", describe(&first));
+
+    // Within the interval, after an upstream change: answered by a new (trailing) pass.
+    scene.fake.write_store(&store("v2"));
+    let started = Instant::now();
+    let second = client_as_app(&scene, &["refresh"]);
+    assert!(second.status.success(), "{}", describe(&second));
+    assert!(!text(&second).contains("ago"), "an older pass answered: {}", describe(&second));
+    let got = client_as_app(&scene, &["get", "API_KEY"]);
+    assert_eq!(String::from_utf8_lossy(&got.stdout), "v2", "{}\n{}", describe(&got), broker.stderr());
+    eprintln!("measured: a REFRESH inside the 3s interval waited {:?} for its pass", started.elapsed());
+
+    // A REFRESH that arrives while a pass runs waits for the next one, which sees the change.
+    // The running pass read v2 and answers late; the interval is over when it starts.
+    std::thread::sleep(Duration::from_millis(3500));
+    scene.fake.control(json!({"item_delay_ms": {"OpenAI": 2000}}));
+    let socket = scene.socket();
+    let running = std::thread::spawn(move || raw_exchange(&socket, b"REFRESH\n", LIMIT).unwrap());
+    std::thread::sleep(Duration::from_millis(1000));
+    scene.fake.write_store(&store("v3"));
+    let late = client_as_app(&scene, &["refresh"]);
+    assert!(late.status.success(), "{}", describe(&late));
+    let got = client_as_app(&scene, &["get", "API_KEY"]);
+    assert_eq!(String::from_utf8_lossy(&got.stdout), "v3", "{}\n{}", describe(&got), broker.stderr());
+    let _ = running.join();
+}
+
+/// The init as PID 1 and the app as the same uid: the app may signal it, and 30 SIGHUPs cost
+/// no more than the pass the first one starts and one trailing pass.
+#[test]
+fn a_sighup_flood_from_the_app_costs_at_most_two_passes() {
+    let scene = Scene::new("au-hup", store("v1"));
+    scene.give_to_app();
+    let script = "i=0; while [ $i -lt 30 ]; do kill -HUP 1 || echo kill-failed; i=$((i+1)); sleep 0.02; done; sleep 4";
+    let prefix: Vec<&str> = AS_PID1.iter().chain(AS_APP.iter()).copied().collect();
+    let output = run_with_timeout(
+        scene.command(&prefix, &["run", "--refresh-min-interval", "2s", "--", "sh", "-c", script]),
+        LIMIT,
+    );
+    assert!(output.status.success(), "{}", describe(&output));
+    assert!(!text(&output).contains("kill-failed"), "{}", describe(&output));
+    let calls = scene.backend_calls();
+    eprintln!("measured: start-up + 30 SIGHUPs from the app cost {calls} op calls (one per pass)");
+    assert!(calls >= 2, "the SIGHUPs did not refresh at all ({calls} calls)\n{}", describe(&output));
+    assert!(calls <= 3, "30 SIGHUPs cost {} op calls after start-up\n{}", calls - 1, describe(&output));
+}
+
+/// Under `--user`, a root op-bridge is out of the app's reach: `kill` is refused.
+#[test]
+fn the_app_under_user_cannot_signal_a_root_op_bridge() {
+    let scene = Scene::new("au-hup-root", store("v1"));
+    let prefix: Vec<&str> = AS_PID1.to_vec();
+    let script = "kill -HUP 1 2>/dev/null && echo signalled || echo refused";
+    let output = run_with_timeout(scene.command(&prefix, &["run", "--user", "1000", "--", "sh", "-c", script]), LIMIT);
+    assert!(output.status.success(), "{}", describe(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("refused"), "{}", describe(&output));
+    assert_eq!(scene.backend_calls(), 1, "{}", describe(&output));
+}
+
+// ---------------------------------------------------------------- signals during start-up
+
+/// SIGUSR1 sent while the secrets are still being resolved reaches the command once it
+/// exists: the command (a `sleep`, which does not handle it) dies of it, and its status passes
+/// through.
+#[test]
+fn a_signal_sent_during_start_up_is_delivered_to_the_command() {
+    let scene = Scene::new("au-early", store("v1"));
+    scene.give_to_app();
+    scene.fake.control(json!({"delay_ms": 1500}));
+    let mut cmd = scene.command(&AS_APP, &["run", "--log-level", "info", "--", "sleep", "20"]);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(scene.dir.join("out")).unwrap())
+        .stderr(std::fs::File::create(scene.dir.join("err")).unwrap());
+    let mut child = cmd.spawn().unwrap();
+    // setpriv execs op-bridge: same pid. Signal it once it is resolving (the fake has logged
+    // nothing yet: it is sleeping).
+    std::thread::sleep(Duration::from_millis(700));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = std::fs::read_to_string(scene.dir.join("err")).unwrap_or_default();
+    let status = status.unwrap_or_else(|| panic!("the command never got SIGUSR1 (still running)\n{stderr}"));
+    assert_eq!(status.code(), Some(128 + libc::SIGUSR1), "{stderr}");
+    assert!(stderr.contains("start-up"), "the queued signal is not logged\n{stderr}");
+}
