@@ -317,6 +317,10 @@ pub struct RunArgs {
     /// to that user.
     #[arg(long, env = "OP_BRIDGE_USER", value_name = "USER[:GROUP]", value_parser = check_user_spec)]
     pub user: Option<String>,
+    /// With --user: let the command gain privileges again through setuid binaries and file
+    /// capabilities. By default it runs with no_new_privs and an empty capability bounding set.
+    #[arg(long, env = "OP_BRIDGE_ALLOW_PRIVILEGE_GAIN", value_parser = BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub allow_privilege_gain: bool,
     /// The command to supervise.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<OsString>,

@@ -237,3 +237,113 @@ fn a_signal_sent_during_start_up_is_delivered_to_the_command() {
     assert_eq!(status.code(), Some(128 + libc::SIGUSR1), "{stderr}");
     assert!(stderr.contains("start-up"), "the queued signal is not logged\n{stderr}");
 }
+
+// ---------------------------------------------------------------- the command's privileges
+
+fn status_field(output: &Output, key: &str) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} line\n{}", describe(output)))
+        .trim()
+        .to_string()
+}
+
+/// A setuid binary in the image cannot give the command back what `--user` took: the
+/// command runs with no_new_privs and an empty capability bounding set, unless the operator
+/// opts out with `--allow-privilege-gain`.
+#[test]
+fn the_command_under_user_cannot_regain_privileges_unless_allowed() {
+    let scene = Scene::new("au-nnp", store("v1"));
+    let show = ["sh", "-c", "grep -E '^(NoNewPrivs|CapBnd|CapPrm|CapEff):' /proc/self/status"];
+    let args: Vec<&str> = ["run", "--user", "1000", "--"].iter().chain(show.iter()).copied().collect();
+    let locked = run_with_timeout(scene.command(&AS_PID1, &args), LIMIT);
+    assert!(locked.status.success(), "{}", describe(&locked));
+    assert_eq!(status_field(&locked, "NoNewPrivs"), "1", "{}", describe(&locked));
+    assert_eq!(status_field(&locked, "CapBnd"), "0000000000000000", "{}", describe(&locked));
+    assert_eq!(status_field(&locked, "CapEff"), "0000000000000000", "{}", describe(&locked));
+
+    let args: Vec<&str> =
+        ["run", "--user", "1000", "--allow-privilege-gain", "--"].iter().chain(show.iter()).copied().collect();
+    let open = run_with_timeout(scene.command(&AS_PID1, &args), LIMIT);
+    assert!(open.status.success(), "{}", describe(&open));
+    assert_eq!(status_field(&open, "NoNewPrivs"), "0", "{}", describe(&open));
+    assert_ne!(status_field(&open, "CapBnd"), "0000000000000000", "{}", describe(&open));
+}
+
+/// The WARN of the start-up check when the app's uid could replace the `op` root runs.
+const OP_WRITABLE_WARNING: &str = "writable by uid 1000";
+
+#[test]
+fn an_op_the_app_can_replace_is_warned_about() {
+    let scene = Scene::new("au-opw", store("v1"));
+    // Root's op, root's directories: nothing to say.
+    let quiet = run_with_timeout(scene.command(&[], &["run", "--user", "1000", "--", "true"]), LIMIT);
+    assert!(quiet.status.success(), "{}", describe(&quiet));
+    assert!(!text(&quiet).contains(OP_WRITABLE_WARNING), "{}", describe(&quiet));
+
+    // The file is the app's.
+    std::os::unix::fs::lchown(&scene.fake_op, Some(APP), Some(APP)).unwrap();
+    let file = run_with_timeout(scene.command(&[], &["run", "--user", "1000", "--", "true"]), LIMIT);
+    assert!(file.status.success(), "{}", describe(&file));
+    assert!(text(&file).contains(OP_WRITABLE_WARNING), "{}", describe(&file));
+    std::os::unix::fs::lchown(&scene.fake_op, Some(0), Some(0)).unwrap();
+
+    // The directory it is in is the app's: the app can swap the file.
+    std::os::unix::fs::lchown(scene.dir.path(), Some(APP), Some(APP)).unwrap();
+    let dir = run_with_timeout(scene.command(&[], &["run", "--user", "1000", "--", "true"]), LIMIT);
+    assert!(dir.status.success(), "{}", describe(&dir));
+    assert!(text(&dir).contains(OP_WRITABLE_WARNING), "{}", describe(&dir));
+}
+
+// ---------------------------------------------------------------- refused connections
+
+const CONNECT_FLOOD: &str = r#"
+import socket, sys
+path, count = sys.argv[1], int(sys.argv[2])
+answered = 0
+for _ in range(count):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        s.settimeout(5)
+        if s.recv(200):
+            answered += 1
+    except OSError:
+        pass
+    finally:
+        s.close()
+print(f"answered={answered}", flush=True)
+"#;
+
+/// A uid that is not allowed floods the socket: the WARN per refused connection is
+/// rate-limited, so the log keeps its real lines, and the lines left out are counted.
+#[test]
+fn a_flood_of_refused_connections_does_not_flood_the_log() {
+    let scene = Scene::new("au-refused", store("v1"));
+    // The socket file itself would stop uid 1000 before op-bridge sees it: open it up, so
+    // the peer check is what refuses (as on a filesystem without ACLs).
+    let mut cmd = scene.command(&[], &["daemon", "--log-level", "info"]);
+    let stderr_path = scene.dir.join("daemon.stderr");
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap());
+    let mut broker =
+        Broker { child: cmd.spawn().unwrap(), socket: scene.socket(), stderr_path, stdout_path: scene.dir.join("x") };
+    broker.wait_ready(LIMIT);
+    chmod(&scene.socket(), 0o666);
+    std::fs::write(scene.dir.join("flood.py"), CONNECT_FLOOD).unwrap();
+    chmod(&scene.dir.join("flood.py"), 0o644);
+    let mut flood = Command::new(AS_APP[0]);
+    flood.args(&AS_APP[1..]).arg("/usr/bin/python3").arg(scene.dir.join("flood.py")).arg(scene.socket()).arg("300");
+    let flooded = run_with_timeout(flood, LIMIT);
+    assert!(String::from_utf8_lossy(&flooded.stdout).contains("answered=300"), "{}", describe(&flooded));
+    broker.signal(libc::SIGTERM);
+    broker.wait(LIMIT);
+    let stderr = broker.stderr();
+    let lines = stderr.lines().filter(|l| l.contains("refused connection")).count();
+    eprintln!("measured: 300 refused connections wrote {lines} refusal lines");
+    assert!(lines <= 3, "{lines} refusal lines\n{stderr}");
+    assert!(stderr.contains("299 more"), "the lines left out are not counted\n{stderr}");
+}

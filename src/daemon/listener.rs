@@ -251,6 +251,8 @@ pub async fn serve(
     let permits = Arc::new(Semaphore::new(options.max_connections));
     let shared = Shared { budget: ByteBudget::new(options.max_inflight_bytes), refresh };
     let tracker = TaskTracker::new();
+    let mut refusals = Throttled::default();
+    let mut busy = Throttled::default();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -273,7 +275,14 @@ pub async fn serve(
             }
         };
         if peer.uid != own_uid && peer.uid != 0 && !options.allow_uids.contains(&peer.uid) {
-            tracing::warn!(uid = peer.uid, pid = peer.pid, "refused connection from a uid that is not allowed");
+            if let Some(left_out) = refusals.allow() {
+                tracing::warn!(
+                    uid = peer.uid,
+                    pid = peer.pid,
+                    "refused connection from a uid that is not allowed{}",
+                    since(left_out, "refused")
+                );
+            }
             if let Some(audit) = &audit {
                 audit.record(&peer, "CONNECT", None, "denied");
             }
@@ -281,7 +290,13 @@ pub async fn serve(
             continue;
         }
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(max = options.max_connections, "connection limit reached; refusing a connection");
+            if let Some(left_out) = busy.allow() {
+                tracing::warn!(
+                    max = options.max_connections,
+                    "connection limit reached; refusing a connection{}",
+                    since(left_out, "turned away")
+                );
+            }
             refuse(stream, format!("ERR {}too many connections\n", crate::protocol::BUSY));
             continue;
         };
@@ -293,9 +308,47 @@ pub async fn serve(
             drop(permit);
         });
     }
+    if refusals.left_out > 0 {
+        tracing::warn!("{} more refused connections from uids that are not allowed were not logged", refusals.left_out);
+    }
+    if busy.left_out > 0 {
+        tracing::warn!("{} more connections turned away at the connection limit were not logged", busy.left_out);
+    }
     tracker.close();
     if tokio::time::timeout(options.drain, tracker.wait()).await.is_err() {
         tracing::warn!(open = tracker.len(), "connections still open after the drain period; closing them");
+    }
+}
+
+/// How often a WARN that a flood repeats may be written.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// A WARN that a flood of connections could repeat without end, written at most once per
+/// [`WARN_EVERY`] so that the log keeps its real lines; the occurrences left out are counted
+/// on the next line written, and at the end of the accept loop.
+#[derive(Default)]
+struct Throttled {
+    last: Option<tokio::time::Instant>,
+    left_out: u64,
+}
+
+impl Throttled {
+    /// Whether a line may be written now: then the number left out before it.
+    fn allow(&mut self) -> Option<u64> {
+        let now = tokio::time::Instant::now();
+        if self.last.is_some_and(|last| now.duration_since(last) < WARN_EVERY) {
+            self.left_out += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.left_out))
+    }
+}
+
+fn since(left_out: u64, what: &str) -> String {
+    match left_out {
+        0 => String::new(),
+        n => format!(" ({n} more {what} since the last line)"),
     }
 }
 

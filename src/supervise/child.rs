@@ -109,13 +109,15 @@ pub fn give_terminal(group: i32) {
 /// terminal's foreground when the first command started), the command joins op-bridge's
 /// session in a group of its own and takes the foreground, even from a predecessor that
 /// still holds it after exiting; otherwise it gets a session of its own. With `user`
-/// (`run --user`) the command runs as that user, with `HOME` from its passwd entry.
+/// (`run --user`) the command runs as that user, with `HOME` from its passwd entry, and
+/// with `lock_privileges` it can never gain privileges again (see [`Switch`]).
 pub fn spawn(
     reaper: &Reaper,
     argv: &[OsString],
     env: &[(OsString, OsString)],
     terminal: bool,
     user: Option<&Identity>,
+    lock_privileges: bool,
 ) -> Result<Process, SpawnError> {
     let program = argv.first().ok_or_else(|| SpawnError::NotFound(String::new()))?;
     let path = locate(program, env)?;
@@ -128,11 +130,11 @@ pub fn spawn(
     if let Some(dir) = start_dir() {
         command.current_dir(dir);
     }
-    let switch = user.and_then(Switch::to);
+    let switch = user.and_then(|user| Switch::to(user, lock_privileges));
     let limits: &'static [SavedLimit] = START_LIMITS.get().map(Vec::as_slice).unwrap_or(&[]);
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
-    // (setpgid, setsid, sigprocmask, tcsetpgrp, signal, getpid, setrlimit, setgroups, setgid,
-    // setuid) on data prepared before the fork.
+    // (setpgid, setsid, sigprocmask, tcsetpgrp, signal, getpid, setrlimit, prctl, setgroups,
+    // setgid, setuid) on data prepared before the fork.
     unsafe {
         command.pre_exec(move || prepare_child(terminal, limits, switch.as_ref()));
     }

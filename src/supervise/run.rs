@@ -222,7 +222,7 @@ fn spawn_command(
     user: Option<&Identity>,
 ) -> Result<Result<Process, SpawnError>, StartError> {
     let env = child_env.build(service).map_err(StartError::SecretsUnavailable)?;
-    Ok(child::spawn(reaper, &args.command, &env, terminal, user))
+    Ok(child::spawn(reaper, &args.command, &env, terminal, user, !args.allow_privilege_gain))
 }
 
 fn signal_name(number: i32) -> String {
@@ -336,6 +336,9 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
         }
     {
         privsep::warn_if_op_exposed(&op, op_user.as_ref().map(|u| (u.uid, u.gid)), user.as_ref().map(|u| u.uid));
+        if let Some(user) = user.as_ref().filter(|u| !u.is_current()) {
+            privsep::warn_if_op_replaceable(&op, user);
+        }
     }
 
     // Resolve secrets, but let a stop signal abort a slow start-up. Other signals wait for
