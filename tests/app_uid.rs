@@ -347,3 +347,89 @@ fn a_flood_of_refused_connections_does_not_flood_the_log() {
     assert!(lines <= 3, "{lines} refusal lines\n{stderr}");
     assert!(stderr.contains("299 more"), "the lines left out are not counted\n{stderr}");
 }
+
+// ---------------------------------------------------------------- fair shares
+
+const HOLD_CONNECTIONS: &str = r#"
+import resource, socket, sys, time
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+path, count, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+conns = []
+for _ in range(count):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    if mode == "set":
+        # A 1 MiB framed value, announced and then trickled: its bytes are reserved at once.
+        s.sendall(b"HELLO 2\nSET FLOOD - 1048576\n" + b"x" * 16)
+    conns.append(s)
+time.sleep(1)
+busy = 0
+for s in conns:
+    s.setblocking(False)
+    try:
+        if b"busy" in s.recv(4096):
+            busy += 1
+    except BlockingIOError:
+        pass
+print(f"held={count - busy} busy={busy}", flush=True)
+sys.stdin.read()
+"#;
+
+/// Runs HOLD_CONNECTIONS as the app's uid; returns it (holding) and its summary line.
+fn hold_as_app(scene: &Scene, count: usize, mode: &str) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    std::fs::write(scene.dir.join("hold.py"), HOLD_CONNECTIONS).unwrap();
+    chmod(&scene.dir.join("hold.py"), 0o644);
+    let mut cmd = Command::new(AS_APP[0]);
+    cmd.args(&AS_APP[1..])
+        .arg("/usr/bin/python3")
+        .arg(scene.dir.join("hold.py"))
+        .arg(scene.socket())
+        .arg(count.to_string())
+        .arg(mode)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    (child, line.trim().to_string())
+}
+
+#[test]
+fn idle_connections_from_the_app_leave_root_room_to_connect() {
+    let scene = Scene::new("au-conns", store("v1"));
+    let broker = daemon_for_app(&scene, "10s");
+    let (mut holder, summary) = hold_as_app(&scene, 1024, "idle");
+    eprintln!("measured: 1024 idle connections from uid 1000: {summary}");
+    let ping = raw_exchange(&scene.socket(), b"PING\n", LIMIT).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&ping),
+        "OK pong\n",
+        "root's PING; the app holds {summary}\n{}",
+        broker.stderr()
+    );
+    // The app's share is 7/8 of the 1,024 connections.
+    assert_eq!(summary, "held=896 busy=128", "{}", broker.stderr());
+    drop(holder.stdin.take());
+    let _ = holder.wait();
+}
+
+#[test]
+fn large_frames_from_the_app_leave_root_room_in_the_byte_budget() {
+    let scene = Scene::new("au-bytes", store("v1"));
+    let broker = daemon_for_app(&scene, "10s");
+    let (mut holder, summary) = hold_as_app(&scene, 16, "set");
+    eprintln!("measured: 16 trickled 1 MiB SET frames from uid 1000: {summary}");
+    let got = raw_exchange(&scene.socket(), b"GET API_KEY\n", LIMIT).unwrap();
+    // The app's share is 7/8 of the 16 MiB: 14 frames.
+    assert_eq!(summary, "held=14 busy=2", "{}", broker.stderr());
+    assert!(
+        String::from_utf8_lossy(&got).starts_with("OK"),
+        "root's GET: {:?}; the app: {summary}\n{}",
+        String::from_utf8_lossy(&got),
+        broker.stderr()
+    );
+    drop(holder.stdin.take());
+    let _ = holder.wait();
+}

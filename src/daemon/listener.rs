@@ -6,8 +6,9 @@
 //! uid that we cannot probe (we are not root) is refused with its owner named. The socket is
 //! created owner-only; `--allow-uid` uids get a POSIX ACL entry on it (and search on the
 //! directory op-bridge manages), so the kernel lets exactly them connect. Every connection's
-//! peer uid (SO_PEERCRED) must still be allowed; connections beyond the limit get `ERR busy`
-//! and are closed, so a flood never stalls the accept loop.
+//! peer uid (SO_PEERCRED) must still be allowed; connections beyond the limit, or beyond the
+//! peer uid's share of it (see [`Shares`]), get `ERR busy` and are closed, so a flood never
+//! stalls the accept loop and never locks root out.
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -17,13 +18,12 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::audit::AuditLog;
 use super::broker::Broker;
-use super::budget::ByteBudget;
+use super::budget::{ByteBudget, Shares};
 use super::connection::{Connection, Limits, Shared};
 use super::refresh::RefreshGate;
 use crate::socket_path::RUN_DIR;
@@ -248,8 +248,9 @@ pub async fn serve(
 ) {
     // The effective uid, as at bind and in the client's check of the server.
     let own_uid = nix::unistd::geteuid().as_raw();
-    let permits = Arc::new(Semaphore::new(options.max_connections));
-    let shared = Shared { budget: ByteBudget::new(options.max_inflight_bytes), refresh };
+    // Per-uid shares: the app's uid can never take the room root's health check needs.
+    let connections = Shares::new(options.max_connections, own_uid, &options.allow_uids);
+    let shared = Shared { budget: ByteBudget::new(options.max_inflight_bytes, own_uid, &options.allow_uids), refresh };
     let tracker = TaskTracker::new();
     let mut refusals = Throttled::default();
     let mut busy = Throttled::default();
@@ -289,7 +290,7 @@ pub async fn serve(
             refuse(stream, format!("ERR permission denied: uid {} is not allowed\n", peer.uid));
             continue;
         }
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        let Some(permit) = connections.try_take(peer.uid, 1) else {
             if let Some(left_out) = busy.allow() {
                 tracing::warn!(
                     max = options.max_connections,
