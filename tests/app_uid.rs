@@ -433,3 +433,102 @@ fn large_frames_from_the_app_leave_root_room_in_the_byte_budget() {
     drop(holder.stdin.take());
     let _ = holder.wait();
 }
+
+// ---------------------------------------------------------------- the terminal
+
+/// Runs `bash -c SCRIPT` on a new pseudo-terminal of 40 rows and 100 columns, types
+/// PTY_INPUT (Python escapes) once PTY_WAIT_FOR shows, and prints what the terminal showed.
+const PTY_RUN: &str = r#"
+import fcntl, os, pty, select, struct, sys, termios, time
+pid, fd = pty.fork()
+if pid == 0:
+    os.execvp("bash", ["bash", "-c", sys.argv[1]])
+fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
+wait_for = os.environ.get("PTY_WAIT_FOR", "").encode()
+typed = os.environ.get("PTY_INPUT", "").encode().decode("unicode_escape").encode()
+out = b""
+deadline = time.time() + 40
+while time.time() < deadline:
+    if typed and wait_for in out:
+        time.sleep(0.3)
+        os.write(fd, typed)
+        typed = b""
+    r, _, _ = select.select([fd], [], [], 0.1)
+    if r:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        out += data
+status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+print("OUTPUT", repr(out.decode(errors="replace")), flush=True)
+print("STATUS", status, flush=True)
+"#;
+
+const INJECTOR: &str = r#"
+import fcntl, os, sys, termios
+print("SIZE", os.get_terminal_size(1).lines, os.get_terminal_size(1).columns, flush=True)
+try:
+    for byte in b"echo INJECTED\n":
+        fcntl.ioctl(0, termios.TIOCSTI, bytes([byte]))
+    print("TIOCSTI accepted", flush=True)
+except OSError as err:
+    print("TIOCSTI refused", err.errno, flush=True)
+sys.exit(7)
+"#;
+
+fn on_a_terminal(scene: &Scene, script: &str, input: &[(&str, &str)]) -> Output {
+    std::fs::write(scene.dir.join("pty_run.py"), PTY_RUN).unwrap();
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.arg(scene.dir.join("pty_run.py"))
+        .arg(script)
+        .env_clear()
+        .env("PATH", &scene.path_env)
+        .env("HOME", "/")
+        .env("OP_API_KEY_REF", "op://AI/OpenAI/credential")
+        .env("OP_BRIDGE_OP_PATH", &scene.fake_op)
+        .env("OP_BRIDGE_SOCKET", scene.socket())
+        .envs(scene.fake.env())
+        .envs(input.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    run_with_timeout(cmd, LIMIT)
+}
+
+/// What an interactive shell does when its job ends: take the terminal's foreground back.
+const TAKE_FOREGROUND: &str =
+    "python3 -c 'import os, signal; signal.signal(signal.SIGTTOU, signal.SIG_IGN); os.tcsetpgrp(0, os.getpgrp())'";
+
+/// The command under `--user` pushes a line into its terminal with TIOCSTI; the root shell
+/// that started op-bridge reads the next line from the terminal after op-bridge exits. That
+/// line must never be the injected one: the command has a terminal of its own, relayed.
+#[test]
+fn the_command_under_user_cannot_type_into_roots_terminal() {
+    let scene = Scene::new("au-tty", store("v1"));
+    std::fs::write(scene.dir.join("inject.py"), INJECTOR).unwrap();
+    chmod(&scene.dir.join("inject.py"), 0o644);
+    let script = format!(
+        "{bin} run --user 1000 -- /usr/bin/python3 {inject}; echo \"EXIT $?\"; {take_back}; read -t 3 line; echo \"ROOT READ: [$line]\"",
+        bin = bin().display(),
+        inject = scene.dir.join("inject.py").display(),
+        take_back = TAKE_FOREGROUND
+    );
+    let output = on_a_terminal(&scene, &script, &[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("STATUS 0"), "{}", describe(&output));
+    assert!(stdout.contains("ROOT READ: []"), "the command typed into root's terminal\n{}", describe(&output));
+    // Its output still shows, its exit status passes through, and the window size is the terminal's.
+    assert!(stdout.contains("EXIT 7"), "{}", describe(&output));
+    assert!(stdout.contains("SIZE 40 100"), "{}", describe(&output));
+}
+
+/// Ctrl-C typed on the terminal still ends the command under `--user` (exit 130).
+#[test]
+fn ctrl_c_reaches_the_command_under_user_through_its_terminal() {
+    let scene = Scene::new("au-tty-c", store("v1"));
+    let script =
+        format!("{bin} run --user 1000 -- sh -c 'echo READY; sleep 30'; echo \"EXIT $?\"", bin = bin().display());
+    let output = on_a_terminal(&scene, &script, &[("PTY_WAIT_FOR", "READY"), ("PTY_INPUT", r"\x03")]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("EXIT 130"), "{}", describe(&output));
+}
