@@ -532,3 +532,82 @@ fn ctrl_c_reaches_the_command_under_user_through_its_terminal() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("EXIT 130"), "{}", describe(&output));
 }
+
+/// An interactive root bash on a pseudo-terminal runs `op-bridge run --user 1000` as a job:
+/// Ctrl-Z gives the prompt back, `fg` resumes the command, which then reads a line.
+const PTY_JOB_CONTROL: &str = r#"
+import os, pty, select, sys, time
+pid, fd = pty.fork()
+if pid == 0:
+    os.environ["PS1"] = "PROMPT> "
+    os.execvp("bash", ["bash", "--norc", "--noprofile", "-i"])
+out = b""
+def wait_for(needle, start, limit=20):
+    global out
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        at = out.find(needle, start)
+        if at >= 0:
+            return at + len(needle)
+        r, _, _ = select.select([fd], [], [], 0.1)
+        if r:
+            try:
+                out += os.read(fd, 4096)
+            except OSError:
+                return -1
+    return -1
+def kill_session():
+    # Everything on this terminal: bash (the session leader), op-bridge and its command.
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == pid:
+                    os.kill(int(entry), 9)
+            except OSError:
+                pass
+def report(step, at):
+    print(step, at >= 0, flush=True)
+    if at < 0:
+        print("OUTPUT", repr(out.decode(errors="replace")), flush=True)
+        kill_session()
+        sys.exit(0)
+    return at
+at = report("PROMPT", wait_for(b"PROMPT> ", 0))
+os.write(fd, os.environ["JOB"].encode() + b"\n")
+at = report("READY", wait_for(b"READY\r\n", at))
+time.sleep(0.3)
+os.write(fd, b"\x1a")
+at = report("STOPPED_PROMPT", wait_for(b"PROMPT> ", at))
+os.write(fd, b"fg\n")
+time.sleep(0.5)
+os.write(fd, b"hello\n")
+at = report("RESUMED", wait_for(b"GOT hello", at))
+at = report("PROMPT_AGAIN", wait_for(b"PROMPT> ", at))
+os.write(fd, b"echo EXIT=$?\n")
+at = report("EXIT0", wait_for(b"EXIT=0", at))
+os.write(fd, b"exit\n")
+os.waitpid(pid, 0)
+print("OUTPUT", repr(out.decode(errors="replace")), flush=True)
+"#;
+
+#[test]
+fn ctrl_z_and_fg_work_for_the_command_under_user() {
+    let scene = Scene::new("au-ctrlz", store("v1"));
+    std::fs::write(scene.dir.join("job.py"), PTY_JOB_CONTROL).unwrap();
+    let job = format!(r#"{bin} run --user 1000 -- sh -c 'echo READY; read x; echo "GOT $x"'"#, bin = bin().display());
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.arg(scene.dir.join("job.py"))
+        .env_clear()
+        .env("PATH", &scene.path_env)
+        .env("HOME", "/")
+        .env("OP_API_KEY_REF", "op://AI/OpenAI/credential")
+        .env("OP_BRIDGE_OP_PATH", &scene.fake_op)
+        .env("OP_BRIDGE_SOCKET", scene.socket())
+        .envs(scene.fake.env())
+        .env("JOB", job);
+    let output = run_with_timeout(cmd, Duration::from_secs(90));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    for step in ["PROMPT", "READY", "STOPPED_PROMPT", "RESUMED", "PROMPT_AGAIN", "EXIT0"] {
+        assert!(stdout.contains(&format!("{step} True")), "step {step} failed\n{}", describe(&output));
+    }
+}

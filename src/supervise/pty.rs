@@ -12,7 +12,7 @@
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::Duration;
 
 /// What the child needs, between fork and exec, to attach to the pty.
@@ -52,6 +52,8 @@ pub struct Relay {
     saved: libc::termios,
     closing: Arc<AtomicBool>,
     output: Option<std::thread::JoinHandle<()>>,
+    /// The command's pid (its session and process group), for Ctrl-Z.
+    command: Arc<AtomicI32>,
 }
 
 fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
@@ -96,11 +98,17 @@ impl Relay {
             saved,
             closing: Arc::new(AtomicBool::new(false)),
             output: None,
+            command: Arc::new(AtomicI32::new(0)),
         };
         relay.resize();
         relay.enter_raw();
         relay.start_threads()?;
         Ok(relay)
+    }
+
+    /// The command now on the pty (after each start).
+    pub fn set_command(&self, pid: i32) {
+        self.command.store(pid, Ordering::Release);
     }
 
     pub fn attach(&self) -> Attach {
@@ -109,7 +117,10 @@ impl Relay {
 
     fn start_threads(&mut self) -> io::Result<()> {
         let master = self.master.clone();
-        std::thread::Builder::new().name("pty-in".into()).spawn(move || relay_input(&master))?;
+        let command = self.command.clone();
+        let suspend =
+            (self.saved.c_lflag & libc::ISIG != 0).then_some(self.saved.c_cc[libc::VSUSP]).filter(|&key| key != 0);
+        std::thread::Builder::new().name("pty-in".into()).spawn(move || relay_input(&master, &command, suspend))?;
         let master = self.master.clone();
         let closing = self.closing.clone();
         let out_fd = if self.fds[1] { 1 } else { 2 };
@@ -133,14 +144,13 @@ impl Relay {
         }
     }
 
-    /// Raw input (keys go to the pty, which interprets them for the command); output
-    /// processing stays on, so op-bridge's own log lines still end their lines.
+    /// Raw mode, as `su --pty` and ssh set it: keys go to the pty, which interprets them for
+    /// the command, and its output (already processed by the pty) is shown as is.
     pub fn enter_raw(&self) {
         let mut raw = self.saved;
         // SAFETY: cfmakeraw on a copy; tcsetattr on stdin.
         unsafe {
             libc::cfmakeraw(&mut raw);
-            raw.c_oflag |= libc::OPOST;
             libc::tcsetattr(libc::STDIN_FILENO, libc::TCSADRAIN, &raw);
         }
     }
@@ -172,17 +182,38 @@ impl Drop for Relay {
 
 /// The real terminal's input to the pty. While op-bridge is in the background a read fails
 /// (EIO, SIGTTIN being blocked): it is retried. End of input ends the relay.
-fn relay_input(master: &OwnedFd) {
+///
+/// The suspend key (Ctrl-Z) is the exception while the command's own group is the pty's
+/// foreground: that group has no parent in its session, so the kernel discards the SIGTSTP
+/// the pty would send it (an orphaned process group). The command's group gets SIGSTOP
+/// instead, and the init loop sees it stop and stops op-bridge too, as on a shared terminal.
+/// A shell running as the command keeps Ctrl-Z for its own jobs.
+fn relay_input(master: &OwnedFd, command: &AtomicI32, suspend: Option<u8>) {
     // SAFETY: fd 0 stays open for the life of the process; ManuallyDrop never closes it.
     let mut stdin = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(libc::STDIN_FILENO) });
-    let Ok(master) = master.try_clone() else { return };
-    let mut to_pty = std::fs::File::from(master);
+    let Ok(writer) = master.try_clone() else { return };
+    let mut to_pty = std::fs::File::from(writer);
     let mut buf = zeroize::Zeroizing::new([0u8; 4096]);
     loop {
         match stdin.read(&mut buf[..]) {
             Ok(0) => return,
             Ok(n) => {
-                if to_pty.write_all(&buf[..n]).is_err() {
+                let mut rest = &buf[..n];
+                while let Some(at) = suspend.and_then(|key| rest.iter().position(|&b| b == key)) {
+                    let pid = command.load(Ordering::Acquire);
+                    // SAFETY: queries and signals of the command's own process group.
+                    let own_group = pid > 0 && unsafe { libc::tcgetpgrp(master.as_raw_fd()) } == pid;
+                    if !own_group {
+                        break;
+                    }
+                    if to_pty.write_all(&rest[..at]).is_err() {
+                        return;
+                    }
+                    // SAFETY: as above.
+                    unsafe { libc::kill(-pid, libc::SIGSTOP) };
+                    rest = &rest[at + 1..];
+                }
+                if to_pty.write_all(rest).is_err() {
                     return;
                 }
             }

@@ -403,6 +403,9 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
                 return Ok(Err(err));
             }
         };
+        if let Some(relay) = relay {
+            relay.set_command(process.pid().as_raw());
+        }
         // Option paths are absolute by now (config::broker_config); the command keeps its
         // own working directory.
         child::leave_working_directory();
@@ -473,6 +476,9 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
                                 return Ok(Err(err));
                             }
                         };
+                        if let Some(relay) = relay {
+                            relay.set_command(process.pid().as_raw());
+                        }
                         tracing::info!(pid = process.pid().as_raw(), "restarted the command after a secret changed (old one ended with {exit})");
                         child = Supervised { process, kill_at: None };
                         stops = child.process.stops();
