@@ -451,6 +451,8 @@ deadline = time.time() + 40
 while time.time() < deadline:
     if typed and wait_for in out:
         time.sleep(0.3)
+        if os.environ.get("PTY_RESIZE"):
+            fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 120, 0, 0))
         os.write(fd, typed)
         typed = b""
     r, _, _ = select.select([fd], [], [], 0.1)
@@ -610,4 +612,18 @@ fn ctrl_z_and_fg_work_for_the_command_under_user() {
     for step in ["PROMPT", "READY", "STOPPED_PROMPT", "RESUMED", "PROMPT_AGAIN", "EXIT0"] {
         assert!(stdout.contains(&format!("{step} True")), "step {step} failed\n{}", describe(&output));
     }
+}
+
+/// A window change on the real terminal reaches the command under `--user` on its own pty.
+#[test]
+fn a_window_change_reaches_the_command_under_user() {
+    let scene = Scene::new("au-tty-w", store("v1"));
+    let script = format!(
+        r#"{bin} run --user 1000 -- sh -c 'trap "echo WINCH \$(stty size); exit 0" WINCH; echo READY; while :; do sleep 0.1; done'"#,
+        bin = bin().display()
+    );
+    let input = [("PTY_WAIT_FOR", "READY"), ("PTY_INPUT", " "), ("PTY_RESIZE", "1")];
+    let output = on_a_terminal(&scene, &script, &input);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("WINCH 50 120"), "{}", describe(&output));
 }
