@@ -100,7 +100,7 @@ impl RefreshGate {
         let report = self.broker.resolve_all().await;
         super::log_report("refresh", &report);
         if let Some(cache) = &self.cache {
-            crate::cache::after_refresh(cache, &report);
+            super::recovery::after_refresh(cache, &report);
         }
         let outcome = reply_for(&report);
         drop(runner);
