@@ -28,6 +28,7 @@
 //!   [`writeback`]: the per-target write-back queue that never drops a rotation.
 //! - [`cache`]: the sealed restart cache and the write-back journal; [`refresh`]: the
 //!   periodic refresh timer and the read meter.
+//! - [`token`]: the 1Password tokens, from the environment or a token file, in locked memory.
 //! - [`hardening`]: no dumps, not dumpable, memlock reporting.
 //! - [`logging`]: the lossy non-blocking writers behind stderr logging and the audit log.
 //! - [`fuzzing`]: the fuzz target bodies, shared by `fuzz/` and the seed-corpus test.
@@ -52,6 +53,7 @@ pub mod refresh;
 pub mod socket_path;
 pub mod store;
 pub mod supervise;
+pub mod token;
 pub mod watch;
 pub mod writeback;
 

@@ -306,6 +306,20 @@ fn exposes_only(dir: &Path, name: Option<&OsStr>) -> bool {
     })
 }
 
+/// Whether a process of `uid` (primary group `gid`, supplementary `groups`) could read the
+/// file at `path`: every directory above it searchable and the file readable to it. A path
+/// that cannot be examined counts as not readable.
+pub fn readable_by(path: &Path, uid: u32, gid: u32, groups: &[u32]) -> bool {
+    let checked = Checked { uid, gid, groups };
+    let Ok(meta) = std::fs::metadata(path) else { return false };
+    checked.can_read(&meta)
+        && path
+            .ancestors()
+            .skip(1)
+            .filter(|dir| !dir.as_os_str().is_empty())
+            .all(|dir| std::fs::metadata(dir).is_ok_and(|meta| checked.can_search(&meta)))
+}
+
 /// What the start-up check found about the `op` binary.
 #[derive(Debug, PartialEq, Eq)]
 pub enum OpExposure {

@@ -337,6 +337,15 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
     {
         privsep::warn_if_op_exposed(&op, op_user.as_ref().map(|u| (u.uid, u.gid)), user.as_ref().map(|u| u.uid));
     }
+    match &user {
+        Some(user) => crate::token::warn_at_run(crate::token::tokens(), user.uid, user.gid, &user.groups),
+        None => crate::token::warn_at_run(
+            crate::token::tokens(),
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+            &nix::unistd::getgroups().unwrap_or_default().into_iter().map(|g| g.as_raw()).collect::<Vec<_>>(),
+        ),
+    }
 
     // Resolve secrets, but let a stop signal abort a slow start-up.
     let service = tokio::select! {
