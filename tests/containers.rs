@@ -356,7 +356,9 @@ fn images_build_offline_at_every_stage(engine: &Engine) {
         }
     }
     // The runtime image keeps the HEALTHCHECK, and op is execute-only and root's.
-    let health = engine.docker_ok(&["inspect", "-f", "{{json .Config.Healthcheck}}", OPENCLAW]);
+    // (podman's Docker API leaves it out of `docker inspect`; podman shows it.)
+    let health = engine.podman(&["image", "inspect", "--format", "{{json .HealthCheck}}", OPENCLAW]);
+    let health = String::from_utf8_lossy(&health.stdout);
     assert!(health.contains("op-bridge") && health.contains("ping"), "no HEALTHCHECK: {health}");
     let name = engine.name("modes");
     let out = engine.docker_ok(&[
@@ -614,11 +616,9 @@ fn the_compose_fleet_resolves_through_connect_and_shares_a_rotation(engine: &Eng
         store["vaults"][0]["items"][0]["fields"][0]["value"].clone()
     };
 
-    // The Compose file as documented: the token file next to it, readable by the agents' uid;
-    // connect-api's credentials file (unused by the fake) must exist to be mounted.
-    let token = ctx.join("docker/connect-token");
-    write_mode(&token, format!("{TOKEN}\n"), 0o400);
-    std::os::unix::fs::chown(&token, Some(1000), Some(1000)).unwrap();
+    // The Compose file as documented: the token file next to it, root's; connect-api's
+    // credentials file (unused by the fake) must exist to be mounted.
+    write_mode(&ctx.join("docker/connect-token"), format!("{TOKEN}\n"), 0o400);
     write_mode(&ctx.join("docker/1password-credentials.json"), "{}", 0o644);
     // The test's overrides: the fake in place of 1Password's two images, an app that stays up.
     let overrides = format!(
@@ -646,7 +646,8 @@ fn the_compose_fleet_resolves_through_connect_and_shares_a_rotation(engine: &Eng
             String::from_utf8_lossy(&out.stdout).trim().to_string()
         };
         let (agent1, agent2) = (id("agent-1"), id("agent-2"));
-        let get = |agent: &str| engine.docker(&["exec", agent, "op-bridge", "get", "OPENAI_API_KEY"]).stdout;
+        let get =
+            |agent: &str| engine.docker(&["exec", "-u", "node", agent, "op-bridge", "get", "OPENAI_API_KEY"]).stdout;
         for agent in [&agent1, &agent2] {
             assert!(
                 eventually(Duration::from_secs(90), || get(agent) == OPENAI.as_bytes()),
@@ -654,8 +655,15 @@ fn the_compose_fleet_resolves_through_connect_and_shares_a_rotation(engine: &Eng
                 engine.logs(agent)
             );
         }
+        for agent in [&agent1, &agent2] {
+            let logs = engine.logs(agent);
+            assert!(!logs.contains("names a file the command's uid"), "{logs}");
+            let read = engine.docker(&["exec", "-u", "node", agent, "cat", "/run/secrets/connect-token"]);
+            assert!(!read.status.success(), "node reads the Connect token: {}", describe(&read));
+        }
         // A rotation in agent-1 reaches Connect …
-        let mut set = engine.docker_cmd(&["exec", "-i", &agent1, "op-bridge", "set", "OPENAI_API_KEY", "-"]);
+        let mut set =
+            engine.docker_cmd(&["exec", "-i", "-u", "node", &agent1, "op-bridge", "set", "OPENAI_API_KEY", "-"]);
         let set = run_with_input(
             std::mem::replace(&mut set, Command::new("true")),
             Some(b"sk-rotated-by-agent-1"),
