@@ -222,6 +222,21 @@ fn check(run: &DockerRun, commands: &[(String, String)]) -> Vec<String> {
         .filter(|m| m.extension().is_some_and(|e| e == "json5") && m.exists())
         .flat_map(|m| config_ids(m))
         .collect();
+    // A token file (`-e OP_…_TOKEN_FILE=PATH` with PATH mounted from the host): a stand-in
+    // token in a file of our own, as `-e NAME` gets a stand-in value.
+    let env: Vec<(String, String)> = run
+        .env
+        .iter()
+        .map(|(k, v)| {
+            if !k.ends_with("_TOKEN_FILE") {
+                return (k.clone(), v.clone());
+            }
+            let file = dir.join(k.to_ascii_lowercase());
+            std::fs::write(&file, format!("stand-in-{k}\n")).unwrap();
+            std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o400)).unwrap();
+            (k.clone(), file.display().to_string())
+        })
+        .collect();
     // The child: every verify line, then the mounted config's ids as OpenClaw would ask.
     let mut script = String::from("cd /\n");
     for (place, command) in commands {
@@ -241,7 +256,7 @@ fn check(run: &DockerRun, commands: &[(String, String)]) -> Vec<String> {
         .env("OUT", &dir)
         .env("OP_BRIDGE_SOCKET", "/run/op-bridge/op-bridge.sock")
         .env("OP_BRIDGE_BACKEND", format!("file:{}", dir.join("vault.json").display()))
-        .envs(run.env.iter().map(|(k, v)| (k, v)));
+        .envs(env.iter().map(|(k, v)| (k, v)));
     let output = run_with_timeout(cmd, Duration::from_secs(60));
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
     let mut failures = Vec::new();
