@@ -188,8 +188,16 @@ fn exec_commands(lines: &[(usize, String)]) -> Vec<(usize, String)> {
             // A command line starts with it (after an optional prompt); prose that mentions
             // `docker exec -u node` is not a command.
             let line = line.trim_start();
-            let after = line.strip_prefix("$ ").unwrap_or(line).strip_prefix("docker exec ")?;
-            let (_, command) = after.trim_start().split_once(' ')?;
+            let mut after = line.strip_prefix("$ ").unwrap_or(line).strip_prefix("docker exec ")?.trim_start();
+            // Options before the container (`-u node`, `-i`): the command runs the same.
+            while after.starts_with('-') {
+                let (flag, rest) = after.split_once(' ')?;
+                after = rest.trim_start();
+                if matches!(flag, "-u" | "--user" | "-e" | "--env" | "-w" | "--workdir") {
+                    after = after.split_once(' ')?.1.trim_start();
+                }
+            }
+            let (_, command) = after.split_once(' ')?;
             command.contains("op-bridge").then(|| (*number, command.trim().to_string()))
         })
         .collect()
