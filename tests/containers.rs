@@ -484,8 +484,17 @@ fn exit_codes_7_and_139_pass_through(engine: &Engine) {
 fn healthcheck_passes(engine: &Engine) {
     let fake = Fake::new(engine, "health");
     let (name, _) = start_app(engine, "health", &fake, &[]);
-    let out = engine.podman(&["healthcheck", "run", &name]);
-    assert!(out.status.success(), "healthcheck\n{}\n{}", describe(&out), engine.logs(&name));
+    // The image's HEALTHCHECK allows 3 failures in a row (a loaded machine can make one
+    // `podman exec` outlast its 5 s timeout); it must pass within as many tries.
+    let mut last = None;
+    for _ in 0..3 {
+        let out = engine.podman(&["healthcheck", "run", &name]);
+        if out.status.success() {
+            return;
+        }
+        last = Some(out);
+    }
+    panic!("healthcheck failed 3 times\n{}\n{}", describe(&last.unwrap()), engine.logs(&name));
 }
 
 fn no_zombies_after_a_burst_of_orphans(engine: &Engine) {
