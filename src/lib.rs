@@ -16,8 +16,8 @@
 //! - [`reference`]: `op://` reference parsing.
 //! - [`store`]: the secret store; [`locked`]: the locked, zeroizing buffers it keeps values in.
 //! - [`backend`]: the `Backend` trait with the `op` CLI, 1Password Connect (REST) and
-//!   JSON-file implementations, error classification and retry policy; `op` resolves in
-//!   batches (`backend::op_batch`).
+//!   JSON-file implementations, error classification, the one retry policy and the TLS
+//!   trust for Connect; `op` resolves in batches (`backend::op_batch`).
 //! - [`daemon`]: the broker, the socket listener (bind, peer check, limits), connections,
 //!   the in-flight byte budget, the REFRESH gate, the audit log, and `op-bridge daemon`.
 //! - [`process`]: the process-wide primitives every layer may use: the reaper (the only
@@ -26,8 +26,12 @@
 //!   separation (`run --user`, `--op-user`, the `op` mode check).
 //! - [`watch`]: credential-file watching (capture, debounce, materialization);
 //!   [`writeback`]: the per-target write-back queue that never drops a rotation.
-//! - [`cache`]: the sealed restart cache and the write-back journal; [`refresh`]: the
-//!   periodic refresh timer and the read meter.
+//! - [`cache`]: the sealed restart cache and the write-back journal, a store the daemon drives
+//!   (`daemon::recovery`: start-up from the cache, journal replay); [`refresh`]: the
+//!   periodic refresh timer.
+//! - The ground floor every layer may use: [`scrub`] (wiping JSON that carries values),
+//!   [`time`] (RFC 3339 timestamps), [`fsutil`] (atomic file writes), [`meter`] (the read
+//!   meter the backends count into).
 //! - [`token`]: the 1Password tokens, from the environment or a token file, in locked memory.
 //! - [`hardening`]: no dumps, not dumpable, memlock reporting.
 //! - [`logging`]: the lossy non-blocking writers behind stderr logging and the audit log.
@@ -42,17 +46,21 @@ pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod exec_provider;
+pub mod fsutil;
 pub mod fuzzing;
 pub mod hardening;
 pub mod locked;
 pub mod logging;
+pub mod meter;
 pub mod process;
 pub mod protocol;
 pub mod reference;
 pub mod refresh;
+pub mod scrub;
 pub mod socket_path;
 pub mod store;
 pub mod supervise;
+pub mod time;
 pub mod token;
 pub mod watch;
 pub mod writeback;
@@ -68,6 +76,9 @@ pub mod exit {
     pub const UNREACHABLE: u8 = 3;
     /// `set`: accepted and queued, but not stored in 1Password yet (it will be; EX_TEMPFAIL).
     pub const PENDING: u8 = 75;
+    /// `set`: queued, but neither stored in 1Password yet nor journaled (`--cache` could not be
+    /// written): a restart before 1Password answers loses it (EX_IOERR).
+    pub const NOT_JOURNALED: u8 = 74;
     /// Required secrets could not be resolved; the child was not started (EX_UNAVAILABLE).
     pub const SECRETS_UNAVAILABLE: u8 = 69;
     /// Pending write-backs could not be stored before exit (EX_TEMPFAIL).

@@ -9,7 +9,7 @@ use tokio::sync::{Mutex, broadcast};
 
 use crate::backend::{Backend, BackendError, ErrorKind, Value, WriteOptions};
 use crate::locked::lock_stats;
-use crate::protocol::{NOT_AVAILABLE, PENDING, UNKNOWN_REF};
+use crate::protocol::{NOT_AVAILABLE, NOT_JOURNALED, PENDING, UNKNOWN_REF};
 use crate::reference::SecretRef;
 use crate::store::{Applied, SecretStore, Source, State};
 use crate::writeback::{Origin, SetOutcome, WriteBack};
@@ -55,6 +55,17 @@ pub struct ResolveReport {
 }
 
 impl ResolveReport {
+    /// The longest delay 1Password stated in a 429 during the pass, if any.
+    pub fn stated_delay(&self) -> Option<Duration> {
+        self.failed
+            .iter()
+            .filter_map(|(_, err)| match err.kind {
+                ErrorKind::RateLimited(Some(delay)) => Some(delay),
+                _ => None,
+            })
+            .max()
+    }
+
     /// One line naming every failure, for errors and replies (no values, only names).
     pub fn failure_summary(&self) -> String {
         self.failed
@@ -107,7 +118,17 @@ impl Broker {
     /// Resolves every registered reference once (concurrency and retries are the backend's).
     /// Not-found drops a value; other failures keep the last good value and mark it stale.
     pub async fn resolve_all(&self) -> ResolveReport {
-        let _guard = self.refresh_lock.lock().await;
+        let _guard = match self.refresh_lock.try_lock() {
+            Ok(guard) => guard,
+            Err(_) => {
+                // A pass is running: if it is paused on a long retry delay, it gives up (its
+                // names keep their values, marked stale) and this newer pass asks afresh.
+                if let Some(pauses) = self.backend.pauses() {
+                    pauses.interrupt();
+                }
+                self.refresh_lock.lock().await
+            }
+        };
         let started = Instant::now();
         // A name whose newer local value is still on its way to 1Password is not asked for:
         // 1Password's answer would be older, and asking would spend a rate-limited read.
@@ -123,6 +144,10 @@ impl Broker {
             deferred: deferred.into_iter().map(|(name, _)| name).collect(),
             ..ResolveReport::default()
         };
+        // What 1Password holds now: the journal's base for watched files (`--cache`).
+        self.writeback.note_held(
+            registered.iter().zip(&results).filter_map(|((_, r), result)| Some((r, result.as_ref().ok()?.as_slice()))),
+        );
         for ((name, _), result) in registered.into_iter().zip(results) {
             let seen = seen.get(&name).copied().unwrap_or(0);
             match result {
@@ -226,13 +251,21 @@ impl Broker {
             self.store.remove(name);
             self.store.register(name, Some(target.clone()), Source::Set);
         }
-        let generation = self.writeback.submit(name, &target, &value, Origin::Set);
-        match self.writeback.wait_stored(&target, generation, self.policy.set_wait).await {
+        let submission = self.writeback.submit(name, &target, &value, Origin::Set);
+        match self.writeback.wait_stored(&target, submission.generation, self.policy.set_wait).await {
             SetOutcome::Stored => {
                 tracing::info!(name, reference = %target, "stored new value");
                 Ok(())
             }
             SetOutcome::Refused(reason) => Err(format!("write to {target} refused: {reason}")),
+            SetOutcome::Pending(reason) if submission.not_journaled.is_some() => {
+                let why = submission.not_journaled.unwrap_or_default();
+                tracing::error!(name, reference = %target, "SET accepted but not stored yet ({reason}) and NOT journaled");
+                Err(format!(
+                    "{NOT_JOURNALED}accepted, not stored in 1Password yet ({reason}) and not journaled ({why}); \
+                     op-bridge keeps retrying while it runs, but a restart before 1Password stores it loses it"
+                ))
+            }
             SetOutcome::Pending(reason) => {
                 tracing::warn!(name, reference = %target, "SET accepted but not stored yet: {reason}");
                 Err(format!(

@@ -12,6 +12,7 @@ pub mod broker;
 pub mod budget;
 pub mod connection;
 pub mod listener;
+pub mod recovery;
 pub mod refresh;
 
 use std::path::{Path, PathBuf};
@@ -280,8 +281,11 @@ impl Service {
         let cache = config.cache.clone().and_then(|options| {
             crate::cache::SealedCache::new(options, token.map(|t| t.expose()), broker.store.clone())
         });
+        if let Some(cache) = &cache {
+            recovery::attach(&broker, cache, &config.watches);
+        }
         let watched: Vec<String> = config.watches.iter().map(|w| w.name.clone()).collect();
-        let mut report = crate::cache::resolve_at_start(&broker, cache.as_ref(), &watched).await;
+        let mut report = recovery::resolve_at_start(&broker, cache.as_ref(), &watched).await;
         log_report("start-up", &report);
         // A watched credential that 1Password does not have yet is not an error: its first
         // write-back creates it.
@@ -291,8 +295,10 @@ impl Service {
         if !report.failed.is_empty() && !config.allow_missing {
             return Err(StartError::SecretsUnavailable(report.failure_summary()));
         }
+        // Before the watcher's start-up comparison and before the socket: what is journaled
+        // is what the watched files are compared with and what GET and `run --export` serve.
         if let Some(cache) = &cache {
-            crate::cache::replay_journal(&broker, cache);
+            recovery::replay_journal(&broker, cache).await;
         }
         let watcher = crate::watch::start(&config.watches, broker.watch_context(), config.watch.clone())
             .await
@@ -332,7 +338,7 @@ impl Service {
         let report = self.broker.resolve_all().await;
         log_report("refresh", &report);
         if let Some(cache) = &self.cache {
-            crate::cache::after_refresh(cache, &report);
+            recovery::after_refresh(cache, &report);
         }
         report
     }
@@ -368,6 +374,18 @@ impl Service {
         if let Some(path) = &self.pid_file {
             let _ = std::fs::remove_file(path);
         }
+    }
+}
+
+impl crate::refresh::Refresh for Service {
+    fn items(&self) -> usize {
+        let items: std::collections::BTreeSet<(String, String)> =
+            self.broker.store.references().into_iter().map(|(_, r)| (r.vault, r.item)).collect();
+        items.len()
+    }
+
+    fn refresh_pass(&self) -> crate::backend::BoxFuture<'_, Option<Duration>> {
+        Box::pin(async move { self.refresh().await.stated_delay() })
     }
 }
 
