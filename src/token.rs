@@ -136,7 +136,8 @@ fn load_one(kind: Kind) -> Result<Option<Token>, TokenError> {
     match (env, file) {
         (Some(_), Some(_)) => Err(TokenError::Both { var: kind.var(), file_var: kind.file_var() }),
         (None, Some(path)) => {
-            let path = crate::config::absolute(&path);
+            // Absolute, as every path of the configuration (`run` moves to / later).
+            let path = std::env::current_dir().map(|dir| dir.join(&path)).unwrap_or(path);
             let value = read_token_file(&path, kind.file_var())?;
             Ok(Some(Token { kind, source: Source::File(path), value }))
         }
