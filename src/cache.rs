@@ -5,7 +5,8 @@
 //! File layout: `OPBCACHE` · version byte · 16-byte salt · 24-byte nonce · XChaCha20-Poly1305
 //! ciphertext of a JSON document (the header is the associated data, so it cannot be
 //! altered either). The key is HKDF-SHA256 of the 1Password token in use
-//! (`OP_SERVICE_ACCOUNT_TOKEN`, else `OP_CONNECT_TOKEN`) with the file's salt: the file gives
+//! (`OP_SERVICE_ACCOUNT_TOKEN`, else `OP_CONNECT_TOKEN`, from the environment or its `_FILE`; see
+//! [`crate::token`]) with the file's salt: the file gives
 //! nothing to anyone who does not already hold that token. Without a token (the file backend)
 //! there is no cache: a key derived from nothing would protect nothing.
 //!
@@ -143,20 +144,13 @@ struct State {
     refused: Option<String>,
 }
 
-/// The 1Password token op-bridge itself runs with, if any.
-pub fn token_from_env() -> Option<Zeroizing<String>> {
-    ["OP_SERVICE_ACCOUNT_TOKEN", "OP_CONNECT_TOKEN"]
-        .into_iter()
-        .find_map(|key| std::env::var(key).ok().filter(|t| !t.is_empty()).map(Zeroizing::new))
-}
-
 impl SealedCache {
     /// The cache, or None (with a warning) when there is no token to derive its key from.
     pub fn new(options: CacheOptions, token: Option<&str>, store: Arc<SecretStore>) -> Option<Arc<SealedCache>> {
         let Some(token) = token else {
             tracing::warn!(
-                "--cache {} ignored: neither OP_SERVICE_ACCOUNT_TOKEN nor OP_CONNECT_TOKEN is set, and the cache \
-                 is sealed with a key derived from the token",
+                "--cache {} ignored: no 1Password token is set (OP_SERVICE_ACCOUNT_TOKEN[_FILE] or \
+                 OP_CONNECT_TOKEN[_FILE]), and the cache is sealed with a key derived from the token",
                 options.path.display()
             );
             return None;

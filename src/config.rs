@@ -20,10 +20,8 @@ pub(crate) fn absolute(path: &std::path::Path) -> std::path::PathBuf {
 
 /// Turns the broker options into configuration (errors are usage errors).
 pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
-    let connect_env = args.connect_host.as_deref().is_some_and(|h| !h.is_empty())
-        && std::env::var_os("OP_CONNECT_TOKEN")
-            .map(|t| zeroize::Zeroizing::new(std::os::unix::ffi::OsStringExt::into_vec(t)))
-            .is_some_and(|t| !t.is_empty());
+    let connect_env =
+        args.connect_host.as_deref().is_some_and(|h| !h.is_empty()) && crate::token::tokens().connect.is_some();
     let chosen = match args.backend.as_deref() {
         Some(backend) => backend,
         None if connect_env => {
@@ -40,7 +38,7 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
                 .connect_host
                 .clone()
                 .filter(|h| !h.is_empty())
-                .ok_or("--backend connect needs OP_CONNECT_HOST (or --connect-host) and OP_CONNECT_TOKEN")?,
+                .ok_or("--backend connect needs OP_CONNECT_HOST (or --connect-host) and OP_CONNECT_TOKEN (or OP_CONNECT_TOKEN_FILE)")?,
             timeout: args.op_timeout,
             concurrency: usize::from(args.concurrency),
             retry: RetryPolicy { attempts: args.retries, ..RetryPolicy::default() },

@@ -34,6 +34,7 @@
 //! - The ground floor every layer may use: [`scrub`] (wiping JSON that carries values),
 //!   [`time`] (RFC 3339 timestamps), [`fsutil`] (atomic file writes), [`meter`] (the read
 //!   meter the backends count into).
+//! - [`token`]: the 1Password tokens, from the environment or a token file, in locked memory.
 //! - [`hardening`]: no dumps, not dumpable, memlock reporting.
 //! - [`logging`]: the lossy non-blocking writers behind stderr logging and the audit log.
 //! - [`fuzzing`]: the fuzz target bodies, shared by `fuzz/` and the seed-corpus test.
@@ -63,6 +64,7 @@ pub mod socket_path;
 pub mod store;
 pub mod supervise;
 pub mod time;
+pub mod token;
 pub mod watch;
 pub mod writeback;
 

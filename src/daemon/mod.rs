@@ -208,8 +208,10 @@ fn build_backend(spec: &BackendSpec, reaper: &Reaper) -> Result<Arc<dyn Backend>
             Arc::new(OpCli::new(options, reaper.clone()))
         }
         BackendSpec::Connect { host, timeout, concurrency, retry } => {
-            // Read here, not carried in the (Debug, Clone) configuration.
-            let token = zeroize::Zeroizing::new(std::env::var("OP_CONNECT_TOKEN").unwrap_or_default());
+            // Taken here, not carried in the (Debug, Clone) configuration.
+            let token = zeroize::Zeroizing::new(
+                crate::token::tokens().connect.as_ref().map(|t| t.expose()).unwrap_or_default().to_string(),
+            );
             let options = ConnectOptions {
                 host: host.clone(),
                 token,
@@ -285,9 +287,9 @@ impl Service {
 
         // Sealed cache (issue 13): a fresh cache answers without 1Password; a stale one only
         // while 1Password is unavailable.
-        let token = crate::cache::token_from_env();
+        let token = crate::token::tokens().cache_key();
         let cache = config.cache.clone().and_then(|options| {
-            crate::cache::SealedCache::new(options, token.as_ref().map(|t| t.as_str()), broker.store.clone())
+            crate::cache::SealedCache::new(options, token.map(|t| t.expose()), broker.store.clone())
         });
         // Placeholders are made before anything is resolved or cached, from those the cache
         // kept, so a restart with --cache hands out the same ones.

@@ -372,6 +372,15 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
             privsep::warn_if_op_replaceable(&op, user);
         }
     }
+    match &user {
+        Some(user) => crate::token::warn_at_run(crate::token::tokens(), user.uid, user.gid, &user.groups),
+        None => crate::token::warn_at_run(
+            crate::token::tokens(),
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+            &nix::unistd::getgroups().unwrap_or_default().into_iter().map(|g| g.as_raw()).collect::<Vec<_>>(),
+        ),
+    }
 
     // Resolve secrets, but let a stop signal abort a slow start-up. Other signals wait for
     // the command: the loop below takes them first, as if they came just after it started.
