@@ -16,8 +16,8 @@
 //! - [`reference`]: `op://` reference parsing.
 //! - [`store`]: the secret store; [`locked`]: the locked, zeroizing buffers it keeps values in.
 //! - [`backend`]: the `Backend` trait with the `op` CLI, 1Password Connect (REST) and
-//!   JSON-file implementations, error classification and retry policy; `op` resolves in
-//!   batches (`backend::op_batch`).
+//!   JSON-file implementations, error classification, the one retry policy and the TLS
+//!   trust for Connect; `op` resolves in batches (`backend::op_batch`).
 //! - [`daemon`]: the broker, the socket listener (bind, peer check, limits), connections,
 //!   the in-flight byte budget, the REFRESH gate, the audit log, and `op-bridge daemon`.
 //! - [`process`]: the process-wide primitives every layer may use: the reaper (the only
@@ -27,7 +27,10 @@
 //! - [`watch`]: credential-file watching (capture, debounce, materialization);
 //!   [`writeback`]: the per-target write-back queue that never drops a rotation.
 //! - [`cache`]: the sealed restart cache and the write-back journal; [`refresh`]: the
-//!   periodic refresh timer and the read meter.
+//!   periodic refresh timer.
+//! - The ground floor every layer may use: [`scrub`] (wiping JSON that carries values),
+//!   [`time`] (RFC 3339 timestamps), [`fsutil`] (atomic file writes), [`meter`] (the read
+//!   meter the backends count into).
 //! - [`proxy`]: agent-blind secrets: bindings, placeholders and the egress proxy that swaps
 //!   a placeholder for its value on the way to a host the secret is bound to.
 //! - [`hardening`]: no dumps, not dumpable, memlock reporting.
@@ -43,18 +46,22 @@ pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod exec_provider;
+pub mod fsutil;
 pub mod fuzzing;
 pub mod hardening;
 pub mod locked;
 pub mod logging;
+pub mod meter;
 pub mod process;
 pub mod protocol;
 pub mod proxy;
 pub mod reference;
 pub mod refresh;
+pub mod scrub;
 pub mod socket_path;
 pub mod store;
 pub mod supervise;
+pub mod time;
 pub mod watch;
 pub mod writeback;
 

@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
 use crate::backend::Backend;
-use crate::backend::file::write_atomic;
+use crate::fsutil::write_atomic;
 use crate::locked::{LockedBytes, extend_zeroizing};
 use crate::protocol::{MAX_VALUE, normalize_name};
 use crate::reference::SecretRef;
