@@ -26,13 +26,14 @@
 //!   separation (`run --user`, `--op-user`, the `op` mode check).
 //! - [`watch`]: credential-file watching (capture, debounce, materialization);
 //!   [`writeback`]: the per-target write-back queue that never drops a rotation.
-//! - [`cache`]: the sealed restart cache and the write-back journal; [`refresh`]: the
+//! - [`cache`]: the sealed restart cache and the write-back journal, a store the daemon drives
+//!   (`daemon::recovery`: start-up from the cache, journal replay); [`refresh`]: the
 //!   periodic refresh timer.
+//! - [`proxy`]: agent-blind secrets: bindings, placeholders and the egress proxy that swaps
+//!   a placeholder for its value on the way to a host the secret is bound to.
 //! - The ground floor every layer may use: [`scrub`] (wiping JSON that carries values),
 //!   [`time`] (RFC 3339 timestamps), [`fsutil`] (atomic file writes), [`meter`] (the read
 //!   meter the backends count into).
-//! - [`proxy`]: agent-blind secrets: bindings, placeholders and the egress proxy that swaps
-//!   a placeholder for its value on the way to a host the secret is bound to.
 //! - [`hardening`]: no dumps, not dumpable, memlock reporting.
 //! - [`logging`]: the lossy non-blocking writers behind stderr logging and the audit log.
 //! - [`fuzzing`]: the fuzz target bodies, shared by `fuzz/` and the seed-corpus test.
@@ -76,6 +77,9 @@ pub mod exit {
     pub const UNREACHABLE: u8 = 3;
     /// `set`: accepted and queued, but not stored in 1Password yet (it will be; EX_TEMPFAIL).
     pub const PENDING: u8 = 75;
+    /// `set`: queued, but neither stored in 1Password yet nor journaled (`--cache` could not be
+    /// written): a restart before 1Password answers loses it (EX_IOERR).
+    pub const NOT_JOURNALED: u8 = 74;
     /// Required secrets could not be resolved; the child was not started (EX_UNAVAILABLE).
     pub const SECRETS_UNAVAILABLE: u8 = 69;
     /// Pending write-backs could not be stored before exit (EX_TEMPFAIL).

@@ -751,3 +751,36 @@ fn idle_connections_are_closed_and_the_proxy_listens_on_loopback_only() {
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"), "{}", describe(&out));
 }
+
+#[test]
+fn an_idle_tunnel_is_closed() {
+    use std::io::{Read, Write};
+    let dir = TestDir::new("px-tunidle");
+    let key = random_key();
+    let upstream = Upstream::start(&dir, &key);
+    let broker = builder(&dir, "daemon", &key, &upstream)
+        .args(["--proxy", "127.0.0.1:0", "--proxy-allow-private", "--proxy-idle-timeout", "1s"])
+        .start();
+    let env: Json = serde_json::from_slice(&broker.client(&["proxy-env", "--json"], None).stdout).unwrap();
+    let url = env["HTTPS_PROXY"].as_str().unwrap();
+    let (credential, addr) = url.trim_start_matches("http://").split_once('@').unwrap();
+    use base64::Engine;
+    let auth = base64::engine::general_purpose::STANDARD.encode(credential);
+    let mut tunnel = std::net::TcpStream::connect(addr).unwrap();
+    tunnel.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // 127.0.0.1 is not bound: a tunnel to the upstream, which then says nothing.
+    let connect = format!(
+        "CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nProxy-Authorization: Basic {auth}\r\n\r\n",
+        port = upstream.port
+    );
+    tunnel.write_all(connect.as_bytes()).unwrap();
+    let mut head = [0u8; 12];
+    tunnel.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let _ = tunnel.read_to_end(&mut rest);
+    let kept = started.elapsed();
+    assert!(kept >= Duration::from_millis(900), "closed before the idle timeout: {kept:?}");
+    assert!(kept < Duration::from_secs(20), "an idle tunnel was kept {kept:?}");
+}

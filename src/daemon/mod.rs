@@ -12,6 +12,7 @@ pub mod broker;
 pub mod budget;
 pub mod connection;
 pub mod listener;
+pub mod recovery;
 pub mod refresh;
 
 use std::path::{Path, PathBuf};
@@ -287,7 +288,7 @@ impl Service {
         });
         // Placeholders are made before anything is resolved or cached, from those the cache
         // kept, so a restart with --cache hands out the same ones.
-        let kept = cache.as_ref().and_then(|c| c.load().ok().flatten()).map(|s| s.placeholders).unwrap_or_default();
+        let kept = cache.as_ref().map(|c| c.peek_placeholders()).unwrap_or_default();
         let bindings = crate::proxy::bindings::Bindings::new(&config.bindings, &kept).map_err(StartError::Config)?;
         for binding in bindings.iter() {
             if !broker.store.contains(&binding.name) {
@@ -298,8 +299,11 @@ impl Service {
             cache.keep_placeholders(bindings.placeholders());
         }
         broker.set_bindings(bindings);
+        if let Some(cache) = &cache {
+            recovery::attach(&broker, cache, &config.watches);
+        }
         let watched: Vec<String> = config.watches.iter().map(|w| w.name.clone()).collect();
-        let mut report = crate::cache::resolve_at_start(&broker, cache.as_ref(), &watched).await;
+        let mut report = recovery::resolve_at_start(&broker, cache.as_ref(), &watched).await;
         log_report("start-up", &report);
         // A watched credential that 1Password does not have yet is not an error: its first
         // write-back creates it.
@@ -309,8 +313,10 @@ impl Service {
         if !report.failed.is_empty() && !config.allow_missing {
             return Err(StartError::SecretsUnavailable(report.failure_summary()));
         }
+        // Before the watcher's start-up comparison and before the socket: what is journaled
+        // is what the watched files are compared with and what GET and `run --export` serve.
         if let Some(cache) = &cache {
-            crate::cache::replay_journal(&broker, cache);
+            recovery::replay_journal(&broker, cache).await;
         }
         let watcher = crate::watch::start(&config.watches, broker.watch_context(), config.watch.clone())
             .await
@@ -379,7 +385,7 @@ impl Service {
         let report = self.broker.resolve_all().await;
         log_report("refresh", &report);
         if let Some(cache) = &self.cache {
-            crate::cache::after_refresh(cache, &report);
+            recovery::after_refresh(cache, &report);
         }
         report
     }

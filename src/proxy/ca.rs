@@ -97,7 +97,7 @@ impl ProxyCa {
         bundle.extend_from_slice(self.cert_pem.as_bytes());
         bundle.push(b'\n');
         bundle.extend_from_slice(roots_pem);
-        crate::backend::file::write_atomic(path, &bundle, Some(0o644))
+        crate::fsutil::write_atomic(path, &bundle, Some(0o644))
     }
 
     /// The CA certificate, DER (for tests and clients that pin it).

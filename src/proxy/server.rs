@@ -377,10 +377,10 @@ impl Proxy {
                 }
             };
         self.audit_line(peer, &target, req.method(), "", &BTreeSet::new(), StatusCode::OK, 0, 0, started, "tunnel");
+        let idle = self.config.idle;
         tokio::spawn(async move {
-            let mut upstream = upstream;
             if let Ok(upgraded) = hyper::upgrade::on(req).await {
-                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(upgraded), &mut upstream).await;
+                relay(TokioIo::new(upgraded), upstream, idle).await;
             }
         });
         Response::new(empty())
@@ -840,6 +840,50 @@ fn pattern_host(pattern: &super::hosts::HostPattern) -> String {
         None => text,
     };
     host.to_string()
+}
+
+/// Copies both ways until both sides are done, or until neither side has sent anything for
+/// `idle` (a tunnel is bounded in time like any other connection).
+async fn relay<A>(client: A, upstream: tokio::net::TcpStream, idle: std::time::Duration)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let last = Mutex::new(Instant::now());
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut upstream_read, mut upstream_write) = upstream.into_split();
+    async fn pump<R, W>(read: &mut R, write: &mut W, last: &Mutex<Instant>, idle: std::time::Duration) -> bool
+    where
+        R: tokio::io::AsyncRead + Unpin,
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match tokio::time::timeout(idle, read.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    let _ = write.shutdown().await;
+                    return true;
+                }
+                Ok(Ok(n)) => {
+                    *last.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+                    if write.write_all(&buf[..n]).await.is_err() {
+                        return true;
+                    }
+                }
+                // Quiet this way: idle only if the other way is quiet too.
+                Err(_) if last.lock().unwrap_or_else(|e| e.into_inner()).elapsed() >= idle => return false,
+                Err(_) => {}
+            }
+        }
+    }
+    let up = pump(&mut client_read, &mut upstream_write, &last, idle);
+    let down = pump(&mut upstream_read, &mut client_write, &last, idle);
+    tokio::pin!(up, down);
+    // A side that ends (EOF) lets the other finish; an idle side ends the tunnel.
+    tokio::select! {
+        finished = &mut up => if finished { down.await; },
+        finished = &mut down => if finished { up.await; },
+    }
 }
 
 fn strip_brackets(host: &str) -> String {
