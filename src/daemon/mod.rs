@@ -34,6 +34,7 @@ use crate::writeback::Unwritten;
 use audit::AuditLog;
 use broker::{Broker, BrokerPolicy, ResolveReport};
 use listener::{BindError, BoundSocket, ServeOptions};
+use refresh::RefreshGate;
 
 /// Which backend to use.
 #[derive(Debug, Clone)]
@@ -233,6 +234,8 @@ pub struct Service {
     /// The egress proxy (`--proxy`) and its listener, taken by `serve`.
     proxy: Option<Arc<crate::proxy::server::Proxy>>,
     proxy_listener: std::sync::Mutex<Option<tokio::net::TcpListener>>,
+    /// REFRESH and SIGHUP: coalesced, at most one pass per `--refresh-min-interval`.
+    refresh_gate: Arc<RefreshGate>,
 }
 
 impl Service {
@@ -339,9 +342,11 @@ impl Service {
             None => (None, None),
         };
         crate::hardening::report_memlock();
+        let refresh_gate = RefreshGate::new(broker.clone(), cache.clone(), config.serve.refresh_min_interval);
         Ok(Service {
             proxy,
             proxy_listener: std::sync::Mutex::new(proxy_listener),
+            refresh_gate,
             broker,
             socket,
             audit,
@@ -374,13 +379,20 @@ impl Service {
             &self.socket.listener,
             self.broker.clone(),
             self.audit.clone(),
+            self.refresh_gate.clone(),
             self.serve.clone(),
             shutdown.clone(),
         );
         tokio::join!(socket, proxy);
     }
 
-    /// Re-resolves everything (SIGHUP, REFRESH fallback) and logs what happened.
+    /// SIGHUP: a refresh through the same gate as REFRESH (see [`RefreshGate`]), so that a
+    /// flood of signals costs at most one pass per interval plus one trailing pass.
+    pub fn request_refresh(&self) {
+        self.refresh_gate.request();
+    }
+
+    /// Re-resolves everything (the refresh timer) and logs what happened.
     pub async fn refresh(&self) -> ResolveReport {
         let report = self.broker.resolve_all().await;
         log_report("refresh", &report);
@@ -464,13 +476,15 @@ pub async fn run_daemon(config: BrokerConfig, grace: Duration) -> Result<u8, Sta
     check_discovered_names(env.iter().cloned(), &config.prefix, &config.suffix).map_err(StartError::Usage)?;
     let config = settle_op_path(config, &env);
 
+    let mut queued = Vec::new();
     let service = tokio::select! {
         started = Service::start(&config, &reaper, env) => Arc::new(started?),
-        number = crate::process::wait_for_stop(&mut signals) => {
+        number = crate::process::wait_for_stop(&mut signals, &mut queued) => {
             tracing::warn!("signal {number} during start-up; exiting");
             return Ok(u8::try_from(128 + number).unwrap_or(255));
         }
     };
+    let mut signals = crate::process::requeue(queued, signals);
     let shutdown = CancellationToken::new();
     let server = {
         let service = service.clone();
@@ -480,10 +494,7 @@ pub async fn run_daemon(config: BrokerConfig, grace: Duration) -> Result<u8, Sta
     let _refresh_timer = crate::refresh::start(service.clone(), config.refresh_interval, config.read_budget);
     while let Some(number) = signals.recv().await {
         match number {
-            libc::SIGHUP => {
-                let service = service.clone();
-                tokio::spawn(async move { service.refresh().await });
-            }
+            libc::SIGHUP => service.request_refresh(),
             libc::SIGTERM => {
                 tracing::info!("SIGTERM: shutting down");
                 break;
