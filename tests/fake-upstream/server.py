@@ -32,7 +32,8 @@ other path: 404):
                        "data: [DONE]") when the request says "stream": true.
   /v1/responses        the OpenAI Responses API, same rules (streamed or not).
 
-Log (--log FILE): one JSON line per request, appended and flushed when it is answered:
+Log (--log FILE): one JSON line per request, appended and flushed before the answer's last
+bytes are sent (a client holding a whole answer finds its line):
   {ts, conn, method, path, query, headers: [[name, value]...], body_len, body_sha256,
    status, key_at: [where the expected key appeared], watch_at: {STRING: [where]}}
 where a place is "path", "query", "body", "header:<name>" or "basic:<name>" (inside Basic
@@ -268,10 +269,11 @@ class Handler(BaseHTTPRequestHandler):
         for k, v in extra:
             self.send_header(k, v)
         self.end_headers()
+        # Logged before the answer is complete, so a client that has its answer finds the line.
+        self.finish_log(status)
         if self.command != "HEAD":
             self.wfile.write(data)
         self.wfile.flush()
-        self.finish_log(status)
 
     def start_chunked(self, content_type, extra=()):
         self.send_response(200)
@@ -289,9 +291,9 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
 
     def end_chunked(self):
+        self.finish_log(200)
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
-        self.finish_log(200)
 
     def unauthorized(self):
         self.send_json(401, {"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
@@ -370,16 +372,19 @@ class Handler(BaseHTTPRequestHandler):
         left = n
         while left:
             part = block[: min(left, len(block))]
+            left -= len(part)
             if chunked:
                 self.chunk(part)
             else:
+                if not left:
+                    self.finish_log(200)
                 self.wfile.write(part)
-            left -= len(part)
         if chunked:
             self.end_chunked()
         else:
+            if n == 0:
+                self.finish_log(200)
             self.wfile.flush()
-            self.finish_log(200)
 
     def request_json(self):
         try:
