@@ -493,7 +493,14 @@ fn a_stalled_stderr_never_stops_the_broker_or_the_init() {
     let dir = TestDir::new("g-stall-run");
     let backend = file_vault(&dir, json!({"dev": {"api": {"key": "k"}}}));
     let marker = dir.join("got-term");
-    let child = format!("trap 'echo term > {}; exit 0' TERM; while :; do sleep 0.05; done", marker.display());
+    let trapped = dir.join("trap-set");
+    // The child says when its trap is set: a SIGTERM before that (a slow start under load)
+    // would kill it before it can leave the marker, which is no failure of op-bridge.
+    let child = format!(
+        "trap 'echo term > {}; exit 0' TERM; : > {}; while :; do sleep 0.05; done",
+        marker.display(),
+        trapped.display()
+    );
     let builder = BrokerBuilder::new(&dir, "run")
         .arg(&backend)
         .args(chatty)
@@ -503,6 +510,7 @@ fn a_stalled_stderr_never_stops_the_broker_or_the_init() {
     let (mut init, _stalled) = spawn_with_stalled_stderr(builder);
     wait_ready(&socket);
     ping_many(&socket, 2000);
+    assert!(eventually(LIMIT, || trapped.exists()), "the child never started");
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(init.id() as i32, libc::SIGTERM) };
     let forwarded = eventually(LIMIT, || marker.exists());
