@@ -25,7 +25,9 @@
 //! - [`supervise`]: spawning, signal forwarding, `op-bridge run` (the init), and privilege
 //!   separation (`run --user`, `--op-user`, the `op` mode check).
 //! - [`watch`]: credential-file watching (capture, debounce, materialization);
-//!   [`writeback`]: the per-target write-back queue that never drops a rotation.
+//!   [`writeback`]: the per-target write-back queue that never drops a rotation;
+//!   [`fsops`]: the thread with the app's file permissions that opens, reads and replaces
+//!   watched files without following links.
 //! - [`cache`]: the sealed restart cache and the write-back journal; [`refresh`]: the
 //!   periodic refresh timer and the read meter.
 //! - [`hardening`]: no dumps, not dumpable, memlock reporting.
@@ -41,6 +43,7 @@ pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod exec_provider;
+pub mod fsops;
 pub mod fuzzing;
 pub mod hardening;
 pub mod locked;
