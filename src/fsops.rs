@@ -134,10 +134,7 @@ fn assume(owner: &Owner) -> std::io::Result<()> {
         (libc::syscall(libc::SYS_setfsgid, u32::MAX), libc::syscall(libc::SYS_setfsuid, u32::MAX))
     };
     if (uid, gid) != (i64::from(owner.uid), i64::from(owner.gid)) {
-        return Err(std::io::Error::other(format!(
-            "filesystem ids are {uid}:{gid}, not {}:{}",
-            owner.uid, owner.gid
-        )));
+        return Err(std::io::Error::other(format!("filesystem ids are {uid}:{gid}, not {}:{}", owner.uid, owner.gid)));
     }
     Ok(())
 }
@@ -238,7 +235,9 @@ pub fn read_regular(path: &Path, max: usize) -> Result<Option<Zeroizing<Vec<u8>>
         Err(nix::errno::Errno::ELOOP) => {
             return Err(FileError::Symlink { path: path.to_path_buf(), target: String::new() });
         }
-        Err(nix::errno::Errno::ENXIO) => return Err(FileError::NotRegular { path: path.to_path_buf(), kind: "socket" }),
+        Err(nix::errno::Errno::ENXIO) => {
+            return Err(FileError::NotRegular { path: path.to_path_buf(), kind: "socket" });
+        }
         Err(err) => return Err(FileError::io("open", path, err)),
     };
     let mut file = std::fs::File::from(fd);
@@ -314,7 +313,8 @@ pub fn replace(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FileError> {
         return Err(FileError::io("write", path, err));
     }
     // The rename is durable once the directory is; an O_PATH descriptor cannot be fsynced.
-    if let Ok(sync) = nix::fcntl::openat(&dir, ".", OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+    if let Ok(sync) =
+        nix::fcntl::openat(&dir, ".", OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
     {
         let _ = nix::unistd::fsync(sync.as_fd());
     }

@@ -307,7 +307,9 @@ async fn initial_sync(
     match read_stable(deputy, &path).await {
         Ok(None) => match resolved {
             Some((value, generation)) if options.materialize && !value.is_empty() => {
-                write_file(deputy, &path, &value).await.map_err(|e| format!("cannot materialize {}: {e}", path.display()))?;
+                write_file(deputy, &path, &value)
+                    .await
+                    .map_err(|e| format!("cannot materialize {}: {e}", path.display()))?;
                 tracing::info!(name, path = %path.display(), "materialized watched file from the backend");
                 state.last_seen = Some(LockedBytes::new(&value));
                 state.file_generation = generation;
@@ -323,7 +325,9 @@ async fn initial_sync(
                 Some((value, generation)) if !file_is_newer(&state.spec, broker).await => {
                     // 1Password changed after the file did: the file is stale (a replica or a
                     // person rotated it meanwhile). Keep 1Password's value, bring the file up.
-                    write_file(deputy, &path, &value).await.map_err(|e| format!("cannot rewrite {}: {e}", path.display()))?;
+                    write_file(deputy, &path, &value)
+                        .await
+                        .map_err(|e| format!("cannot rewrite {}: {e}", path.display()))?;
                     state.last_seen = Some(LockedBytes::new(&value));
                     state.file_generation = generation;
                     return Ok(state);
@@ -488,7 +492,13 @@ fn on_event(states: &mut [FileState], index: &HashMap<PathBuf, usize>, event: &n
     }
 }
 
-async fn capture(state: &mut FileState, broker: &WatchContext, options: &WatchOptions, deputy: &Deputy, final_pass: bool) {
+async fn capture(
+    state: &mut FileState,
+    broker: &WatchContext,
+    options: &WatchOptions,
+    deputy: &Deputy,
+    final_pass: bool,
+) {
     let now = Instant::now();
     let name = state.spec.name.clone();
     let path = state.spec.path.clone();
@@ -496,12 +506,13 @@ async fn capture(state: &mut FileState, broker: &WatchContext, options: &WatchOp
     if !final_pass
         && state.writer_open
         && burst_age < MAX_OPEN_WAIT
-        && deputy.run({
-            let path = path.clone();
-            move || open_for_writing(&path)
-        })
-        .await
-        .unwrap_or(false)
+        && deputy
+            .run({
+                let path = path.clone();
+                move || open_for_writing(&path)
+            })
+            .await
+            .unwrap_or(false)
     {
         state.due = Some(now + options.debounce);
         return;

@@ -311,3 +311,44 @@ fn files_op_bridge_creates_for_the_app_are_the_apps() {
     let meta = std::fs::metadata(&creds).unwrap();
     assert_eq!((meta.uid(), meta.gid()), (APP, APP));
 }
+
+/// The deputy thread has the app's permissions and nothing more: with the app's identity it
+/// can neither read a root-only file (even one in the app's own directory) nor create a file
+/// in a root-only directory, files it creates are the app's, and the rest of the process
+/// keeps root's groups. The same operations as root succeed (the check can fail).
+#[test]
+fn the_file_deputy_can_do_only_what_the_app_can() {
+    use op_bridge::fsops::{Deputy, Owner, read_regular, replace};
+    let scene = Scene::new("wfp", r#""creds":"c0""#);
+    let in_app_dir = scene.home.join("left-by-root.json");
+    std::fs::write(&in_app_dir, "root's").unwrap();
+    chmod(&in_app_dir, 0o600);
+    let secret = scene.root_only.join("secret");
+    let made = scene.home.join("made.json");
+    let groups_before = nix::unistd::getgroups().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+
+    let app = Deputy::start(Some(Owner { uid: APP, gid: APP, groups: vec![APP] })).unwrap();
+    let (a, b, c, d) = (secret.clone(), in_app_dir.clone(), scene.root_only.join("new.json"), made.clone());
+    let results = runtime.block_on(app.run(move || {
+        (
+            read_regular(&a, 1024).map(|v| v.is_some()),
+            read_regular(&b, 1024).map(|v| v.is_some()),
+            replace(&c, b"x", 0o600),
+            replace(&d, b"mine", 0o600),
+        )
+    }));
+    let (root_file, left_by_root, into_root_dir, into_app_dir) = results.unwrap();
+    assert!(root_file.is_err_and(|e| e.to_string().contains("ermission denied")), "read a root-only file");
+    assert!(left_by_root.is_err_and(|e| e.to_string().contains("ermission denied")), "read root's 0600 file");
+    assert!(into_root_dir.is_err(), "created a file in a root-only directory");
+    assert!(!scene.root_only.join("new.json").exists());
+    into_app_dir.unwrap();
+    let meta = std::fs::metadata(&made).unwrap();
+    assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o777), (APP, APP, 0o600));
+    assert_eq!(nix::unistd::getgroups().unwrap(), groups_before, "the deputy changed the process's groups");
+
+    let root = Deputy::start(None).unwrap();
+    let read = runtime.block_on(root.run(move || read_regular(&secret, 1024).map(|v| v.map(|v| v.to_vec()))));
+    assert_eq!(read.unwrap().unwrap().unwrap(), ROOT_SECRET.as_bytes());
+}
