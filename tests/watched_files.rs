@@ -96,13 +96,23 @@ impl Scene {
     /// fresh pid namespace with op-bridge as PID 1, to completion (killed after RUN_LIMIT).
     /// The script finds op-bridge in `$OPB` and the app's home in `$H`.
     fn run(&self, watches: &[String], script: &str) -> Output {
+        let direct = self.command(watches, script);
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--pid", "--fork", "--mount-proc", "--kill-child"])
+            .arg(direct.get_program())
+            .args(direct.get_args())
+            .env_clear()
+            .envs(direct.get_envs().filter_map(|(k, v)| Some((k, v?))));
+        run_with_timeout(cmd, RUN_LIMIT)
+    }
+
+    /// The `op-bridge run` command line of [`Scene::run`], without the namespace.
+    fn command(&self, watches: &[String], script: &str) -> Command {
         let script_path = self.dir.join("child.sh");
         std::fs::write(&script_path, script).unwrap();
         chmod(&script_path, 0o644);
-        let mut cmd = Command::new("unshare");
-        cmd.args(["--pid", "--fork", "--mount-proc", "--kill-child"])
-            .arg(bin())
-            .arg("run")
+        let mut cmd = Command::new(bin());
+        cmd.arg("run")
             .arg("--socket")
             .arg(self.dir.join("s.sock"))
             .arg(format!("--backend=file:{}", self.vault.display()))
@@ -117,7 +127,7 @@ impl Scene {
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
             .env("OPB", bin())
             .env("H", &self.home);
-        run_with_timeout(cmd, RUN_LIMIT)
+        cmd
     }
 }
 
@@ -351,4 +361,48 @@ fn the_file_deputy_can_do_only_what_the_app_can() {
     let root = Deputy::start(None).unwrap();
     let read = runtime.block_on(root.run(move || read_regular(&secret, 1024).map(|v| v.map(|v| v.to_vec()))));
     assert_eq!(read.unwrap().unwrap().unwrap(), ROOT_SECRET.as_bytes());
+}
+
+/// A FIFO made at a watched path, then SIGTERM: op-bridge still stops (the child gets the
+/// signal, op-bridge exits with its status) instead of hanging in the final pass.
+#[test]
+fn sigterm_still_stops_op_bridge_after_a_fifo_appears_at_a_watched_path() {
+    let scene = Scene::new("wft", r#""a":"a0""#);
+    let watches = [format!("{}=A=op://v/i/a", scene.home.join("a.json").display())];
+    let ready = scene.home.join("ready");
+    let script = format!(
+        "cd \"$H\"\n\
+         rm a.json && mkfifo a.json\n\
+         sleep 0.5\n\
+         $OPB ping > {ready}.tmp && mv {ready}.tmp {ready}\n\
+         exec sleep 1000\n",
+        ready = ready.display(),
+    );
+    let stderr_path = scene.dir.join("op-bridge.stderr");
+    let mut child = scene
+        .command(&watches, &script)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let shown = || std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    let mut status = None;
+    let ready_seen = eventually(RUN_LIMIT, || {
+        status = child.try_wait().unwrap();
+        ready.exists() || status.is_some()
+    });
+    assert!(ready_seen && status.is_none(), "the child never got to PING ({status:?})\n{}", shown());
+    // SAFETY: kill(2) on op-bridge, our child, not yet reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let stopped = eventually(RUN_LIMIT, || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    if !stopped {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert!(stopped, "op-bridge did not stop on SIGTERM\n{}", shown());
+    assert_eq!(status.unwrap().code(), Some(128 + libc::SIGTERM), "{}", shown());
 }
