@@ -379,13 +379,16 @@ fn sigterm_still_stops_op_bridge_after_a_fifo_appears_at_a_watched_path() {
         ready = ready.display(),
     );
     let stderr_path = scene.dir.join("op-bridge.stderr");
-    let mut child = scene
-        .command(&watches, &script)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&stderr_path).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = Killed(
+        scene
+            .command(&watches, &script)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut child.0;
     let shown = || std::fs::read_to_string(&stderr_path).unwrap_or_default();
     let mut status = None;
     let ready_seen = eventually(RUN_LIMIT, || {
@@ -399,10 +402,27 @@ fn sigterm_still_stops_op_bridge_after_a_fifo_appears_at_a_watched_path() {
         status = child.try_wait().unwrap();
         status.is_some()
     });
-    if !stopped {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
     assert!(stopped, "op-bridge did not stop on SIGTERM\n{}", shown());
     assert_eq!(status.unwrap().code(), Some(128 + libc::SIGTERM), "{}", shown());
+}
+
+/// An op-bridge (not PID 1) killed on drop with its children (a subreaper's command would
+/// outlive it).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        let pid = self.0.id();
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        for child in children.split_whitespace().filter_map(|c| c.parse::<i32>().ok()) {
+            // SAFETY: kill(2) on a child of our op-bridge, which is alive and not reaped, so
+            // the pid is still that child's.
+            unsafe { libc::kill(child, libc::SIGKILL) };
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
