@@ -1,4 +1,4 @@
-//! Every `docker run` example in the README, the skill and `docker/` runs as written, as far
+//! Every `docker run` example in the README, `docs/`, the skill and `docker/` runs as written, as far
 //! as op-bridge is concerned: its `-e` variables go to a real `op-bridge run` (the file
 //! backend standing in for 1Password, with a vault holding every reference the examples name),
 //! every id of a mounted OpenClaw config must resolve, and every `docker exec` verify line of
@@ -22,16 +22,23 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The files whose examples a user copies.
-fn documents() -> Vec<PathBuf> {
-    let mut files = vec![repo().join("README.md"), repo().join("skill/SKILL.md")];
-    let mut workflows: Vec<PathBuf> = std::fs::read_dir(repo().join("skill/Workflows"))
-        .unwrap()
+/// The Markdown files of a directory, sorted (a page added later is checked without a change here).
+fn markdown_in(dir: &str) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo().join(dir))
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "md"))
         .collect();
-    workflows.sort();
-    files.extend(workflows);
+    files.sort();
+    files
+}
+
+/// The files whose examples a user copies: the README, every page of `docs/`, the skill and `docker/`.
+fn documents() -> Vec<PathBuf> {
+    let mut files = vec![repo().join("README.md")];
+    files.extend(markdown_in("docs"));
+    files.push(repo().join("skill/SKILL.md"));
+    files.extend(markdown_in("skill/Workflows"));
     files.extend(["docker/Dockerfile", "docker/openclaw.json5", "docker/entrypoint.sh"].map(|f| repo().join(f)));
     files
 }
@@ -276,6 +283,7 @@ fn openclaw_style_lines() -> Vec<(String, String)> {
 fn docker_examples_run_as_written() {
     let mut failures = Vec::new();
     let mut checked = 0;
+    let mut checked_in = Vec::new();
     let anywhere = openclaw_style_lines();
     assert!(!anywhere.is_empty(), "the skill's troubleshooting has an `env -i` verify line");
     for path in documents() {
@@ -290,10 +298,14 @@ fn docker_examples_run_as_written() {
             }
             let Some(run) = parse_docker_run(format!("{name}:{number}"), line) else { continue };
             checked += 1;
+            checked_in.push(name.clone());
             failures.extend(check(&run, &commands));
         }
     }
     assert!(checked >= 3, "expected the README's, the skill's and the Dockerfile's docker run examples");
+    for page in ["README.md", "docs/containers.md"] {
+        assert!(checked_in.iter().any(|p| p == page), "{page} has no docker run example any more: {checked_in:?}");
+    }
     assert!(failures.is_empty(), "{}", failures.join("\n=====\n"));
 }
 

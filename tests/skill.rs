@@ -1,7 +1,8 @@
-//! Every `op-bridge` command the agent skill shows (and the ones in `docker/`) is one the
-//! binary accepts: it parses with the real command line (`Cli::try_parse_from`), and for
-//! `run`/`daemon` the options that are checked only after parsing (backend, watch specs,
-//! log level, `--on-change`) are valid too.
+//! Every `op-bridge` command the agent skill, the README and `docs/` show (and the ones in
+//! `docker/`) is one the binary accepts: it parses with the real command line
+//! (`Cli::try_parse_from`), and for `run`/`daemon` the options that are checked only after
+//! parsing (backend, watch specs, log level, `--on-change`) are valid too. The docs pages are
+//! linked from the README and the skill, and their links lead somewhere.
 //!
 //! Commands are found in fenced code blocks (shell, Dockerfile, JSON5) and in inline code
 //! spans that start with `op-bridge `. Shell text is split by a small tokenizer: quotes,
@@ -9,7 +10,8 @@
 //! placeholder word (a command substitution is checked as a command of its own); pipelines,
 //! lists and redirections are split off; assignments and wrappers (`env`, `sudo`, `exec`,
 //! `until`, `docker exec CONTAINER`, `sh -c SCRIPT`) are stepped over. Syntax it does not
-//! know (here-documents, backquotes) fails the test rather than being skipped.
+//! know (here-documents, backquotes) fails the test rather than being skipped. A `text` block
+//! (a synopsis, a program's output) is shown, not run, and is not checked.
 
 use std::path::{Path, PathBuf};
 
@@ -377,6 +379,12 @@ fn markdown_commands(path: &Path, out: &mut Vec<Found>) {
                 "" | "sh" | "bash" | "shell" | "console" => shell_block(block, &name, start, out),
                 "dockerfile" => dockerfile_commands(block, &place, out),
                 "json5" | "json" => json5_commands(block, &place, out),
+                // A synopsis or a program's output: shown, not run.
+                "text" => {}
+                "yaml" => assert!(
+                    !block.iter().any(|l| l.contains("op-bridge")),
+                    "{place}: a yaml block naming op-bridge is not checked; show the command in a sh block"
+                ),
                 other => panic!("{place}: code block language `{other}` is not checked; use sh, dockerfile or json5"),
             }
             i = end + 1;
@@ -384,7 +392,7 @@ fn markdown_commands(path: &Path, out: &mut Vec<Found>) {
         }
         // Inline code spans outside fences.
         for (k, span) in lines[i].split('`').enumerate() {
-            if k % 2 == 1 && span.starts_with("op-bridge ") {
+            if k % 2 == 1 && span.starts_with("op-bridge ") && !names_a_subcommand(span) {
                 let place = format!("{name}:{} inline", i + 1);
                 let found = shell_commands(span, &place, out).unwrap_or_else(|e| panic!("{e}"));
                 assert!(found > 0, "{place}: `{span}` was not recognised as a command");
@@ -392,6 +400,14 @@ fn markdown_commands(path: &Path, out: &mut Vec<Found>) {
         }
         i += 1;
     }
+}
+
+/// Whether an inline span only names a command (`op-bridge run`, as in "`op-bridge run` is
+/// the init"), which is prose, not a command line to check.
+fn names_a_subcommand(span: &str) -> bool {
+    use clap::CommandFactory;
+    let words: Vec<&str> = span.split_whitespace().collect();
+    matches!(words[..], ["op-bridge", name] if Cli::command().get_subcommands().any(|s| s.get_name() == name))
 }
 
 fn shell_block(block: &[&str], name: &str, start: usize, out: &mut Vec<Found>) {
@@ -490,6 +506,90 @@ fn every_skill_command_parses() {
     assert_all_parse(&found);
 }
 
+/// The user documentation: the README and every page of `docs/`.
+fn doc_files() -> Vec<PathBuf> {
+    let mut files = vec![repo().join("README.md")];
+    let mut pages: Vec<PathBuf> = std::fs::read_dir(repo().join("docs"))
+        .expect("docs/ exists")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "md"))
+        .collect();
+    pages.sort();
+    files.extend(pages);
+    files
+}
+
+#[test]
+fn every_docs_command_parses() {
+    let mut found = Vec::new();
+    let files = doc_files();
+    assert!(files.len() >= 10, "README and the docs/ pages: {files:?}");
+    for file in &files {
+        markdown_commands(file, &mut found);
+    }
+    for page in ["README.md", "docs/commands.md", "docs/containers.md", "docs/troubleshooting.md"] {
+        assert!(found.iter().any(|f| f.place.starts_with(page)), "no op-bridge command found in {page}");
+    }
+    assert!(found.len() >= 25, "only {} commands found: {found:#?}", found.len());
+    if std::env::var_os("SKILL_COMMANDS").is_some() {
+        found.iter().for_each(|f| eprintln!("{}: {:?}", f.place, f.argv));
+    }
+    assert_all_parse(&found);
+}
+
+/// Every page of `docs/` is linked from the README and from the skill, and every relative
+/// link in them leads to a file (a `#anchor` to a heading of that file).
+#[test]
+fn docs_pages_are_linked_and_links_resolve() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let skill = std::fs::read_to_string(repo().join("skill/SKILL.md")).unwrap();
+    for page in doc_files().into_iter().skip(1) {
+        let name = page.file_name().unwrap().to_str().unwrap();
+        assert!(readme.contains(&format!("(docs/{name})")), "README.md does not link docs/{name}");
+        assert!(skill.contains(&format!("(../docs/{name})")), "skill/SKILL.md does not link docs/{name}");
+    }
+    let mut sources = doc_files();
+    sources.extend(skill_files());
+    for source in sources {
+        let text = std::fs::read_to_string(&source).unwrap();
+        for (at, _) in text.match_indices("](") {
+            let target = text[at + 2..].split(')').next().unwrap();
+            if target.starts_with("http") || target.contains(' ') {
+                continue;
+            }
+            let (file, anchor) = target.split_once('#').unwrap_or((target, ""));
+            let path = if file.is_empty() { source.clone() } else { source.parent().unwrap().join(file) };
+            assert!(path.exists(), "{}: link to missing {target}", source.display());
+            if !anchor.is_empty() {
+                let target_text = std::fs::read_to_string(&path).unwrap();
+                let anchors: Vec<String> =
+                    target_text.lines().filter(|l| l.starts_with('#')).map(github_anchor).collect();
+                assert!(
+                    anchors.iter().any(|a| a == anchor),
+                    "{}: no heading for #{anchor} in {file}",
+                    source.display()
+                );
+            }
+        }
+    }
+}
+
+/// The anchor GitHub gives a Markdown heading: lower case, spaces to `-`, punctuation other
+/// than `-` and `_` dropped.
+fn github_anchor(heading: &str) -> String {
+    heading
+        .trim_start_matches('#')
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
 fn docker_files_commands_parse() {
     let mut found = Vec::new();
@@ -542,4 +642,43 @@ fn the_tokenizer_splits_like_a_shell() {
     assert_eq!(found[0].argv, ["op-bridge", "get", "--socket", "/s"]);
     assert!(tokenize("cat <<EOF", &mut Vec::new()).is_err());
     assert!(tokenize("echo `op-bridge list`", &mut Vec::new()).is_err());
+}
+
+/// The repository root holds only what a user expects (a test run once committed its
+/// `fake.pid` and `out-*.txt` there). Tracked files only, so a local scratch file does not
+/// fail the suite; outside a git checkout there is nothing to check.
+#[test]
+fn repository_root_holds_only_what_a_user_expects() {
+    let Ok(out) = std::process::Command::new("git").arg("-C").arg(repo()).args(["ls-files", "--", "."]).output() else {
+        eprintln!("git not found: root contents not checked");
+        return;
+    };
+    if !out.status.success() {
+        eprintln!("not a git checkout: root contents not checked");
+        return;
+    }
+    const EXPECTED: &[&str] = &[
+        "Cargo.toml",
+        "Cargo.lock",
+        "README.md",
+        "CHANGELOG.md",
+        "LICENSE",
+        "src",
+        "tests",
+        "docs",
+        "docker",
+        "skill",
+        "examples",
+        "benches",
+        "fuzz",
+    ];
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let unexpected: std::collections::BTreeSet<&str> = listing
+        .lines()
+        .map(|path| path.split('/').next().unwrap())
+        .filter(|top| !EXPECTED.contains(top))
+        // Dotfiles (.gitignore, .ci) and tool configuration (rustfmt.toml, clippy.toml, …).
+        .filter(|top| !top.starts_with('.') && !top.ends_with(".toml"))
+        .collect();
+    assert!(unexpected.is_empty(), "unexpected files at the repository root: {unexpected:?}");
 }

@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Checks tests/fake-oauth/server.py behaves as its docstring says. Prints `N passed, M failed`."""
+
+import base64
+import http.client
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from urllib.parse import urlencode
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PASSED, FAILED = [], []
+
+
+def check(name, condition):
+    (PASSED if condition else FAILED).append(name)
+    if not condition:
+        print(f"FAIL: {name}", file=sys.stderr)
+
+
+def main():
+    tmp = tempfile.mkdtemp(prefix="fake-oauth-")
+    state, control, events, port_file = (os.path.join(tmp, n) for n in ("state.json", "control.json", "events.jsonl", "port"))
+    with open(state, "w") as f:
+        json.dump({
+            "clients": {"app": {"secret": "s3cret", "auth": "basic"},
+                        "poster": {"secret": "p0st", "auth": "post"},
+                        "machine": {"secret": "m4ch", "auth": "basic"}},
+            "refresh_tokens": {"rt_seed": {"client": "app", "family": "f1", "used_at": None, "successor": None},
+                               "rt_post": {"client": "poster", "family": "f2", "used_at": None, "successor": None}},
+            "families": {"f1": {"revoked": False}, "f2": {"revoked": False}},
+        }, f)
+    env = dict(os.environ, FAKE_OAUTH_STATE=state, FAKE_OAUTH_CONTROL=control, FAKE_OAUTH_EVENTS=events,
+               FAKE_OAUTH_PORT_FILE=port_file)
+    server = subprocess.Popen([sys.executable, os.path.join(HERE, "server.py")], env=env)
+    try:
+        deadline = time.time() + 10
+        while not os.path.exists(port_file) and time.time() < deadline:
+            time.sleep(0.05)
+        port = int(open(port_file).read())
+
+        def knobs(**k):
+            with open(control, "w") as f:
+                json.dump(k, f)
+
+        def token(form, basic=None):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            headers = {"Content-Type": "application/x-www-form-urlencoded"}
+            if basic:
+                headers["Authorization"] = "Basic " + base64.b64encode(basic.encode()).decode()
+            try:
+                conn.request("POST", "/token", urlencode(form), headers)
+                response = conn.getresponse()
+                return response.status, json.loads(response.read() or b"{}"), response.getheader("Retry-After")
+            except (ConnectionError, http.client.HTTPException):
+                return None, None, None
+            finally:
+                conn.close()
+
+        def api(access):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/api/me", headers={"Authorization": f"Bearer {access}"})
+            status = conn.getresponse().status
+            conn.close()
+            return status
+
+        knobs(access_ttl_s=1)
+        status, body, _ = token({"grant_type": "refresh_token", "refresh_token": "rt_seed"}, basic="app:s3cret")
+        check("refresh grant answers 200 with a new refresh token", status == 200 and body["refresh_token"] != "rt_seed")
+        rt1, at1 = body["refresh_token"], body["access_token"]
+        check("the access token opens the API", api(at1) == 200)
+        time.sleep(1.2)
+        check("an expired access token gets 401", api(at1) == 401)
+        status, body, _ = token({"grant_type": "refresh_token", "refresh_token": rt1}, basic="app:s3cret")
+        check("the successor refresh token works once", status == 200)
+        rt2 = body["refresh_token"]
+        status, body, _ = token({"grant_type": "refresh_token", "refresh_token": rt1}, basic="app:s3cret")
+        check("replaying a used refresh token is invalid_grant", status == 400 and body["error"] == "invalid_grant")
+        status, body, _ = token({"grant_type": "refresh_token", "refresh_token": rt2}, basic="app:s3cret")
+        check("reuse revokes the whole family", status == 400 and "revoked" in body.get("error_description", ""))
+
+        knobs(reuse_leeway_s=30)
+        status, body, _ = token({"grant_type": "refresh_token", "refresh_token": "rt_post",
+                                 "client_id": "poster", "client_secret": "p0st"})
+        check("client_secret_post is accepted", status == 200)
+        successor = body["refresh_token"]
+        status, body, _ = token({"grant_type": "refresh_token", "refresh_token": "rt_post",
+                                 "client_id": "poster", "client_secret": "p0st"})
+        check("a replay within the leeway gets the same successor", status == 200 and body["refresh_token"] == successor)
+        status, _, _ = token({"grant_type": "refresh_token", "refresh_token": successor}, basic="poster:p0st")
+        check("a client registered for post is refused with basic", status == 401)
+
+        status, body, _ = token({"grant_type": "client_credentials", "scope": "read"}, basic="machine:m4ch")
+        check("client_credentials gives an access token and no refresh token",
+              status == 200 and "refresh_token" not in body and api(body["access_token"]) == 200)
+        status, _, _ = token({"grant_type": "client_credentials"}, basic="machine:wrong")
+        check("a wrong secret is invalid_client", status == 401)
+
+        knobs(server_error=1, rate_limit=1, retry_after_s=7)
+        status, _, _ = token({"grant_type": "client_credentials"}, basic="machine:m4ch")
+        check("server_error knob answers 503 once", status == 503)
+        status, _, retry = token({"grant_type": "client_credentials"}, basic="machine:m4ch")
+        check("rate_limit knob answers 429 with Retry-After", status == 429 and retry == "7")
+        status, _, _ = token({"grant_type": "client_credentials"}, basic="machine:m4ch")
+        check("knobs are consumed", status == 200)
+
+        knobs(drop_after_issue=1)
+        status, body, _ = token({"grant_type": "client_credentials"}, basic="machine:m4ch")
+        check("drop_after_issue closes the connection unanswered", status is None)
+
+        lines = [json.loads(line) for line in open(events)]
+        kinds = [line["event"] for line in lines]
+        check("events record reuse, leeway, drops and 401s",
+              {"reuse_detected", "reuse_within_leeway", "dropped", "api_unauthorized", "issued"} <= set(kinds))
+        check("events never hold a whole token",
+              all(len(line.get("token", "")) <= 8 for line in lines))
+    finally:
+        server.terminate()
+        server.wait()
+    print(f"{len(PASSED)} passed, {len(FAILED)} failed")
+    return 1 if FAILED else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
