@@ -346,6 +346,9 @@ mod tests {
         assert_eq!(&read_regular(&path, 64).unwrap().unwrap()[..], b"one");
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         assert!(matches!(read_regular(&path, 2), Err(FileError::TooLarge { .. })));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        replace(&path, b"one", 0o600).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o640, "the old mode is kept");
 
         let link = dir.join("link.json");
         std::os::unix::fs::symlink(&path, &link).unwrap();
@@ -358,6 +361,12 @@ mod tests {
         nix::unistd::mkfifo(&fifo, Mode::from_bits_truncate(0o600)).unwrap();
         let err = read_regular(&fifo, 64).unwrap_err();
         assert!(matches!(err, FileError::NotRegular { kind: "FIFO", .. }), "{err}");
+        let socket = dir.join("sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let err = read_regular(&socket, 64).unwrap_err();
+        assert!(matches!(err, FileError::NotRegular { kind: "socket", .. }), "{err}");
+        let err = read_regular(Path::new("/dev/null"), 64).unwrap_err();
+        assert!(matches!(err, FileError::NotRegular { kind: "character device", .. }), "{err}");
 
         let linked_dir = dir.join("d");
         std::os::unix::fs::symlink(&dir, &linked_dir).unwrap();

@@ -7,6 +7,11 @@
 //! mtime and inode did not move while it was read. It is read whole and byte-exact. Bursts
 //! are capped: a file rewritten continuously is still captured every [`MAX_DELAY`].
 //!
+//! Every file operation (read, materialize, rewrite) runs on the [`crate::fsops::Deputy`]:
+//! with the app's file permissions under `run --user`, never following a symbolic link,
+//! reading only regular files. A link or non-regular file at a watched path refuses the
+//! start; one that appears later is refused with a WARN and left alone.
+//!
 //! The watch survives its directory being deleted, re-created or replaced (tools that reset
 //! their config directory): every [`REARM_INTERVAL`], and at once on an event about the
 //! directory itself or an inotify queue overflow, each directory's identity is checked; a new

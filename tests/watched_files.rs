@@ -426,3 +426,26 @@ impl Drop for Killed {
         let _ = self.0.wait();
     }
 }
+
+/// A symlink in the directories of a `--watch` path that exists at start is the operator's
+/// configuration: it is resolved once, and rotations in the real directory are captured.
+#[test]
+fn a_directory_link_in_the_watch_path_at_start_is_resolved_once() {
+    let scene = Scene::new("wfr", r#""creds":"c0""#);
+    let claude = scene.app_dir(".claude");
+    let link = scene.home.join("cfg");
+    std::os::unix::fs::symlink(".claude", &link).unwrap();
+    let watches = [format!("{}=CREDS=op://v/i/creds", link.join("creds.json").display())];
+    let script = format!(
+        "echo start=$(cat \"$H/.claude/creds.json\")\n\
+         printf c1 > \"$H/.claude/tmp\" && mv -f \"$H/.claude/tmp\" \"$H/.claude/creds.json\"\n\
+         {barrier}",
+        barrier = await_get("CREDS", "c1"),
+    );
+    let output = scene.run(&watches, &script);
+    let shown = describe(&output);
+    assert_eq!(output.status.code(), Some(0), "{shown}");
+    assert_eq!(field(&output, "start").as_deref(), Some("c0"), "{shown}");
+    assert_eq!(scene.vault_field("creds"), "c1", "{shown}");
+    assert!(claude.join("creds.json").is_file() && link.is_symlink());
+}
