@@ -136,7 +136,9 @@ fn assume(owner: &Owner) -> std::io::Result<()> {
     if (uid, gid) != (i64::from(owner.uid), i64::from(owner.gid)) {
         return Err(std::io::Error::other(format!("filesystem ids are {uid}:{gid}, not {}:{}", owner.uid, owner.gid)));
     }
-    Ok(())
+    // A change of fsuid resets the process's dumpable flag to fs.suid_dumpable, which a host
+    // may have set to 1: clear it again (hardening's promise holds for the whole process).
+    nix::sys::prctl::set_dumpable(false).map_err(std::io::Error::from)
 }
 
 fn kind_of(mode: u32) -> &'static str {
