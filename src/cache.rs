@@ -27,10 +27,10 @@ use serde_json::{Value as Json, json};
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
-use crate::backend::op::scrub;
 use crate::backend::{ErrorKind, Value};
 use crate::daemon::broker::{Broker, ResolveReport};
 use crate::reference::SecretRef;
+use crate::scrub::scrub;
 use crate::store::{SecretStore, Source};
 use crate::writeback::Origin;
 

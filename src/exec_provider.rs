@@ -35,11 +35,11 @@ use base64::Engine;
 use serde_json::{Map, Value as Json, json};
 use zeroize::Zeroizing;
 
-use crate::backend::op::scrub;
 use crate::cli::ClientArgs;
 use crate::client::CommandError;
 use crate::protocol::{NOT_AVAILABLE, Reply, Request, UNKNOWN_REF, normalize_name};
 use crate::reference::SecretRef;
+use crate::scrub::scrub;
 
 /// Largest request accepted on stdin (OpenClaw itself sends at most 256 KiB).
 const MAX_REQUEST: u64 = 1024 * 1024;

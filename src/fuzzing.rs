@@ -12,11 +12,12 @@ use serde_json::Value as Json;
 use zeroize::Zeroizing;
 
 use crate::backend::RetryPolicy;
-use crate::backend::op::{ItemJson, classify, parse_rfc3339};
+use crate::backend::op::{ItemJson, classify};
 use crate::cli::parse_duration;
 use crate::exec_provider::{id_to_target, is_valid_exec_id, parse_request};
 use crate::protocol::{Version, normalize_name, read_reply, read_request};
 use crate::reference::SecretRef;
+use crate::time::parse_rfc3339;
 use crate::watch::WatchSpec;
 
 /// Most ids of one request, and most references derived from one item, that are checked:

@@ -16,8 +16,8 @@
 //! - [`reference`]: `op://` reference parsing.
 //! - [`store`]: the secret store; [`locked`]: the locked, zeroizing buffers it keeps values in.
 //! - [`backend`]: the `Backend` trait with the `op` CLI, 1Password Connect (REST) and
-//!   JSON-file implementations, error classification and retry policy; `op` resolves in
-//!   batches (`backend::op_batch`).
+//!   JSON-file implementations, error classification, the one retry policy and the TLS
+//!   trust for Connect; `op` resolves in batches (`backend::op_batch`).
 //! - [`daemon`]: the broker, the socket listener (bind, peer check, limits), connections,
 //!   the in-flight byte budget, the REFRESH gate, the audit log, and `op-bridge daemon`.
 //! - [`process`]: the process-wide primitives every layer may use: the reaper (the only
@@ -29,7 +29,10 @@
 //!   [`fsops`]: the thread with the app's file permissions that opens, reads and replaces
 //!   watched files without following links.
 //! - [`cache`]: the sealed restart cache and the write-back journal; [`refresh`]: the
-//!   periodic refresh timer and the read meter.
+//!   periodic refresh timer.
+//! - The ground floor every layer may use: [`scrub`] (wiping JSON that carries values),
+//!   [`time`] (RFC 3339 timestamps), [`fsutil`] (atomic file writes), [`meter`] (the read
+//!   meter the backends count into).
 //! - [`hardening`]: no dumps, not dumpable, memlock reporting.
 //! - [`logging`]: the lossy non-blocking writers behind stderr logging and the audit log.
 //! - [`fuzzing`]: the fuzz target bodies, shared by `fuzz/` and the seed-corpus test.
@@ -44,17 +47,21 @@ pub mod config;
 pub mod daemon;
 pub mod exec_provider;
 pub mod fsops;
+pub mod fsutil;
 pub mod fuzzing;
 pub mod hardening;
 pub mod locked;
 pub mod logging;
+pub mod meter;
 pub mod process;
 pub mod protocol;
 pub mod reference;
 pub mod refresh;
+pub mod scrub;
 pub mod socket_path;
 pub mod store;
 pub mod supervise;
+pub mod time;
 pub mod watch;
 pub mod writeback;
 

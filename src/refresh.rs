@@ -8,7 +8,6 @@
 //! spends them (start-up, SIGHUP, REFRESH and timer alike): it is process-wide because the
 //! quota it tracks is the token's, not one caller's.
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,45 +15,14 @@ use serde_json::json;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::ErrorKind;
-use crate::daemon::Service;
-use crate::daemon::broker::ResolveReport;
+use crate::backend::BoxFuture;
+use crate::meter::READS;
 
-/// The window of `reads_last_hour`.
+/// The hour over which the refresh budget is counted.
 const HOUR: Duration = Duration::from_secs(3600);
-
-/// Item reads spent, with when.
-pub struct ReadMeter {
-    events: Mutex<VecDeque<(std::time::Instant, u64)>>,
-}
-
-/// Every item read of this process (the `op` backend adds to it).
-pub static READS: ReadMeter = ReadMeter { events: Mutex::new(VecDeque::new()) };
 
 /// When the timer's next pass is due (None: no timer).
 static NEXT_REFRESH: Mutex<Option<Instant>> = Mutex::new(None);
-
-impl ReadMeter {
-    pub fn add(&self, reads: u64) {
-        let now = std::time::Instant::now();
-        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
-        prune(&mut events, now);
-        events.push_back((now, reads));
-    }
-
-    pub fn last_hour(&self) -> u64 {
-        let now = std::time::Instant::now();
-        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
-        prune(&mut events, now);
-        events.iter().map(|(_, n)| n).sum()
-    }
-}
-
-fn prune(events: &mut VecDeque<(std::time::Instant, u64)>, now: std::time::Instant) {
-    while events.front().is_some_and(|(at, _)| now.duration_since(*at) > HOUR) {
-        events.pop_front();
-    }
-}
 
 /// STATUS facts: seconds to the next timed refresh (null without a timer) and item reads
 /// spent in the last hour.
@@ -94,12 +62,19 @@ impl Drop for RefreshTimer {
     }
 }
 
+/// What the timer drives: the daemon's refresh pass (the daemon implements it, so this
+/// module does not know the daemon).
+pub trait Refresh: Send + Sync + 'static {
+    /// How many distinct items one pass reads.
+    fn items(&self) -> usize;
+    /// Runs one pass; returns the longest delay 1Password stated in a 429, if any.
+    fn refresh_pass(&self) -> BoxFuture<'_, Option<Duration>>;
+}
+
 /// Starts the timer when `interval` is set; keep the handle as long as it should run.
-pub fn start(service: Arc<Service>, interval: Option<Duration>, budget: u64) -> Option<RefreshTimer> {
+pub fn start(service: Arc<impl Refresh>, interval: Option<Duration>, budget: u64) -> Option<RefreshTimer> {
     let interval = interval.filter(|d| !d.is_zero())?;
-    let items: std::collections::BTreeSet<(String, String)> =
-        service.broker.store.references().into_iter().map(|(_, r)| (r.vault, r.item)).collect();
-    check_budget(interval, items.len(), budget);
+    check_budget(interval, service.items(), budget);
     let stop = CancellationToken::new();
     let timer = RefreshTimer { stop: stop.clone() };
     tokio::spawn(async move {
@@ -111,8 +86,8 @@ pub fn start(service: Arc<Service>, interval: Option<Duration>, budget: u64) -> 
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep_until(due) => {}
             }
-            let report = service.refresh().await;
-            pause = next_pause(interval, &report);
+            let stated = service.refresh_pass().await;
+            pause = next_pause(interval, stated);
         }
     });
     Some(timer)
@@ -120,15 +95,7 @@ pub fn start(service: Arc<Service>, interval: Option<Duration>, budget: u64) -> 
 
 /// The pause before the next pass: the jittered interval, or longer when 1Password answered
 /// 429 and said how long to wait.
-fn next_pause(interval: Duration, report: &ResolveReport) -> Duration {
-    let stated = report
-        .failed
-        .iter()
-        .filter_map(|(_, err)| match err.kind {
-            ErrorKind::RateLimited(Some(delay)) => Some(delay),
-            _ => None,
-        })
-        .max();
+fn next_pause(interval: Duration, stated: Option<Duration>) -> Duration {
     jittered(interval).max(stated.unwrap_or_default())
 }
 
@@ -142,11 +109,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn meter_sums_reads_and_jitter_stays_within_ten_percent() {
-        let meter = ReadMeter { events: Mutex::new(VecDeque::new()) };
-        meter.add(3);
-        meter.add(4);
-        assert_eq!(meter.last_hour(), 7);
+    fn jitter_stays_within_ten_percent() {
         for _ in 0..100 {
             let d = jittered(Duration::from_secs(10));
             assert!(d >= Duration::from_secs(9) && d <= Duration::from_secs(11), "{d:?}");
@@ -155,11 +118,7 @@ mod tests {
 
     #[test]
     fn a_stated_429_delay_pushes_the_next_pass_back() {
-        use crate::backend::BackendError;
-        let mut report = ResolveReport::default();
-        assert!(next_pause(Duration::from_secs(10), &report) <= Duration::from_secs(11));
-        let limited = BackendError::new(ErrorKind::RateLimited(Some(Duration::from_secs(120))), "(429)");
-        report.failed.push(("A".into(), limited));
-        assert_eq!(next_pause(Duration::from_secs(10), &report), Duration::from_secs(120));
+        assert!(next_pause(Duration::from_secs(10), None) <= Duration::from_secs(11));
+        assert_eq!(next_pause(Duration::from_secs(10), Some(Duration::from_secs(120))), Duration::from_secs(120));
     }
 }

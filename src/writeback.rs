@@ -464,6 +464,11 @@ impl WriteBack {
     /// returns what could not be stored.
     pub async fn flush(&self, deadline: Instant) -> Vec<Unwritten> {
         self.flushing.cancel();
+        // A backend operation paused for a long stated delay gives up now; this loop retries
+        // on its own short schedule.
+        if let Some(pauses) = self.backend.pauses() {
+            pauses.stop();
+        }
         loop {
             let unwritten: Vec<Unwritten> = self
                 .items()

@@ -115,6 +115,15 @@ impl FakeConnect {
         std::fs::rename(&tmp, &self.store).unwrap();
     }
 
+    /// The value of field `label` (no section) of item `title` in the vault named `vault`.
+    fn field_in(&self, vault: &str, title: &str, label: &str) -> Option<String> {
+        let store = self.store();
+        let vault = store["vaults"].as_array()?.iter().find(|v| v["name"] == vault)?.clone();
+        let item = vault["items"].as_array()?.iter().find(|i| i["title"] == title)?.clone();
+        let field = item["fields"].as_array()?.iter().find(|f| f["label"] == label)?.clone();
+        field["value"].as_str().map(str::to_string)
+    }
+
     /// The value of field `label` (in section `section`, by label) of item `title`.
     fn field(&self, title: &str, section: Option<&str>, label: &str) -> Option<String> {
         let store = self.store();
@@ -512,4 +521,126 @@ fn create_items_makes_a_missing_item_with_its_field_in_one_post() {
     // The fake counts a request after it has answered.
     assert!(eventually(Duration::from_secs(5), || fake.route("create") == 1), "{}", fake.stats());
     assert!(!fake.stats()["log"].to_string().contains("first-token"));
+}
+
+/// A 429 whose `Retry-After` says a day, met while a write looks up a vault's id, must not
+/// stall the backend: a SET to another (already known) vault is stored meanwhile, and the
+/// flush at stop cuts the pause short and stores the first write before the grace is out.
+#[test]
+fn a_long_retry_after_in_an_id_lookup_holds_up_neither_other_sets_nor_the_stop() {
+    let dir = TestDir::new("cn-429");
+    let vaults = json!([
+        {"id": new_id(), "name": "V", "items": [item("Api", &[("key", "v1", None)])]},
+        {"id": new_id(), "name": "W", "items": [item("Other", &[("token", "t1", None)])]},
+    ]);
+    let fake = FakeConnect::start(&dir, vaults, None);
+    let mut broker =
+        daemon(&dir, &fake, &[("KEY", "op://V/Api/key".into())]).args(["--allow-set-any", "--grace", "30s"]).start();
+    assert_eq!(get(&broker, "KEY"), b"v1");
+
+    // The next two lookups of vault W by name are answered "come back tomorrow".
+    fake.control(json!({"rules": [{"status": 429, "count": 2, "method": "GET", "path_contains": "/v1/vaults",
+                                   "query_contains": "name eq \"W\"", "retry_after": 86400}]}));
+    let socket = broker.socket.clone();
+    let first = std::thread::spawn(move || {
+        client(&socket, &["set", "OTHER", "op://W/Other/token", "-"], Some(b"rotated-in-w"))
+    });
+    let limited = || fake.stats()["log"].as_array().unwrap().iter().any(|r| r["status"] == 429);
+    assert!(eventually(Duration::from_secs(20), limited), "{}\n{}", fake.stats(), broker.stderr());
+
+    // Vault V's id is known: its SET owes nothing to the paused lookup of W.
+    let out = broker.client(&["set", "KEY", "-"], Some(b"v2-while-w-waits"));
+    assert!(out.status.success(), "{}\n{}", describe(&out), broker.stderr());
+    assert_eq!(fake.field_in("V", "Api", "key").as_deref(), Some("v2-while-w-waits"));
+    let first = first.join().unwrap();
+    assert_eq!(first.status.code(), Some(75), "the SET in W is pending: {}\n{}", describe(&first), broker.stderr());
+
+    // The stop's flush does not wait out the day: it retries, and the 429s are spent.
+    broker.signal(libc::SIGTERM);
+    let status = broker.wait(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(0), "{}", broker.stderr());
+    assert_eq!(fake.field_in("W", "Other", "token").as_deref(), Some("rotated-in-w"));
+}
+
+/// A self-signed certificate made the usual way (`openssl req -x509`, which marks it CA:TRUE)
+/// for localhost/127.0.0.1: (certificate, key).
+fn self_signed(dir: &TestDir) -> (PathBuf, PathBuf) {
+    self_signed_for(dir, "DNS:localhost,IP:127.0.0.1")
+}
+
+/// [`self_signed`] for the names `san` (an openssl subjectAltName value).
+fn self_signed_for(dir: &TestDir, san: &str) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("self.pem"), dir.join("self.key"));
+    let args = [
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        &format!("subjectAltName={san}"),
+        "-keyout",
+        &key.display().to_string(),
+        "-out",
+        &cert.display().to_string(),
+    ];
+    let out = Command::new("openssl").args(args).current_dir(dir.path()).output().expect("openssl runs");
+    assert!(out.status.success(), "openssl {args:?}: {}", describe(&out));
+    let text = Command::new("openssl").args(["x509", "-noout", "-text", "-in"]).arg(&cert).output().unwrap();
+    assert!(String::from_utf8_lossy(&text.stdout).contains("CA:TRUE"), "{}", describe(&text));
+    (cert, key)
+}
+
+#[test]
+fn a_self_signed_server_certificate_in_ssl_cert_file_is_trusted() {
+    let dir = TestDir::new("cn-self");
+    let (cert, key) = self_signed(&dir);
+    let items = json!([item("Api", &[("key", "over-self-signed-tls", None)])]);
+    let fake = FakeConnect::start(&dir, json!([{"id": new_id(), "name": "V", "items": items}]), Some((&cert, &key)));
+    let broker = daemon(&dir, &fake, &[("KEY", "op://V/Api/key".into())])
+        .env("SSL_CERT_FILE", cert.display().to_string())
+        .start();
+    assert_eq!(get(&broker, "KEY"), b"over-self-signed-tls");
+}
+
+#[test]
+fn a_certificate_refused_is_a_permanent_failure_that_says_what_to_do() {
+    let dir = TestDir::new("cn-cert");
+    let (cert, key) = self_signed(&dir);
+    let other_dir = TestDir::new("cn-cert2");
+    let (other, _) = self_signed(&other_dir);
+    let items = json!([item("Api", &[("key", "v", None)])]);
+    let fake = FakeConnect::start(&dir, json!([{"id": new_id(), "name": "V", "items": items}]), Some((&cert, &key)));
+    // Not trusted (another self-signed certificate is): refused, not retried, and the message
+    // names the remedy.
+    let out = daemon(&dir, &fake, &[("KEY", "op://V/Api/key".into())])
+        .env("SSL_CERT_FILE", other.display().to_string())
+        .args(["--retries", "4"])
+        .output();
+    assert_eq!(out.status.code(), Some(69), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("SSL_CERT_FILE"), "{stderr}");
+    assert!(!stderr.contains("retry 1/"), "a certificate failure was retried: {stderr}");
+    assert!(!stderr.contains("(transient)"), "{stderr}");
+    assert_eq!(fake.stats()["requests"], 0, "a request got through an untrusted connection");
+}
+
+#[test]
+fn a_self_signed_certificate_for_another_name_is_refused() {
+    let dir = TestDir::new("cn-name");
+    let (cert, key) = self_signed_for(&dir, "DNS:connect.example");
+    let items = json!([item("Api", &[("key", "v", None)])]);
+    let fake = FakeConnect::start(&dir, json!([{"id": new_id(), "name": "V", "items": items}]), Some((&cert, &key)));
+    let out = daemon(&dir, &fake, &[("KEY", "op://V/Api/key".into())])
+        .env("SSL_CERT_FILE", cert.display().to_string())
+        .output();
+    assert_eq!(out.status.code(), Some(69), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not trusted"), "{}", describe(&out));
+    assert_eq!(fake.stats()["requests"], 0, "a request got through to a server of another name");
 }

@@ -24,17 +24,20 @@ use std::time::{Duration, SystemTime};
 
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use serde_json::{Value as Json, json};
 use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
 
-use super::op::{parse_rfc3339, scrub};
 use super::{
-    Backend, BackendError, BoxFuture, ErrorKind, FieldWrite, ItemWriteResult, RetryPolicy, Value, WriteOptions,
+    Backend, BackendError, BoxFuture, ErrorKind, FieldWrite, ItemWriteResult, Pauses, RetryPolicy, Value, WriteOptions,
     check_text_field, check_writable, value_text,
 };
 use crate::locked::extend_zeroizing;
 use crate::reference::SecretRef;
+use crate::scrub::scrub;
+use crate::time::parse_rfc3339;
 
 /// Largest response body read (a big item with many fields is well under this).
 const MAX_BODY: usize = 16 * 1024 * 1024;
@@ -86,6 +89,7 @@ pub struct Connect {
     auth: HeaderValue,
     timeout: Duration,
     retry: RetryPolicy,
+    pauses: Pauses,
     permits: Semaphore,
     /// Vault name → id. Held across a lookup so two items of one vault look it up once.
     vaults: tokio::sync::Mutex<HashMap<String, String>>,
@@ -138,9 +142,8 @@ impl Connect {
             if roots.is_empty() {
                 tracing::warn!("no CA certificates found (system bundle or SSL_CERT_FILE): https to Connect will fail");
             }
-            for cert in roots {
-                builder = builder.add_root_certificate(cert);
-            }
+            builder =
+                builder.use_preconfigured_tls(super::tls::client_config(roots).map_err(ConnectSetupError::Client)?);
         }
         let http = builder.build().map_err(|err| ConnectSetupError::Client(error_chain(&err)))?;
         Ok(Connect {
@@ -151,6 +154,7 @@ impl Connect {
             auth,
             timeout: options.timeout,
             retry: options.retry,
+            pauses: Pauses::default(),
             permits: Semaphore::new(options.concurrency.max(1)),
             vaults: tokio::sync::Mutex::new(HashMap::new()),
             items: Mutex::new(HashMap::new()),
@@ -202,6 +206,17 @@ impl Connect {
             Ok(Err(err)) if err.is_timeout() => {
                 Err(BackendError::new(ErrorKind::Timeout, format!("Connect did not answer within {:?}", self.timeout)))
             }
+            Ok(Err(err)) if super::tls::is_certificate_error(&err) => Err(BackendError::new(
+                // Permanent: retrying cannot make the certificate trusted.
+                ErrorKind::Auth,
+                format!(
+                    "Connect at {}: the server's certificate is not trusted ({}); put the certificate of the CA \
+                     that signed it, or the server's own self-signed certificate, in a PEM file and name it in \
+                     SSL_CERT_FILE",
+                    self.shown,
+                    certificate_reason(&err)
+                ),
+            )),
             Ok(Err(err)) => {
                 Err(BackendError::new(ErrorKind::Transient, format!("Connect request failed: {}", error_chain(&err))))
             }
@@ -211,49 +226,44 @@ impl Connect {
         }
     }
 
-    /// A GET whose answer must be 2xx, retrying transient failures with backoff.
-    async fn get(&self, path: &str, query: Option<(&str, &str)>, what: &str) -> Result<Value, BackendError> {
-        let mut attempt = 1;
-        loop {
-            let outcome = self.send(Method::GET, path, query, None).await.and_then(|reply| expect_ok(reply, what, &[]));
-            match outcome {
-                Ok(body) => return Ok(body),
-                Err(err) if err.kind.is_permanent() || attempt >= self.retry.attempts => return Err(err),
-                Err(err) => {
-                    let pause = self.retry.delay(attempt, err.kind);
-                    tracing::warn!(
-                        "{what}: {err} ({}); retry {attempt}/{} in {:.1}s",
-                        err.kind.label(),
-                        self.retry.attempts - 1,
-                        pause.as_secs_f64()
-                    );
-                    tokio::time::sleep(pause).await;
-                    attempt += 1;
-                }
-            }
-        }
+    /// A GET whose answer must be 2xx, retrying transient failures with backoff when
+    /// `retrying` (a write makes one attempt: the write-back queue owns its retries).
+    async fn get(
+        &self,
+        path: &str,
+        query: Option<(&str, &str)>,
+        what: &str,
+        retrying: bool,
+    ) -> Result<Value, BackendError> {
+        let once = || async { expect_ok(self.send(Method::GET, path, query, None).await?, what, &[]) };
+        if retrying { self.retry.run(&self.pauses, what, once).await } else { once().await }
     }
 
     /// The id of vault `name` (as written when it is an id) and whether it came from the cache.
-    async fn vault_id(&self, name: &str) -> Result<(String, bool), BackendError> {
+    async fn vault_id(&self, name: &str, retrying: bool) -> Result<(String, bool), BackendError> {
         if is_id(name) {
             return Ok((name.to_string(), false));
         }
-        // Held across the lookup, so items of one vault resolved together look it up once.
-        let mut cache = self.vaults.lock().await;
-        if let Some(id) = cache.get(&name.to_lowercase()) {
-            return Ok((id.clone(), true));
-        }
-        let id = self.lookup("/v1/vaults", "name", name, &format!("vault '{name}'")).await?;
-        cache.insert(name.to_lowercase(), id.clone());
-        Ok((id, false))
+        let what = format!("vault '{name}'");
+        let once = || async {
+            // Held across one lookup, so items of one vault resolved together look it up once;
+            // never across a retry pause (a day-long 429 would hold up every other write).
+            let mut cache = self.vaults.lock().await;
+            if let Some(id) = cache.get(&name.to_lowercase()) {
+                return Ok((id.clone(), true));
+            }
+            let id = self.lookup("/v1/vaults", "name", name, &what).await?;
+            cache.insert(name.to_lowercase(), id.clone());
+            Ok((id, false))
+        };
+        if retrying { self.retry.run(&self.pauses, &what, once).await } else { once().await }
     }
 
     /// The ids of the vault and item a reference names, and whether either came from the
     /// cache. Names are cached without regard to case, as they are looked up.
-    async fn ids(&self, vault: &str, title: &str) -> Result<(String, String, bool), BackendError> {
-        let vault_id = self.vault_id(vault).await?;
-        self.item_ids(vault_id, vault, title).await
+    async fn ids(&self, vault: &str, title: &str, retrying: bool) -> Result<(String, String, bool), BackendError> {
+        let vault_id = self.vault_id(vault, retrying).await?;
+        self.item_ids(vault_id, vault, title, retrying).await
     }
 
     /// [`ids`](Self::ids) once the vault's id is known.
@@ -262,6 +272,7 @@ impl Connect {
         (vault_id, vault_cached): (String, bool),
         vault: &str,
         title: &str,
+        retrying: bool,
     ) -> Result<(String, String, bool), BackendError> {
         if is_id(title) {
             return Ok((vault_id, title.to_string(), vault_cached));
@@ -271,7 +282,9 @@ impl Connect {
             return Ok((vault_id, id.clone(), true));
         }
         let what = format!("op://{vault}/{title}");
-        let id = self.lookup(&format!("/v1/vaults/{vault_id}/items"), "title", title, &what).await?;
+        let path = format!("/v1/vaults/{vault_id}/items");
+        let once = || self.lookup(&path, "title", title, &what);
+        let id = if retrying { self.retry.run(&self.pauses, &what, once).await? } else { once().await? };
         self.items.lock().unwrap_or_else(|e| e.into_inner()).insert(key, id.clone());
         Ok((vault_id, id, vault_cached))
     }
@@ -296,7 +309,7 @@ impl Connect {
             return;
         }
         let what = format!("items of vault '{vault}'");
-        let Ok(body) = self.get(&format!("/v1/vaults/{vault_id}/items"), None, &what).await else { return };
+        let Ok(body) = self.get(&format!("/v1/vaults/{vault_id}/items"), None, &what, true).await else { return };
         let mut cache = self.items.lock().unwrap_or_else(|e| e.into_inner());
         for title in uncached {
             if let Ok([id]) = matching_ids(&body, "title", &title, &what).as_deref() {
@@ -316,12 +329,14 @@ impl Connect {
 
     /// Finds the one entry of a collection whose `attribute` equals `wanted` (case-insensitive).
     /// The server's SCIM filter is asked first; when it finds nothing (a server whose filter
-    /// compares case-sensitively), the whole collection is listed and compared here.
+    /// compares case-sensitively), the whole collection is listed and compared here. One
+    /// attempt: callers retry around it.
     async fn lookup(&self, path: &str, attribute: &str, wanted: &str, what: &str) -> Result<String, BackendError> {
         let filter = format!("{attribute} eq \"{}\"", wanted.replace('\\', "\\\\").replace('"', "\\\""));
-        let mut ids = matching_ids(&self.get(path, Some(("filter", &filter)), what).await?, attribute, wanted, what)?;
+        let mut ids =
+            matching_ids(&self.get(path, Some(("filter", &filter)), what, false).await?, attribute, wanted, what)?;
         if ids.is_empty() {
-            ids = matching_ids(&self.get(path, None, what).await?, attribute, wanted, what)?;
+            ids = matching_ids(&self.get(path, None, what, false).await?, attribute, wanted, what)?;
         }
         match ids.as_slice() {
             [id] => Ok(id.clone()),
@@ -336,23 +351,18 @@ impl Connect {
     /// One full-item GET.
     async fn get_item(&self, vault_id: &str, item_id: &str, what: &str, retrying: bool) -> Result<Item, BackendError> {
         let path = format!("/v1/vaults/{vault_id}/items/{item_id}");
-        let body = if retrying {
-            self.get(&path, None, what).await?
-        } else {
-            expect_ok(self.send(Method::GET, &path, None, None).await?, what, &[])?
-        };
-        Item::parse(&body, what)
+        Item::parse(&self.get(&path, None, what, retrying).await?, what)
     }
 
     /// The full item a reference points into: one GET after the (cached) lookups. Ids from
     /// the cache that are gone (the item was deleted and made again) are looked up once more.
     async fn fetch_item(&self, vault: &str, title: &str, retrying: bool) -> Result<Item, BackendError> {
         let what = format!("op://{vault}/{title}");
-        let (vault_id, item_id, cached) = self.ids(vault, title).await?;
+        let (vault_id, item_id, cached) = self.ids(vault, title, retrying).await?;
         match self.get_item(&vault_id, &item_id, &what, retrying).await {
             Err(err) if err.kind == ErrorKind::NotFound && cached => {
                 self.forget(vault, title).await;
-                let (vault_id, item_id, _) = self.ids(vault, title).await?;
+                let (vault_id, item_id, _) = self.ids(vault, title, retrying).await?;
                 self.get_item(&vault_id, &item_id, &what, retrying).await
             }
             other => other,
@@ -365,7 +375,7 @@ impl Connect {
         let what = format!("op://{vault}/{title}");
         let secrets: Vec<&[u8]> = writes.iter().map(|w| w.value.as_slice()).collect();
         // The vault first: a missing vault is never a reason to create an item.
-        let (vault_id, _) = self.vault_id(vault).await?;
+        let (vault_id, _) = self.vault_id(vault, false).await?;
         let item = match self.fetch_item(vault, title, false).await {
             Ok(item) => item,
             Err(err) if err.kind == ErrorKind::NotFound && options.create_item => {
@@ -489,7 +499,7 @@ impl Backend for Connect {
             }
             let mut vault_ids = Vec::with_capacity(vaults.len());
             for (vault, titles) in &vaults {
-                let id = self.vault_id(vault).await;
+                let id = self.vault_id(vault, true).await;
                 if let Ok((id, _)) = &id {
                     self.prime_items(id, vault, titles).await;
                 }
@@ -501,7 +511,7 @@ impl Backend for Connect {
                     .get(v)
                     .cloned()
                     .unwrap_or_else(|| Err(BackendError::new(ErrorKind::Transient, "vault not resolved")));
-                async move { self.item_ids(vault_id?, vault, item).await }
+                async move { self.item_ids(vault_id?, vault, item, true).await }
             }))
             .await;
             let mut groups: Vec<((String, String), usize, Vec<usize>)> = Vec::new();
@@ -563,6 +573,10 @@ impl Backend for Connect {
         format!("connect {}", self.shown)
     }
 
+    fn pauses(&self) -> Option<&Pauses> {
+        Some(&self.pauses)
+    }
+
     fn status(&self) -> BoxFuture<'_, Json> {
         Box::pin(async move { json!({ "kind": "connect", "host": self.shown, "health": self.health().await }) })
     }
@@ -617,20 +631,12 @@ impl Item {
             Some(name) => Some(self.section_id(name)?),
             None => None,
         };
-        let in_section = |f: &&Json| match &section {
+        let in_section = |f: &Json| match &section {
             None => true,
             Some(id) => f.get("section").and_then(|s| s.get("id")).and_then(Json::as_str) == Some(id.as_str()),
         };
-        let names = |f: &Json| -> Vec<String> {
-            [f.get("label"), f.get("id")].into_iter().flatten().filter_map(Json::as_str).map(str::to_string).collect()
-        };
-        let wanted = r.field.to_lowercase();
         let fields = self.fields();
-        fields
-            .iter()
-            .filter(in_section)
-            .find(|f| names(f).contains(&r.field))
-            .or_else(|| fields.iter().filter(in_section).find(|f| names(f).iter().any(|n| n.to_lowercase() == wanted)))
+        super::find_field(fields, &r.field, in_section).map(|i| &fields[i])
     }
 
     fn field_value(&self, r: &SecretRef) -> Result<Value, BackendError> {
@@ -852,10 +858,10 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 
 /// The system's CA bundle (the first found) and `SSL_CERT_FILE`: both are trusted, since a
 /// private CA for Connect must not cost the public roots a proxy may need.
-fn load_roots() -> Result<Vec<reqwest::Certificate>, ConnectSetupError> {
+fn load_roots() -> Result<Vec<CertificateDer<'static>>, ConnectSetupError> {
     let mut roots = Vec::new();
     if let Some(path) = SYSTEM_BUNDLES.iter().find(|p| std::path::Path::new(p).is_file()) {
-        match std::fs::read(path).map(|pem| reqwest::Certificate::from_pem_bundle(&pem)) {
+        match std::fs::read(path).map(|pem| pem_certificates(&pem)) {
             Ok(Ok(certs)) => roots.extend(certs),
             Ok(Err(err)) => tracing::warn!("ignoring the system CA bundle {path}: {err}"),
             Err(err) => tracing::warn!("ignoring the system CA bundle {path}: {err}"),
@@ -865,14 +871,29 @@ fn load_roots() -> Result<Vec<reqwest::Certificate>, ConnectSetupError> {
         let shown = path.to_string_lossy().into_owned();
         let pem = std::fs::read(&path)
             .map_err(|err| ConnectSetupError::Certificates { path: shown.clone(), reason: err.to_string() })?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|err| ConnectSetupError::Certificates { path: shown.clone(), reason: error_chain(&err) })?;
+        let certs =
+            pem_certificates(&pem).map_err(|reason| ConnectSetupError::Certificates { path: shown.clone(), reason })?;
         if certs.is_empty() {
             return Err(ConnectSetupError::Certificates { path: shown, reason: "no PEM certificate in it".into() });
         }
         roots.extend(certs);
     }
     Ok(roots)
+}
+
+/// Every certificate of a PEM bundle, as DER.
+fn pem_certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    CertificateDer::pem_slice_iter(pem).collect::<Result<Vec<_>, _>>().map_err(|err| err.to_string())
+}
+
+/// The TLS library's reason for refusing a certificate ("UnknownIssuer", "Expired", …),
+/// without the transport's layers of context.
+fn certificate_reason(err: &(dyn std::error::Error + 'static)) -> String {
+    let chain = error_chain(err);
+    match chain.find("invalid peer certificate: ") {
+        Some(at) => chain[at + "invalid peer certificate: ".len()..].to_string(),
+        None => chain,
+    }
 }
 
 #[cfg(test)]

@@ -5,21 +5,21 @@
 //! re-read on every resolution (so REFRESH sees edits) and written back atomically: a
 //! temporary file in the same directory, fsync, rename, keeping the file's mode.
 
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::SystemTime;
 
 use serde_json::{Map, Value as Json};
 use tokio::sync::Mutex;
 use zeroize::Zeroizing;
 
-use super::op::scrub;
 use super::{
     Backend, BackendError, BoxFuture, ErrorKind, FieldWrite, ItemWriteResult, Value, WriteOptions, check_writable,
     value_text,
 };
+// Also named through this path by `cache.rs`, whose rewrite moves it to `crate::fsutil`.
+pub use crate::fsutil::write_atomic;
 use crate::reference::SecretRef;
+use crate::scrub::scrub;
 
 /// Largest vault file read.
 const MAX_FILE: u64 = 64 * 1024 * 1024;
@@ -148,41 +148,6 @@ impl FileVault {
         holder.insert(r.field.clone(), Json::String(value.to_string()));
         Ok(())
     }
-}
-
-/// Replaces `path` with `bytes` atomically: temporary file beside it, fsync, rename. The new
-/// file keeps the old file's mode, or gets `mode` (default 0600) when there was none. Run as
-/// root (`run --user`), it also keeps the old file's owner, or takes the directory's: the
-/// app's credential file must stay the app's.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: Option<u32>) -> std::io::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let mode = std::fs::metadata(path).map(|m| m.permissions().mode() & 0o7777).ok().or(mode).unwrap_or(0o600);
-    // privsep: the owner the file keeps (only root can give a file away).
-    let owner = if nix::unistd::getuid().is_root() {
-        std::fs::symlink_metadata(path).or_else(|_| std::fs::metadata(dir)).ok().map(|m| (m.uid(), m.gid()))
-    } else {
-        None
-    };
-    let tmp = dir.join(format!(".{name}.op-bridge-{}-{}", std::process::id(), fastrand::u64(..)));
-    let result = (|| {
-        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
-        }
-        file.write_all(bytes)?;
-        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 impl Backend for FileVault {

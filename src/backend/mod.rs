@@ -11,6 +11,9 @@ pub mod connect;
 pub mod file;
 pub mod op;
 mod op_batch;
+mod op_errors;
+mod retry;
+mod tls;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -19,6 +22,8 @@ use std::time::{Duration, SystemTime};
 use zeroize::Zeroizing;
 
 use crate::reference::SecretRef;
+
+pub use retry::{MAX_RETRY_AFTER, Pauses, RetryPolicy};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -116,6 +121,12 @@ pub trait Backend: Send + Sync {
     /// A short description for logs and STATUS ("op CLI /usr/bin/op", "file vault.json").
     fn describe(&self) -> String;
 
+    /// The handle that ends this backend's retry pauses early (stop, newer work); None for a
+    /// backend that never pauses.
+    fn pauses(&self) -> Option<&Pauses> {
+        None
+    }
+
     /// Extra backend facts for STATUS (e.g. a server's health); never a secret.
     fn status(&self) -> BoxFuture<'_, serde_json::Value> {
         Box::pin(async { serde_json::Value::Null })
@@ -160,39 +171,23 @@ pub fn value_text(value: &[u8]) -> Result<&str, BackendError> {
         .map_err(|_| BackendError::new(ErrorKind::Invalid, "1Password fields hold text; the value is not UTF-8"))
 }
 
-/// Exponential backoff with jitter; a stated 429 delay wins.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    /// Total attempts for one operation (1 = no retry).
-    pub attempts: u32,
-    pub base: Duration,
-    pub max: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> RetryPolicy {
-        RetryPolicy { attempts: 4, base: Duration::from_millis(250), max: Duration::from_secs(30) }
+/// The index of the field of `fields` named `name` (its label or its id) among those
+/// `in_section` accepts: an exact match first, then one without regard to case. The `op` and
+/// Connect item finders share it; each says what "in the section" means for its JSON.
+pub(crate) fn find_field(
+    fields: &[serde_json::Value],
+    name: &str,
+    in_section: impl Fn(&serde_json::Value) -> bool,
+) -> Option<usize> {
+    fn names(f: &serde_json::Value) -> Vec<&str> {
+        [f.get("label"), f.get("id")].into_iter().flatten().filter_map(serde_json::Value::as_str).collect()
     }
+    let wanted = name.to_lowercase();
+    fields
+        .iter()
+        .position(|f| in_section(f) && names(f).contains(&name))
+        .or_else(|| fields.iter().position(|f| in_section(f) && names(f).iter().any(|n| n.to_lowercase() == wanted)))
 }
-
-impl RetryPolicy {
-    /// The pause before retry number `attempt` (1-based) after `kind`: "equal jitter" (half
-    /// fixed, half random) so concurrent callers spread out but never retry immediately.
-    pub fn delay(&self, attempt: u32, kind: ErrorKind) -> Duration {
-        if let ErrorKind::RateLimited(Some(stated)) = kind {
-            // 1Password said when; add up to 10% so a crowd of clients does not return at once.
-            let stated = stated.min(MAX_RETRY_AFTER);
-            return stated + stated.mul_f64(fastrand::f64() * 0.1);
-        }
-        let exp = self.base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16)).min(self.max);
-        exp / 2 + exp.mul_f64(fastrand::f64() * 0.5)
-    }
-}
-
-/// Longest stated 429 delay honoured. 1Password's longest limits are daily, so a larger figure
-/// is garbage; capped, it can never overflow the retry arithmetic (a `Duration` sum that
-/// overflows panics, and a panic in PID 1 aborts the container).
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
 
 /// Parses a delay like "retry in 3 minutes" / "try again in 10 seconds" out of a 429 message,
 /// at most [`MAX_RETRY_AFTER`].
@@ -230,17 +225,5 @@ mod tests {
         assert_eq!(parse_retry_after("(429) Too Many Requests"), None);
         let absurd = format!("retry in {} hours", u64::MAX);
         assert_eq!(parse_retry_after(&absurd), Some(MAX_RETRY_AFTER));
-    }
-
-    #[test]
-    fn backoff_grows_with_jitter_and_honours_stated_delay() {
-        let policy = RetryPolicy { attempts: 5, base: Duration::from_millis(100), max: Duration::from_secs(1) };
-        for attempt in 1..8 {
-            let d = policy.delay(attempt, ErrorKind::Transient);
-            let exp = Duration::from_millis(100 * (1u64 << (attempt - 1))).min(Duration::from_secs(1));
-            assert!(d >= exp / 2 && d <= exp, "attempt {attempt}: {d:?} vs {exp:?}");
-        }
-        let d = policy.delay(1, ErrorKind::RateLimited(Some(Duration::from_secs(2))));
-        assert!(d >= Duration::from_secs(2) && d <= Duration::from_millis(2200));
     }
 }

@@ -27,7 +27,7 @@ use std::collections::BTreeMap;
 
 use zeroize::Zeroizing;
 
-use super::{BackendError, BoxFuture, ErrorKind, RetryPolicy, Value};
+use super::{BackendError, BoxFuture, ErrorKind, Pauses, RetryPolicy, Value};
 use crate::reference::SecretRef;
 
 /// What the batching needs from the CLI: one `op` process (`args`, optional stdin) whose
@@ -41,29 +41,19 @@ pub(super) trait OpRunner: Send + Sync {
     ) -> BoxFuture<'a, Result<Value, BackendError>>;
 }
 
-impl OpRunner for super::op::OpCli {
-    fn run<'a>(
-        &'a self,
-        args: &'a [&'a str],
-        stdin: Option<&'a [u8]>,
-        names: &'a [&'a str],
-    ) -> BoxFuture<'a, Result<Value, BackendError>> {
-        Box::pin(self.call(args, stdin, names))
-    }
-}
-
 /// How a pass may spend processes.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Plan {
+pub(super) struct Plan<'a> {
     /// Most batches (= `op` processes) in one pass.
     pub concurrency: usize,
     pub retry: RetryPolicy,
+    pub pauses: &'a Pauses,
 }
 
 type Outcome = Result<Value, BackendError>;
 
 /// Resolves `refs` (one result per input, in order). Duplicate references are read once.
-pub(super) async fn resolve(runner: &dyn OpRunner, refs: &[SecretRef], plan: Plan) -> Vec<Outcome> {
+pub(super) async fn resolve(runner: &dyn OpRunner, refs: &[SecretRef], plan: Plan<'_>) -> Vec<Outcome> {
     let mut unique: Vec<&SecretRef> = Vec::new();
     let mut slot_of = Vec::with_capacity(refs.len());
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
@@ -111,7 +101,11 @@ fn deal(items: Vec<Vec<usize>>, concurrency: usize) -> Vec<Vec<usize>> {
 }
 
 /// Resolves one batch; narrows it down when it fails.
-fn resolve_batch<'a>(runner: &'a dyn OpRunner, refs: Vec<&'a SecretRef>, plan: Plan) -> BoxFuture<'a, Vec<Outcome>> {
+fn resolve_batch<'a>(
+    runner: &'a dyn OpRunner,
+    refs: Vec<&'a SecretRef>,
+    plan: Plan<'a>,
+) -> BoxFuture<'a, Vec<Outcome>> {
     Box::pin(async move {
         if refs.len() == 1 {
             return vec![read_lone(runner, refs[0], plan).await];
@@ -133,7 +127,7 @@ fn resolve_batch<'a>(runner: &'a dyn OpRunner, refs: Vec<&'a SecretRef>, plan: P
 }
 
 /// One `op inject` for `refs` (retried while it fails transiently), then narrowing.
-async fn inject_narrowing<'a>(runner: &'a dyn OpRunner, refs: Vec<&'a SecretRef>, plan: Plan) -> Vec<Outcome> {
+async fn inject_narrowing<'a>(runner: &'a dyn OpRunner, refs: Vec<&'a SecretRef>, plan: Plan<'a>) -> Vec<Outcome> {
     match refs.len() {
         0 => return Vec::new(),
         1 => return vec![read_lone(runner, refs[0], plan).await],
@@ -189,64 +183,42 @@ fn next_or_lost(results: &mut impl Iterator<Item = Outcome>) -> Outcome {
 async fn inject_retrying(
     runner: &dyn OpRunner,
     refs: &[&SecretRef],
-    plan: Plan,
+    plan: Plan<'_>,
 ) -> Result<Vec<Option<Value>>, BackendError> {
     let names: Vec<&str> = refs.iter().flat_map(|r| r.names()).collect();
-    let mut attempt = 1;
-    loop {
-        let nonce = nonce();
-        let template = template(&nonce, refs);
-        crate::refresh::READS.add(distinct_items(refs));
-        let outcome = runner.run(&["inject"], Some(&template), &names).await.map_err(|err| {
-            // Classified again with only the names of the reference the error is about: the
-            // names of a whole batch are many, and blanking them all can hide the wording.
-            match named_reference(&err, refs) {
-                Some(bad) => BackendError::new(super::op::classify_text(&err.message, &refs[bad].names()), err.message),
-                None => err,
-            }
-        });
-        match outcome {
-            Ok(out) => return Ok(parse_injected(&out, &nonce, refs.len())),
-            Err(err) if err.kind.is_permanent() || attempt >= plan.retry.attempts => return Err(err),
-            Err(err) => {
-                let pause = plan.retry.delay(attempt, err.kind);
-                tracing::warn!(
-                    "op inject of {} references: {err} ({}); retry {attempt}/{} in {:.1}s",
-                    refs.len(),
-                    err.kind.label(),
-                    plan.retry.attempts - 1,
-                    pause.as_secs_f64()
-                );
-                tokio::time::sleep(pause).await;
-                attempt += 1;
-            }
-        }
-    }
+    let what = format!("op inject of {} references", refs.len());
+    plan.retry
+        .run(plan.pauses, &what, || async {
+            let nonce = nonce();
+            let template = template(&nonce, refs);
+            crate::meter::READS.add(distinct_items(refs));
+            let out = runner.run(&["inject"], Some(&template), &names).await.map_err(|err| {
+                // Classified again with only the names of the reference the error is about: the
+                // names of a whole batch are many, and blanking them all can hide the wording.
+                match named_reference(&err, refs) {
+                    Some(bad) => BackendError::new(
+                        super::op_errors::classify_text(&err.message, &refs[bad].names()),
+                        err.message,
+                    ),
+                    None => err,
+                }
+            })?;
+            Ok(parse_injected(&out, &nonce, refs.len()))
+        })
+        .await
 }
 
 /// `op read --no-newline` of one reference, retried while it fails transiently.
-async fn read_lone(runner: &dyn OpRunner, reference: &SecretRef, plan: Plan) -> Outcome {
+async fn read_lone(runner: &dyn OpRunner, reference: &SecretRef, plan: Plan<'_>) -> Outcome {
     let uri = reference.to_string();
     let names = reference.names();
-    let mut attempt = 1;
-    loop {
-        crate::refresh::READS.add(1);
-        match runner.run(&["read", "--no-newline", &uri], None, &names).await {
-            Ok(out) => return Ok(out),
-            Err(err) if err.kind.is_permanent() || attempt >= plan.retry.attempts => return Err(err),
-            Err(err) => {
-                let pause = plan.retry.delay(attempt, err.kind);
-                tracing::warn!(
-                    "{uri}: {err} ({}); retry {attempt}/{} in {:.1}s",
-                    err.kind.label(),
-                    plan.retry.attempts - 1,
-                    pause.as_secs_f64()
-                );
-                tokio::time::sleep(pause).await;
-                attempt += 1;
-            }
-        }
-    }
+    let args = ["read", "--no-newline", &uri];
+    plan.retry
+        .run(plan.pauses, &uri, || {
+            crate::meter::READS.add(1);
+            runner.run(&args, None, &names)
+        })
+        .await
 }
 
 fn distinct_items(refs: &[&SecretRef]) -> u64 {
@@ -391,10 +363,11 @@ mod tests {
         texts.iter().map(|t| SecretRef::parse(t).unwrap()).collect()
     }
 
-    fn plan(concurrency: usize) -> Plan {
+    fn plan(concurrency: usize) -> Plan<'static> {
         Plan {
             concurrency,
             retry: RetryPolicy { attempts: 3, base: Duration::from_millis(1), max: Duration::from_millis(2) },
+            pauses: Box::leak(Box::new(Pauses::default())),
         }
     }
 

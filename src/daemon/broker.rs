@@ -55,6 +55,17 @@ pub struct ResolveReport {
 }
 
 impl ResolveReport {
+    /// The longest delay 1Password stated in a 429 during the pass, if any.
+    pub fn stated_delay(&self) -> Option<Duration> {
+        self.failed
+            .iter()
+            .filter_map(|(_, err)| match err.kind {
+                ErrorKind::RateLimited(Some(delay)) => Some(delay),
+                _ => None,
+            })
+            .max()
+    }
+
     /// One line naming every failure, for errors and replies (no values, only names).
     pub fn failure_summary(&self) -> String {
         self.failed
@@ -107,7 +118,17 @@ impl Broker {
     /// Resolves every registered reference once (concurrency and retries are the backend's).
     /// Not-found drops a value; other failures keep the last good value and mark it stale.
     pub async fn resolve_all(&self) -> ResolveReport {
-        let _guard = self.refresh_lock.lock().await;
+        let _guard = match self.refresh_lock.try_lock() {
+            Ok(guard) => guard,
+            Err(_) => {
+                // A pass is running: if it is paused on a long retry delay, it gives up (its
+                // names keep their values, marked stale) and this newer pass asks afresh.
+                if let Some(pauses) = self.backend.pauses() {
+                    pauses.interrupt();
+                }
+                self.refresh_lock.lock().await
+            }
+        };
         let started = Instant::now();
         // A name whose newer local value is still on its way to 1Password is not asked for:
         // 1Password's answer would be older, and asking would spend a rate-limited read.

@@ -369,6 +369,18 @@ impl Service {
     }
 }
 
+impl crate::refresh::Refresh for Service {
+    fn items(&self) -> usize {
+        let items: std::collections::BTreeSet<(String, String)> =
+            self.broker.store.references().into_iter().map(|(_, r)| (r.vault, r.item)).collect();
+        items.len()
+    }
+
+    fn refresh_pass(&self) -> crate::backend::BoxFuture<'_, Option<Duration>> {
+        Box::pin(async move { self.refresh().await.stated_delay() })
+    }
+}
+
 /// Logs a resolution pass: the summary line, then each failure by name (never a value).
 pub fn log_report(what: &str, report: &ResolveReport) {
     let line = format!("resolved {}/{} secrets in {:.2}s", report.resolved, report.total, report.elapsed.as_secs_f64());

@@ -14,7 +14,8 @@ Files (environment variables):
   FAKE_CONNECT_CONTROL  optional JSON knobs, re-read when it changes (counters restart then):
                         {"latency_ms": 20, "outage": true (503 everywhere but /health),
                          "rules": [{"status": 429, "count": 2, "method": "PATCH",
-                                    "path_contains": "/items/", "retry_after": 1}],
+                                    "path_contains": "/items/", "retry_after": 1,
+                                    "query_contains": "name eq \"W\""}],
                          "drop": N (close the next N connections' requests unanswered)}
   FAKE_CONNECT_STATS    written after every request: {"requests", "connections",
                         "max_in_flight", "by_route": {...},
@@ -182,6 +183,8 @@ class Handler(BaseHTTPRequestHandler):
                     if r.get("method") and r["method"] != self.command:
                         continue
                     if r.get("path_contains") and r["path_contains"] not in url.path:
+                        continue
+                    if r.get("query_contains") and r["query_contains"] not in unquote(url.query.replace("+", " ")):
                         continue
                     r["count"] -= 1
                     rule = r
