@@ -1,20 +1,26 @@
 //! The sealed restart cache and the write-back journal (DESIGN §10): one file that lets a
-//! restart cost no 1Password call and a `kill -9` lose no rotation.
+//! restart cost no 1Password call and a `kill -9` lose no rotation. This module is a store:
+//! it reads, seals and writes the file; the daemon decides when (`daemon::recovery`).
 //!
 //! File layout: `OPBCACHE` · version byte · 16-byte salt · 24-byte nonce · XChaCha20-Poly1305
 //! ciphertext of a JSON document (the header is the associated data, so it cannot be
 //! altered either). The key is HKDF-SHA256 of the 1Password token in use
 //! (`OP_SERVICE_ACCOUNT_TOKEN`, else `OP_CONNECT_TOKEN`) with the file's salt: the file gives
-//! nothing to anyone who does not already hold that token, and under another token it fails
-//! to open, is ignored, and is replaced by the next write. Without a token (the file backend)
+//! nothing to anyone who does not already hold that token. Without a token (the file backend)
 //! there is no cache: a key derived from nothing would protect nothing.
 //!
-//! The document holds the values of the last resolution (with when it happened) and the
-//! journal: every accepted write-back not yet stored in 1Password, sealed before it is
-//! acknowledged and replayed at the next start. Each change rewrites the file atomically, mode
-//! 0600. Plaintext copies (the JSON, base64 text, decoded values) are zeroized after use.
+//! The document holds the values of the last resolution (with when it happened), the journal
+//! (every accepted write-back not yet stored in 1Password, sealed before it is acknowledged and
+//! replayed at the next start) and, for each watched reference, the value op-bridge last knew
+//! 1Password held (the base of the start-up three-way comparison of a watched file). Each
+//! change rewrites the file atomically, mode 0600. A file that cannot be opened (another
+//! token, cut short, another version, not a cache) is never overwritten: it is renamed
+//! `PATH.unreadable-<unix time>` (0600) with whatever journal it holds, and a new file takes
+//! its place; one that cannot even be moved aside is left alone and nothing is written for
+//! the rest of the run. Plaintext copies (the JSON, base64 text, decoded values) are zeroized
+//! after use.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -27,12 +33,10 @@ use serde_json::{Value as Json, json};
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
-use crate::backend::{ErrorKind, Value};
-use crate::daemon::broker::{Broker, ResolveReport};
+use crate::backend::Value;
 use crate::reference::SecretRef;
 use crate::scrub::scrub;
-use crate::store::{SecretStore, Source};
-use crate::writeback::Origin;
+use crate::store::SecretStore;
 
 const MAGIC: &[u8; 8] = b"OPBCACHE";
 const VERSION: u8 = 1;
@@ -42,8 +46,6 @@ const HEADER_LEN: usize = MAGIC.len() + 1 + SALT_LEN + NONCE_LEN;
 const HKDF_INFO: &[u8] = b"op-bridge sealed cache v1";
 /// Largest cache file read (values are at most 1 MiB each; this is far beyond any real use).
 const MAX_FILE: u64 = 256 * 1024 * 1024;
-/// Backoff of the background refresh after a stale start: from 2 s up to this.
-const STALE_RETRY_MAX: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -57,6 +59,12 @@ pub enum CacheError {
     Sealed(PathBuf),
     #[error("{0} holds a malformed document")]
     Malformed(PathBuf),
+    /// An unreadable file was renamed out of the way (never overwritten).
+    #[error("{reason}; kept as {} with any write-backs it journaled, and replaced by a new cache", kept.display())]
+    SetAside { reason: Box<CacheError>, kept: PathBuf },
+    /// An unreadable file that could not be renamed: it is left alone and nothing is written.
+    #[error("{0}")]
+    LeftAlone(String),
 }
 
 /// `--cache`, `--cache-fresh`, `--cache-max-stale`.
@@ -119,6 +127,15 @@ struct State {
     /// When the cached values were last resolved (kept across journal-only rewrites).
     written: Option<SystemTime>,
     journal: BTreeMap<String, JournalEntry>,
+    /// By reference text: the value 1Password was last known to hold, for the tracked ones.
+    held: BTreeMap<String, Value>,
+    /// `held` as the file had it at start, before this run's first answer from 1Password: the
+    /// base a watched file is compared with.
+    held_at_load: BTreeMap<String, Value>,
+    /// The references whose held value is kept (the watched ones).
+    tracked: BTreeSet<String>,
+    /// Why nothing may be written this run (an unreadable file that could not be moved aside).
+    refused: Option<String>,
 }
 
 /// The 1Password token op-bridge itself runs with, if any.
@@ -162,26 +179,77 @@ impl SealedCache {
         XChaCha20Poly1305::new(&(*key).into())
     }
 
+    /// Keeps, from now on, the value 1Password holds for each of `references` (the watched
+    /// ones): the base against which a watched file is compared at the next start.
+    pub fn track_held(&self, references: impl IntoIterator<Item = SecretRef>) {
+        self.state().tracked.extend(references.into_iter().map(|r| r.to_string()));
+    }
+
     /// Reads and opens the file. `Ok(None)`: there is none. The journal it holds becomes this
-    /// cache's pending journal.
+    /// cache's pending journal. A file that exists but cannot be read or opened is moved aside
+    /// ([`CacheError::SetAside`]) or, failing that, left alone with writes refused for the run.
     pub fn load(&self) -> Result<Option<Snapshot>, CacheError> {
         let path = &self.options.path;
         let io = |action, source| CacheError::Io { action, path: path.clone(), source };
         let file = match std::fs::File::open(path) {
             Ok(file) => file,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(err) => return Err(io("open", err)),
+            Err(err) => return Err(self.leave_alone(io("open", err))),
         };
         let mut sealed = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_FILE), &mut sealed).map_err(|e| io("read", e))?;
-        let snapshot = self.open(&sealed)?;
+        if let Err(err) = std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_FILE), &mut sealed) {
+            return Err(self.leave_alone(io("read", err)));
+        }
+        let snapshot = match self.open(&sealed) {
+            Ok(snapshot) => snapshot,
+            Err(err) => return Err(self.set_aside(err)),
+        };
         let mut state = self.state();
-        state.written = Some(snapshot.written);
-        state.journal = snapshot.journal.iter().map(|e| (e.reference.to_string(), e.clone())).collect();
-        Ok(Some(snapshot))
+        state.written = Some(snapshot.public.written);
+        state.journal = snapshot.public.journal.iter().map(|e| (e.reference.to_string(), e.clone())).collect();
+        state.held = snapshot.held.into_iter().collect();
+        state.held_at_load = state.held.clone();
+        drop(state);
+        Ok(Some(snapshot.public))
     }
 
-    fn open(&self, sealed: &[u8]) -> Result<Snapshot, CacheError> {
+    /// Renames an unreadable file to `PATH.unreadable-<unix time>` (0600) so that nothing it
+    /// holds, a journal included, is overwritten by the next write.
+    fn set_aside(&self, reason: CacheError) -> CacheError {
+        let path = &self.options.path;
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let mut kept = PathBuf::from(format!("{}.unreadable-{now}", path.display()));
+        for n in 1.. {
+            if std::fs::symlink_metadata(&kept).is_err() {
+                break;
+            }
+            kept = PathBuf::from(format!("{}.unreadable-{now}-{n}", path.display()));
+        }
+        match std::fs::rename(path, &kept) {
+            Ok(()) => {
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(&kept, std::fs::Permissions::from_mode(0o600));
+                CacheError::SetAside { reason: Box::new(reason), kept }
+            }
+            Err(err) => self.leave_alone(CacheError::LeftAlone(format!(
+                "{reason}; it cannot be moved aside to {} ({err})",
+                kept.display()
+            ))),
+        }
+    }
+
+    /// Refuses every write for the rest of the run: the file at the path may hold a journal
+    /// op-bridge could not read, and replacing it would lose that journal for good.
+    fn leave_alone(&self, reason: CacheError) -> CacheError {
+        let why = format!(
+            "{reason}; the file is left as it is and no cache or journal is written this run (move it away to \
+             let op-bridge write a new one)"
+        );
+        self.state().refused = Some(why.clone());
+        CacheError::LeftAlone(why)
+    }
+
+    fn open(&self, sealed: &[u8]) -> Result<Decoded, CacheError> {
         let path = || self.options.path.clone();
         if sealed.len() < HEADER_LEN || &sealed[..MAGIC.len()] != MAGIC {
             return Err(CacheError::NotACache(path()));
@@ -224,12 +292,12 @@ impl SealedCache {
     /// Writes the store's current values (and the journal) as a fresh resolution.
     pub fn save_resolved(&self) {
         self.state().written = Some(SystemTime::now());
-        self.write();
+        self.save();
     }
 
-    /// Rewrites the file from the store and the journal (atomic, 0600). Failures are logged:
-    /// the cache is an optimisation, and the journal's caller learns nothing it could act on.
-    fn write(&self) {
+    /// Rewrites the file from the store and the journal. A failure is logged; a journal
+    /// write's caller gets it from [`Journal::record`] instead.
+    pub fn save(&self) {
         if let Err(err) = self.try_write() {
             tracing::warn!("sealed cache not written: {err}");
         }
@@ -239,11 +307,14 @@ impl SealedCache {
         self.try_write_with(true)
     }
 
-    /// Writes the file; without `values`, it holds the journal alone.
+    /// Writes the file (atomic, 0600); without `values`, it holds the journal alone.
     fn try_write_with(&self, values: bool) -> Result<(), CacheError> {
         let path = &self.options.path;
         let engine = base64::engine::general_purpose::STANDARD;
         let state = self.state();
+        if let Some(why) = &state.refused {
+            return Err(CacheError::LeftAlone(why.clone()));
+        }
         let mut secrets = Vec::new();
         for (name, reference) in self.store.references().into_iter().filter(|_| values) {
             if let Some(text) = self.store.with_value(&name, |v| Zeroizing::new(engine.encode(v))) {
@@ -258,9 +329,19 @@ impl SealedCache {
                 json!({ "name": e.name, "ref": e.reference.to_string(), "generation": e.generation, "value": text.as_str() })
             })
             .collect();
+        let held: Vec<Json> = state
+            .held
+            .iter()
+            .filter(|(r, _)| state.tracked.contains(*r))
+            .map(|(r, v)| {
+                let text = Zeroizing::new(engine.encode(v));
+                json!({ "ref": r, "value": text.as_str() })
+            })
+            .collect();
         let written = state.written.unwrap_or(SystemTime::UNIX_EPOCH);
         let written = written.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let mut doc = json!({ "version": VERSION, "written": written, "secrets": secrets, "journal": journal });
+        let mut doc =
+            json!({ "version": VERSION, "written": written, "secrets": secrets, "journal": journal, "held": held });
         let mut plain = crate::locked::ZeroizingWriter::with_capacity(4096);
         let _ = serde_json::to_writer(&mut plain, &doc);
         let plain = plain.0;
@@ -269,7 +350,7 @@ impl SealedCache {
         // Tighten a file someone loosened before replacing it (write_atomic keeps the mode).
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
-        crate::backend::file::write_atomic(path, &sealed, Some(0o600)).map_err(|source| CacheError::Io {
+        crate::fsutil::write_atomic(path, &sealed, Some(0o600)).map_err(|source| CacheError::Io {
             action: "write",
             path: path.clone(),
             source,
@@ -280,8 +361,12 @@ impl SealedCache {
     /// Forgets the cached values (revoked token, or a reference 1Password no longer has): the
     /// file is removed, unless its journal still holds write-backs not stored in 1Password.
     /// Those are kept (only a newer value may drop one; a restored item or token stores them
-    /// at a later start) in a file with no values, dated so that it is never fresh.
+    /// at a later start) in a file with no values, dated so that it is never fresh. A file
+    /// left alone (unreadable) is not touched.
     pub fn delete(&self) {
+        if self.state().refused.is_some() {
+            return;
+        }
         if !self.state().journal.is_empty() {
             self.state().written = None;
             match self.try_write_with(false) {
@@ -317,8 +402,9 @@ impl Journal {
     }
 
     /// Seals an accepted write-back to disk (replacing an older one for the same reference)
-    /// before it is acknowledged.
-    pub fn record(&self, name: &str, reference: &SecretRef, generation: u64, value: &[u8]) {
+    /// before it is acknowledged. An error means it is NOT durable: it is still kept in
+    /// memory (and in the file, at the next write that succeeds).
+    pub fn record(&self, name: &str, reference: &SecretRef, generation: u64, value: &[u8]) -> Result<(), CacheError> {
         let entry = JournalEntry {
             name: name.to_string(),
             reference: reference.clone(),
@@ -326,7 +412,7 @@ impl Journal {
             value: Zeroizing::new(value.to_vec()),
         };
         self.cache.state().journal.insert(reference.to_string(), entry);
-        self.cache.write();
+        self.cache.try_write()
     }
 
     /// Drops the entry of `reference` once generation `generation` (or a newer one) is stored.
@@ -340,7 +426,7 @@ impl Journal {
             }
         };
         if removed {
-            self.cache.write();
+            self.cache.save();
         }
     }
 
@@ -348,9 +434,42 @@ impl Journal {
     pub fn pending(&self) -> Vec<JournalEntry> {
         self.cache.state().journal.values().cloned().collect()
     }
+
+    /// Notes what 1Password was just seen to hold (a resolution's answer, a stored write);
+    /// the file is rewritten when a tracked reference's value moved.
+    pub fn note_held<'a>(&self, held: impl IntoIterator<Item = (&'a SecretRef, &'a [u8])>) {
+        let moved = {
+            let mut state = self.cache.state();
+            let mut moved = false;
+            for (reference, value) in held {
+                let key = reference.to_string();
+                if !state.tracked.contains(&key) || state.held.get(&key).is_some_and(|v| v.as_slice() == value) {
+                    continue;
+                }
+                state.held.insert(key, Zeroizing::new(value.to_vec()));
+                moved = true;
+            }
+            moved
+        };
+        if moved {
+            self.cache.save();
+        }
+    }
+
+    /// The value op-bridge knew 1Password held for `reference` when this run started, before
+    /// 1Password was asked again (tracked references only).
+    pub fn held_at_start(&self, reference: &SecretRef) -> Option<Value> {
+        self.cache.state().held_at_load.get(&reference.to_string()).cloned()
+    }
 }
 
-fn decode(doc: &Json) -> Option<Snapshot> {
+/// A decoded document: the public snapshot and the held values.
+struct Decoded {
+    public: Snapshot,
+    held: Vec<(String, Value)>,
+}
+
+fn decode(doc: &Json) -> Option<Decoded> {
     let engine = base64::engine::general_purpose::STANDARD;
     let value = |v: &Json| -> Option<Value> { engine.decode(v.get("value")?.as_str()?).ok().map(Zeroizing::new) };
     let written = SystemTime::UNIX_EPOCH + Duration::from_secs(doc.get("written")?.as_u64()?);
@@ -371,7 +490,12 @@ fn decode(doc: &Json) -> Option<Snapshot> {
             value: value(e)?,
         });
     }
-    Some(Snapshot { written, secrets, journal })
+    // Absent from files written before the three-way start-up comparison: no history then.
+    let mut held = Vec::new();
+    for h in doc.get("held").and_then(Json::as_array).map(Vec::as_slice).unwrap_or_default() {
+        held.push((h.get("ref")?.as_str()?.to_string(), value(h)?));
+    }
+    Some(Decoded { public: Snapshot { written, secrets, journal }, held })
 }
 
 fn random(buf: &mut [u8]) {
@@ -382,169 +506,10 @@ fn random(buf: &mut [u8]) {
     }
 }
 
-fn unavailable(kind: ErrorKind) -> bool {
-    matches!(kind, ErrorKind::RateLimited(_) | ErrorKind::Timeout | ErrorKind::Transient)
-}
-
-/// The start-up resolution with the cache (hook of `Service::start`).
-///
-/// - a fresh cache that covers every registered reference: its values, no 1Password call;
-/// - otherwise resolve; if every failure is 1Password being unavailable and the cache is
-///   within `--cache-max-stale`, the failed names are served from it as `stale` and a
-///   background task refreshes them as soon as 1Password answers;
-/// - an authentication failure, or a not-found of a name not in `tolerated`, deletes the
-///   cache and falls back to nothing (the caller fails closed as without a cache).
-pub async fn resolve_at_start(
-    broker: &Arc<Broker>,
-    cache: Option<&Arc<SealedCache>>,
-    tolerated: &[String],
-) -> ResolveReport {
-    let Some(cache) = cache else { return broker.resolve_all().await };
-    let snapshot = cache.load().unwrap_or_else(|err| {
-        tracing::warn!("sealed cache ignored (it will be replaced): {err}");
-        None
-    });
-    let registered = broker.store.references();
-    if let Some(snapshot) = &snapshot {
-        let age = snapshot.age();
-        let all_cached = registered.iter().all(|(name, r)| snapshot.value(name, r).is_some());
-        if age < cache.options.fresh && all_cached {
-            let started = std::time::Instant::now();
-            let mut report = ResolveReport { total: registered.len(), ..ResolveReport::default() };
-            for (name, r) in &registered {
-                if let Some(value) = snapshot.value(name, r) {
-                    broker.store.set_value(name, value);
-                    report.resolved += 1;
-                    report.changed.push(name.clone());
-                }
-            }
-            report.elapsed = started.elapsed();
-            tracing::info!(
-                "start-up: {} secrets from the sealed cache ({}s old, fresh for {}s): no 1Password call",
-                report.resolved,
-                age.as_secs(),
-                cache.options.fresh.as_secs()
-            );
-            return report;
-        }
-    }
-    let mut report = broker.resolve_all().await;
-    let refused = report.failed.iter().any(|(name, err)| {
-        err.kind == ErrorKind::Auth || (err.kind == ErrorKind::NotFound && !tolerated.contains(name))
-    });
-    if refused {
-        cache.delete();
-        return report;
-    }
-    if report.failed.is_empty() {
-        cache.save_resolved();
-        return report;
-    }
-    let Some(snapshot) = snapshot.filter(|s| s.age() <= cache.options.max_stale) else { return report };
-    if !report.failed.iter().all(|(_, err)| unavailable(err.kind)) {
-        return report;
-    }
-    let age = snapshot.age().as_secs();
-    let mut served = Vec::new();
-    report.failed.retain(|(name, err)| {
-        let cached = broker.store.reference(name).and_then(|r| snapshot.value(name, &r));
-        match cached {
-            Some(value) => {
-                broker.store.set_value(name, value);
-                broker.store.mark_failed(
-                    name,
-                    format!("stale: served from the sealed cache ({age}s old); 1Password unavailable: {}", err.message),
-                );
-                served.push(name.clone());
-                false
-            }
-            None => true,
-        }
-    });
-    if !served.is_empty() {
-        report.resolved += served.len();
-        tracing::warn!(
-            "1Password unavailable: {} served from the sealed cache ({age}s old) as stale; refreshing in the background",
-            served.join(", ")
-        );
-        tokio::spawn(refresh_until_available(broker.clone(), cache.clone()));
-    }
-    report
-}
-
-/// After a stale start: re-resolves with backoff until 1Password answers, then saves.
-async fn refresh_until_available(broker: Arc<Broker>, cache: Arc<SealedCache>) {
-    let mut pause = Duration::from_secs(2);
-    loop {
-        tokio::time::sleep(pause.mul_f64(0.75 + fastrand::f64() * 0.5)).await;
-        if broker.store.references().is_empty() {
-            return; // shut down (the store was cleared)
-        }
-        let report = broker.resolve_all().await;
-        crate::daemon::log_report("background refresh", &report);
-        if !report.failed.iter().any(|(_, err)| unavailable(err.kind)) {
-            after_refresh(&cache, &report);
-            return;
-        }
-        if let Some(stated) = report.failed.iter().find_map(|(_, e)| match e.kind {
-            ErrorKind::RateLimited(Some(d)) => Some(d),
-            _ => None,
-        }) {
-            pause = stated;
-        } else {
-            pause = (pause * 2).min(STALE_RETRY_MAX);
-        }
-    }
-}
-
-/// After any refresh: a clean pass is saved; a refused token deletes the cache.
-pub fn after_refresh(cache: &SealedCache, report: &ResolveReport) {
-    if report.failed.iter().any(|(_, err)| err.kind == ErrorKind::Auth) {
-        cache.delete();
-    } else if report.failed.is_empty() {
-        cache.save_resolved();
-    }
-}
-
-/// Once the service is going to start: keeps the file in step with every later change of a
-/// value (a socket REFRESH, a stored write-back; the freshness time moves only with a full
-/// resolution), hands the journal to the write-back queue and replays what it holds. An
-/// entry whose value 1Password already has (just resolved) is dropped.
-pub fn replay_journal(broker: &Arc<Broker>, cache: &Arc<SealedCache>) {
-    let mut changes_rx = broker.subscribe_changes();
-    let follower = cache.clone();
-    tokio::spawn(async move {
-        loop {
-            match changes_rx.recv().await {
-                // An empty store was cleared at shutdown: not worth replacing the file with.
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    if !follower.store.references().is_empty() {
-                        follower.write();
-                    }
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-            }
-        }
-    });
-    let journal = Journal::new(cache.clone());
-    broker.writeback.attach_journal(journal.clone());
-    for entry in journal.pending() {
-        let known = broker.store.with_value(&entry.name, |v| v == entry.value.as_slice()).unwrap_or(false);
-        let fresh = broker.store.status().iter().any(|s| s.name == entry.name && s.error.is_none());
-        if known && fresh {
-            tracing::info!(name = %entry.name, reference = %entry.reference, "journaled write-back already in 1Password; dropped");
-            journal.settle(&entry.reference, entry.generation);
-            continue;
-        }
-        tracing::info!(name = %entry.name, reference = %entry.reference, "replaying journaled write-back");
-        broker.store.register(&entry.name, Some(entry.reference.clone()), Source::Set);
-        broker.writeback.submit(&entry.name, &entry.reference, &entry.value, Origin::Watch);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Source;
 
     fn cache(dir: &Path, token: &str) -> (Arc<SealedCache>, Arc<SecretStore>) {
         let store = Arc::new(SecretStore::new());
@@ -580,14 +545,24 @@ mod tests {
         assert_eq!(snapshot.value("PW", &r).unwrap().as_slice(), "multi\nline ü\0".as_bytes());
         assert!(snapshot.age() < Duration::from_secs(60));
 
+        // Unreadable files are moved aside, byte for byte, never left in the way or lost.
         let (other, _) = self::cache(&dir, "ops_token_two");
-        assert!(matches!(other.load(), Err(CacheError::Sealed(_))));
+        let kept = match other.load() {
+            Err(CacheError::SetAside { reason, kept }) if matches!(*reason, CacheError::Sealed(_)) => kept,
+            other => panic!("{:?}", other.err()),
+        };
+        assert_eq!(std::fs::read(&kept).unwrap(), raw);
+        assert!(!cache.path().exists());
         let mut tampered = raw.clone();
         *tampered.last_mut().unwrap() ^= 1;
         std::fs::write(cache.path(), &tampered).unwrap();
-        assert!(matches!(cache.load(), Err(CacheError::Sealed(_))));
+        assert!(
+            matches!(cache.load(), Err(CacheError::SetAside { reason, .. }) if matches!(*reason, CacheError::Sealed(_)))
+        );
         std::fs::write(cache.path(), b"OPBCACHE\x09").unwrap();
-        assert!(cache.load().is_err());
+        assert!(matches!(cache.load(), Err(CacheError::SetAside { .. })));
+        let aside = std::fs::read_dir(&dir).unwrap().filter(|e| e.as_ref().unwrap().file_name() != "cache").count();
+        assert_eq!(aside, 3, "each unreadable file is kept under its own name");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -598,9 +573,9 @@ mod tests {
         let journal = Journal::new(cache.clone());
         let a = SecretRef::parse("op://v/i/a").unwrap();
         let b = SecretRef::parse("op://v/i/b").unwrap();
-        journal.record("A", &a, 1, b"one");
-        journal.record("A", &a, 2, b"two");
-        journal.record("B", &b, 1, b"bee");
+        journal.record("A", &a, 1, b"one").unwrap();
+        journal.record("A", &a, 2, b"two").unwrap();
+        journal.record("B", &b, 1, b"bee").unwrap();
         journal.settle(&a, 1);
         assert_eq!(journal.pending().len(), 2, "an older generation does not settle a newer one");
 
@@ -616,6 +591,26 @@ mod tests {
         assert!(journal.pending().is_empty());
         let (reopened, _) = self::cache(&dir, "tok");
         assert!(reopened.load().unwrap().unwrap().journal.is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_base_of_tracked_references_survives_a_reload_and_only_theirs() {
+        let dir = tempdir();
+        let (cache, _) = cache(&dir, "tok");
+        let watched = SecretRef::parse("op://v/i/watched").unwrap();
+        let other = SecretRef::parse("op://v/i/other").unwrap();
+        cache.track_held([watched.clone()]);
+        let journal = Journal::new(cache.clone());
+        journal.note_held([(&watched, &b"held-1"[..]), (&other, &b"not-kept"[..])]);
+        assert!(journal.held_at_start(&watched).is_none(), "the base at start does not move during the run");
+
+        let (reopened, _) = self::cache(&dir, "tok");
+        reopened.track_held([watched.clone()]);
+        reopened.load().unwrap().unwrap();
+        let journal = Journal::new(reopened.clone());
+        assert_eq!(journal.held_at_start(&watched).unwrap().as_slice(), b"held-1");
+        assert!(journal.held_at_start(&other).is_none());
         std::fs::remove_dir_all(dir).unwrap();
     }
 

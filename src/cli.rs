@@ -240,8 +240,8 @@ pub struct BrokerArgs {
     /// neither the command nor op-bridge shares a uid with the processes holding the token.
     #[arg(long, env = "OP_BRIDGE_OP_USER", value_name = "USER[:GROUP]", value_parser = check_user_spec)]
     pub op_user: Option<String>,
-    /// Socket clients cause at most one refresh per this interval; a REFRESH within it gets
-    /// the last result (SIGHUP and the refresh timer are not limited).
+    /// REFRESH and SIGHUP cause at most one refresh per this interval; one that comes within
+    /// it waits for a trailing refresh at the interval's end (the refresh timer is not limited).
     #[arg(long, env = "OP_BRIDGE_REFRESH_MIN_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub refresh_min_interval: Duration,
     /// Bytes in flight across all connections (framed values, long request lines, replies
@@ -317,6 +317,10 @@ pub struct RunArgs {
     /// to that user.
     #[arg(long, env = "OP_BRIDGE_USER", value_name = "USER[:GROUP]", value_parser = check_user_spec)]
     pub user: Option<String>,
+    /// With --user: let the command gain privileges again through setuid binaries and file
+    /// capabilities. By default it runs with no_new_privs and an empty capability bounding set.
+    #[arg(long, env = "OP_BRIDGE_ALLOW_PRIVILEGE_GAIN", value_parser = BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub allow_privilege_gain: bool,
     /// The command to supervise.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<OsString>,

@@ -42,6 +42,9 @@ impl ClientError {
     pub fn exit_code(&self) -> u8 {
         match self {
             ClientError::Refused(message) if message.starts_with(crate::protocol::PENDING) => crate::exit::PENDING,
+            ClientError::Refused(message) if message.starts_with(crate::protocol::NOT_JOURNALED) => {
+                crate::exit::NOT_JOURNALED
+            }
             ClientError::Refused(_) => crate::exit::ERR,
             _ => crate::exit::UNREACHABLE,
         }

@@ -159,6 +159,9 @@ fn print_writebacks(writeback: &serde_json::Value) {
         writeback["failing"].as_u64().unwrap_or(0),
         targets.len()
     );
+    if let Some(n) = writeback["not_journaled"].as_u64().filter(|n| *n > 0) {
+        println!("write-backs NOT journaled: {n} (a restart before 1Password stores them loses them)");
+    }
     let news: Vec<&serde_json::Value> = targets.iter().filter(|t| pending_of(t) || failing_of(t)).collect();
     if news.is_empty() {
         return;
@@ -171,10 +174,13 @@ fn print_writebacks(writeback: &serde_json::Value) {
             (false, false) => "pending",
         };
         let reference = target["ref"].as_str().unwrap_or("?");
-        let detail = match target["last_error"].as_str() {
+        let mut detail = match target["last_error"].as_str() {
             Some(error) => format!("{reference}: {error}"),
             None => reference.to_string(),
         };
+        if let Some(why) = target["not_journaled"].as_str() {
+            detail.push_str(&format!(" (NOT journaled: {why})"));
+        }
         println!(
             "{:<32} {:<8} {:>8}  {}",
             target["name"].as_str().unwrap_or("?"),

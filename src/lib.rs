@@ -28,7 +28,8 @@
 //!   [`writeback`]: the per-target write-back queue that never drops a rotation;
 //!   [`fsops`]: the thread with the app's file permissions that opens, reads and replaces
 //!   watched files without following links.
-//! - [`cache`]: the sealed restart cache and the write-back journal; [`refresh`]: the
+//! - [`cache`]: the sealed restart cache and the write-back journal, a store the daemon drives
+//!   (`daemon::recovery`: start-up from the cache, journal replay); [`refresh`]: the
 //!   periodic refresh timer.
 //! - The ground floor every layer may use: [`scrub`] (wiping JSON that carries values),
 //!   [`time`] (RFC 3339 timestamps), [`fsutil`] (atomic file writes), [`meter`] (the read
@@ -76,6 +77,9 @@ pub mod exit {
     pub const UNREACHABLE: u8 = 3;
     /// `set`: accepted and queued, but not stored in 1Password yet (it will be; EX_TEMPFAIL).
     pub const PENDING: u8 = 75;
+    /// `set`: queued, but neither stored in 1Password yet nor journaled (`--cache` could not be
+    /// written): a restart before 1Password answers loses it (EX_IOERR).
+    pub const NOT_JOURNALED: u8 = 74;
     /// Required secrets could not be resolved; the child was not started (EX_UNAVAILABLE).
     pub const SECRETS_UNAVAILABLE: u8 = 69;
     /// Pending write-backs could not be stored before exit (EX_TEMPFAIL).

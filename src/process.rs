@@ -126,17 +126,53 @@ fn receive_signals(set: SigSet, child_exited: &Notify, others_tx: &mpsc::Unbound
     }
 }
 
+/// How many signals other than a stop [`wait_for_stop`] keeps for later; past this a flood
+/// during start-up is dropped (and counted in the log), as the kernel itself keeps one
+/// pending instance of each standard signal.
+pub const START_QUEUE: usize = 64;
+
 /// Waits for SIGTERM, SIGINT or SIGQUIT on `signals` (the stream of [`take_signals`]); the
 /// start-up of `run` and `daemon` races it, so that a stop never waits for a slow resolution.
-/// Other signals have nobody to go to yet and are dropped.
-pub async fn wait_for_stop(signals: &mut mpsc::UnboundedReceiver<i32>) -> i32 {
+/// Every other signal is kept in `queued`, in arrival order, for the caller to handle once
+/// start-up is over (`run` delivers them to the command as soon as it exists). A standard
+/// signal already queued is not queued twice (the kernel coalesces them the same way);
+/// real-time signals are all kept, up to [`START_QUEUE`].
+pub async fn wait_for_stop(signals: &mut mpsc::UnboundedReceiver<i32>, queued: &mut Vec<i32>) -> i32 {
+    let mut dropped = 0u64;
     while let Some(number) = signals.recv().await {
         if matches!(number, libc::SIGTERM | libc::SIGINT | libc::SIGQUIT) {
             return number;
         }
-        tracing::debug!("signal {number} during start-up: nobody to forward it to");
+        let standard = number < libc::SIGRTMIN();
+        if (standard && queued.contains(&number)) || queued.len() >= START_QUEUE {
+            dropped += 1;
+            tracing::debug!("signal {number} during start-up: already queued or queue full ({dropped} dropped)");
+            continue;
+        }
+        tracing::info!("signal {number} during start-up: queued until start-up is over");
+        queued.push(number);
     }
     std::future::pending().await
+}
+
+/// The signal stream for after start-up: the `queued` signals first, then everything from
+/// `signals`, in order.
+pub fn requeue(queued: Vec<i32>, mut signals: mpsc::UnboundedReceiver<i32>) -> mpsc::UnboundedReceiver<i32> {
+    if queued.is_empty() {
+        return signals;
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    for number in queued {
+        let _ = tx.send(number);
+    }
+    tokio::spawn(async move {
+        while let Some(number) = signals.recv().await {
+            if tx.send(number).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 /// The stream of every signal op-bridge receives except SIGCHLD (the reaper's), starting

@@ -22,7 +22,9 @@
 //! with ` (not available: REASON)`. Clients may rely on these two prefixes
 //! ([`UNKNOWN_REF`], [`NOT_AVAILABLE`]). A SET that was accepted but could not be stored in
 //! 1Password within its wait answers `ERR pending: …` ([`PENDING`]): it stays queued and will
-//! be stored; any other ERR to a SET means nothing changed.
+//! be stored. With `--cache`, one whose journal write also failed answers `ERR not journaled:
+//! …` ([`NOT_JOURNALED`]): it stays queued while op-bridge runs, but a restart before
+//! 1Password stores it loses it. Any other ERR to a SET means nothing changed.
 //!
 //! In `SET`, `URI` is an `op://` reference with spaces written as `%20` (any `%XX` escape is
 //! decoded), or `-` for "the reference already registered for NAME".
@@ -56,6 +58,9 @@ pub const NOT_AVAILABLE: &str = " (not available: ";
 /// Start of the ERR text of a SET that was accepted and queued but not stored in 1Password
 /// within its wait: it will be stored (clients exit 75, not 1).
 pub const PENDING: &str = "pending: ";
+/// Start of the ERR text of a SET that was queued but neither stored in 1Password within its
+/// wait nor journaled (`--cache` could not be written): not durable (clients exit 74).
+pub const NOT_JOURNALED: &str = "not journaled: ";
 /// Start of the ERR text of a request refused for load (too many connections, too many bytes
 /// in flight): nothing was done, and asking again later may succeed.
 pub const BUSY: &str = "busy: ";

@@ -18,11 +18,17 @@
 //! one is watched afresh and its files rescanned. The final pass at stop re-reads **every**
 //! watched file, not only those with a queued event.
 //!
-//! At start a missing file is materialized from 1Password (mode 0600, atomically). A file
-//! that differs from 1Password is written back only when it is newer: its mtime is later than
-//! the item's last change in 1Password, or 1Password cannot say (no such field yet, or no
-//! time available). Otherwise 1Password's value is kept and the file rewritten, and both
-//! times are logged. Every write op-bridge makes itself (materialization, a refresh or SET
+//! At start a missing file is materialized from the value op-bridge serves (mode 0600,
+//! atomically): 1Password's, or a journaled write-back not stored yet, which is newer. A file
+//! that differs from that value is decided three-way against the base, the value op-bridge
+//! last knew 1Password held (kept in the sealed cache, `--cache`): a file still equal to the
+//! base is rewritten with the newer value; a file that changed while the value did not is
+//! written back; when both changed, the file wins (1Password keeps the replaced value in the
+//! item's history; a lost local rotation would be gone) and the conflict is logged. With no
+//! base (no `--cache`, or a field op-bridge never saw) it falls back on time: the file is
+//! written back only when its mtime is later than the item's last change in 1Password, or
+//! 1Password cannot say; this assumes the two clocks agree and that nothing else in the item
+//! changed since. Every write op-bridge makes itself (materialization, a refresh or SET
 //! that changed the value) is remembered as the last seen content, so it is never echoed back
 //! as a change; and the file is rewritten only from a value at least as new (by the store's
 //! generation) as the one it holds, and never over a change of its own not yet captured.
@@ -327,9 +333,9 @@ async fn initial_sync(
         Ok(Some(content)) => {
             match resolved {
                 Some((value, generation)) if value[..] == content[..] => state.file_generation = generation,
-                Some((value, generation)) if !file_is_newer(&state.spec, broker).await => {
-                    // 1Password changed after the file did: the file is stale (a replica or a
-                    // person rotated it meanwhile). Keep 1Password's value, bring the file up.
+                Some((value, generation)) if !file_wins(&state.spec, &content, &value, broker).await => {
+                    // The served value is newer (1Password's, rotated by a replica or a person, or
+                    // a journaled write-back not stored yet): keep it, bring the file up.
                     write_file(deputy, &path, &value)
                         .await
                         .map_err(|e| format!("cannot rewrite {}: {e}", path.display()))?;
@@ -357,9 +363,33 @@ async fn initial_sync(
     Ok(state)
 }
 
-/// Whether a watched file that differs from 1Password holds the newer value: its mtime is
-/// later (to the second) than the item's last change in 1Password. When 1Password cannot
-/// say, the file wins: 1Password keeps an item's history, a lost local rotation is gone.
+/// Whether a watched file that differs from the value served at start (`current`:
+/// 1Password's, or a journaled write-back not stored yet) is the newer one, decided
+/// three-way against the base when there is one, else by time.
+async fn file_wins(spec: &WatchSpec, file: &[u8], current: &[u8], broker: &WatchContext) -> bool {
+    let Some(base) = broker.writeback.held_at_start(&spec.reference) else { return file_is_newer(spec, broker).await };
+    let (name, path) = (&spec.name, spec.path.display());
+    if file == base.as_slice() {
+        tracing::info!(name, path = %path, "watched file unchanged since op-bridge last synced it; the newer value replaces it");
+        false
+    } else if current == base.as_slice() {
+        tracing::info!(name, path = %path, "watched file changed while op-bridge was not watching; writing it back");
+        true
+    } else {
+        tracing::warn!(
+            name,
+            path = %path,
+            "watched file and {} both changed since op-bridge last synced them; the file wins (1Password keeps the \
+             value it replaces in the item's history)",
+            spec.reference
+        );
+        true
+    }
+}
+
+/// Without a base: whether the file's mtime is later (to the second) than the item's last
+/// change in 1Password. When 1Password cannot say, the file wins: 1Password keeps an item's
+/// history, a lost local rotation is gone.
 async fn file_is_newer(spec: &WatchSpec, broker: &WatchContext) -> bool {
     let seconds = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).ok();
     let modified = std::fs::metadata(&spec.path).and_then(|m| m.modified()).ok().and_then(seconds);

@@ -18,7 +18,11 @@
 //!
 //! With `--cache`, a [`Journal`] is attached: every accepted value is sealed to disk before
 //! `submit` returns (so before a SET is acknowledged or a capture is considered taken), and
-//! settled once it is stored or refused, so `kill -9` during an outage loses nothing.
+//! settled once it is stored or refused, so `kill -9` during an outage loses nothing. A value
+//! whose journal write failed is still queued, but it is not durable: `submit` says so, the
+//! field shows `not_journaled` in STATUS, and the log says so at ERROR. The queue also tells
+//! the journal what 1Password holds once a write is stored (the base of the watcher's
+//! start-up comparison).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -84,6 +88,8 @@ struct FieldState {
     last_error: Option<String>,
     writes: u64,
     last_write: Option<SystemTime>,
+    /// Why the pending value could not be journaled (it would not survive a restart).
+    not_journaled: Option<String>,
 }
 
 impl FieldState {
@@ -136,6 +142,14 @@ pub enum SetOutcome {
     Pending(String),
 }
 
+/// An accepted submission.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    pub generation: u64,
+    /// Why the value could not be journaled (`--cache`): it is queued, but not durable.
+    pub not_journaled: Option<String>,
+}
+
 /// A write that could not be stored before exit.
 #[derive(Debug, Clone)]
 pub struct Unwritten {
@@ -179,10 +193,35 @@ impl WriteBack {
         let _ = self.journal.set(journal);
     }
 
-    fn journal_record(&self, name: &str, reference: &SecretRef, pending: &Pending) {
+    /// The attached journal, if any (`--cache`).
+    pub fn journal(&self) -> Option<&Journal> {
+        self.journal.get()
+    }
+
+    /// Seals `pending` in the journal; `Some(reason)` when that failed (not durable).
+    fn journal_record(&self, name: &str, reference: &SecretRef, pending: &Pending) -> Option<String> {
+        let journal = self.journal.get()?;
+        let err = journal.record(name, reference, pending.generation, &pending.value).err()?;
+        tracing::error!(
+            name,
+            reference = %reference,
+            "write-back NOT journaled: {err}; it is queued and retried while op-bridge runs, but a restart \
+             before 1Password stores it loses it"
+        );
+        Some(err.to_string())
+    }
+
+    /// Notes what 1Password holds (a resolution's answers) for the journal's records.
+    pub fn note_held<'a>(&self, held: impl IntoIterator<Item = (&'a SecretRef, &'a [u8])>) {
         if let Some(journal) = self.journal.get() {
-            journal.record(name, reference, pending.generation, &pending.value);
+            journal.note_held(held);
         }
+    }
+
+    /// The value op-bridge knew 1Password held for a watched `reference` when this run started
+    /// (`--cache` only: without it there is no record across restarts).
+    pub fn held_at_start(&self, reference: &SecretRef) -> Option<Zeroizing<Vec<u8>>> {
+        self.journal.get()?.held_at_start(reference)
     }
 
     fn journal_settle(&self, reference: &SecretRef, generation: u64) {
@@ -217,10 +256,10 @@ impl WriteBack {
     }
 
     /// Queues `value` for `reference`, replacing any unsent older value of that field.
-    /// Returns the submission's generation.
-    pub fn submit(self: &Arc<Self>, name: &str, reference: &SecretRef, value: &[u8], origin: Origin) -> u64 {
+    /// Returns the submission's generation and whether it was journaled.
+    pub fn submit(self: &Arc<Self>, name: &str, reference: &SecretRef, value: &[u8], origin: Origin) -> Submission {
         let queue = self.queue(reference);
-        let generation = {
+        let submission = {
             let mut state = queue.lock();
             state.next_generation += 1;
             let generation = state.next_generation;
@@ -236,11 +275,13 @@ impl WriteBack {
                 last_error: None,
                 writes: 0,
                 last_write: None,
+                not_journaled: None,
             });
             field.name = name.to_string();
             let new = Pending { generation, origin, value: Zeroizing::new(value.to_vec()) };
             // Sealed to disk before the submission counts as accepted.
-            self.journal_record(name, reference, &new);
+            field.not_journaled = self.journal_record(name, reference, &new);
+            let not_journaled = field.not_journaled.clone();
             match field.pending.replace(new) {
                 // A SET that replaces a watched file's value keeps it as the fallback.
                 Some(old) if old.origin == Origin::Watch && origin == Origin::Set => field.fallback = Some(old),
@@ -256,13 +297,13 @@ impl WriteBack {
                 // A newer value from the file: an older one kept for a SET's sake is moot.
                 field.fallback = None;
             }
-            generation
+            Submission { generation, not_journaled }
         };
         queue.wake.notify_one();
         if origin == Origin::Set {
             queue.set_wake.notify_one();
         }
-        generation
+        submission
     }
 
     /// Waits until generation `generation` of `reference` is stored (or superseded by a
@@ -304,9 +345,18 @@ impl WriteBack {
     }
 
     /// Whether `name` has a value that is queued, in flight or held back for a SET (a refresh
-    /// must not overwrite the newer local value with 1Password's older one).
+    /// must not overwrite the newer local value with 1Password's older one). A write to a
+    /// reference `name` no longer points at (a replayed journal entry of the reference the
+    /// name was moved away from) is not that name's value and does not count.
     pub fn is_pending(&self, name: &str) -> bool {
-        self.items().values().any(|queue| queue.lock().fields.values().any(|f| f.name == name && f.is_pending()))
+        let current = self.store.reference(name);
+        self.items().values().any(|queue| {
+            queue
+                .lock()
+                .fields
+                .values()
+                .any(|f| f.name == name && current.as_ref().is_none_or(|r| *r == f.reference) && f.is_pending())
+        })
     }
 
     async fn work(self: Arc<Self>, queue: Arc<ItemQueue>) {
@@ -388,9 +438,17 @@ impl WriteBack {
                         field.fallback = None;
                     }
                     tracing::info!(name = %field.name, reference = %field.reference, "write-back stored");
+                    if let Some(journal) = self.journal.get() {
+                        journal.note_held([(&field.reference, job.value.as_slice())]);
+                    }
                     self.journal_settle(&field.reference, job.generation);
-                    // Memory follows 1Password unless a newer value is already queued.
-                    if field.pending.is_none() && self.store.set_value(&field.name, &job.value) {
+                    if field.pending.is_none() {
+                        field.not_journaled = None;
+                    }
+                    // Memory follows 1Password unless a newer value is already queued, and only
+                    // under a name that still points at this reference.
+                    let current = self.store.reference(&field.name).is_none_or(|r| r == field.reference);
+                    if field.pending.is_none() && current && self.store.set_value(&field.name, &job.value) {
                         changed.push(field.name.clone());
                     }
                 }
@@ -403,7 +461,7 @@ impl WriteBack {
                         // journaled again: the journal keeps one value per reference).
                         field.pending = field.fallback.take();
                         if let Some(restored) = &field.pending {
-                            self.journal_record(&field.name, &field.reference, restored);
+                            field.not_journaled = self.journal_record(&field.name, &field.reference, restored);
                             pause = Some(pause.unwrap_or(Duration::ZERO));
                         }
                     }
@@ -517,6 +575,7 @@ impl WriteBack {
                             "last_error": f.last_error,
                             "writes": f.writes,
                             "last_write_age_s": f.last_write.and_then(|t| now.duration_since(t).ok()).map(|d| d.as_secs()),
+                            "not_journaled": f.not_journaled.as_ref().filter(|_| f.is_pending()),
                         })
                     })
                     .collect::<Vec<_>>()
@@ -524,7 +583,8 @@ impl WriteBack {
             .collect();
         let pending = targets.iter().filter(|t| t["pending"] == true || t["in_flight"] == true).count();
         let failing = targets.iter().filter(|t| t["failing"] == true).count();
-        json!({ "pending": pending, "failing": failing, "targets": targets })
+        let not_journaled = targets.iter().filter(|t| t["not_journaled"].is_string()).count();
+        json!({ "pending": pending, "failing": failing, "not_journaled": not_journaled, "targets": targets })
     }
 }
 
@@ -623,7 +683,7 @@ mod tests {
         store.set_value("A", b"captured");
         queue.submit("A", &field("a"), b"captured", Origin::Watch);
         until("the capture's write", || backend.calls.lock().unwrap().len() == 1).await;
-        let generation = queue.submit("A", &field("a"), b"set-value", Origin::Set);
+        let generation = queue.submit("A", &field("a"), b"set-value", Origin::Set).generation;
         backend.gate.add_permits(2);
         let outcome = queue.wait_stored(&field("a"), generation, Duration::from_secs(5)).await;
         assert!(matches!(outcome, SetOutcome::Refused(_)), "{outcome:?}");

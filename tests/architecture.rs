@@ -12,11 +12,6 @@ use std::path::{Path, PathBuf};
 
 /// Edges (importer, imported) allowed for now, each removed by the engineer named.
 const KNOWN_EDGES: &[(&str, &str)] = &[
-    // The sealed cache knows the daemon and the write-back queue; engineer "durability" makes
-    // it a store the daemon drives (cache.rs imports neither).
-    ("cache.rs", "daemon/broker.rs"),
-    ("cache.rs", "daemon/mod.rs"),
-    ("cache.rs", "writeback.rs"),
     // `Peer` is defined in the listener and used by the audit log and connections; it moves
     // to a file of its own with the listener's internals (engineer "initdeputy").
     ("daemon/audit.rs", "daemon/listener.rs"),

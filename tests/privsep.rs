@@ -610,7 +610,7 @@ fn an_atomic_rewrite_keeps_the_files_owner() {
     std::fs::write(&path, b"old").unwrap();
     chown(&path, 4242, 4343);
     chmod(&path, 0o640);
-    op_bridge::backend::file::write_atomic(&path, b"new", Some(0o600)).unwrap();
+    op_bridge::fsutil::write_atomic(&path, b"new", Some(0o600)).unwrap();
     let meta = std::fs::metadata(&path).unwrap();
     assert_eq!((meta.uid(), meta.gid(), meta.permissions().mode() & 0o777), (4242, 4343, 0o640));
     assert_eq!(std::fs::read(&path).unwrap(), b"new");

@@ -17,7 +17,7 @@ use super::{
     value_text,
 };
 // Also named through this path by `cache.rs`, whose rewrite moves it to `crate::fsutil`.
-pub use crate::fsutil::write_atomic;
+use crate::fsutil::write_atomic;
 use crate::reference::SecretRef;
 use crate::scrub::scrub;
 

@@ -9,7 +9,7 @@ use tokio::sync::{Mutex, broadcast};
 
 use crate::backend::{Backend, BackendError, ErrorKind, Value, WriteOptions};
 use crate::locked::lock_stats;
-use crate::protocol::{NOT_AVAILABLE, PENDING, UNKNOWN_REF};
+use crate::protocol::{NOT_AVAILABLE, NOT_JOURNALED, PENDING, UNKNOWN_REF};
 use crate::reference::SecretRef;
 use crate::store::{Applied, SecretStore, Source, State};
 use crate::writeback::{Origin, SetOutcome, WriteBack};
@@ -144,6 +144,10 @@ impl Broker {
             deferred: deferred.into_iter().map(|(name, _)| name).collect(),
             ..ResolveReport::default()
         };
+        // What 1Password holds now: the journal's base for watched files (`--cache`).
+        self.writeback.note_held(
+            registered.iter().zip(&results).filter_map(|((_, r), result)| Some((r, result.as_ref().ok()?.as_slice()))),
+        );
         for ((name, _), result) in registered.into_iter().zip(results) {
             let seen = seen.get(&name).copied().unwrap_or(0);
             match result {
@@ -247,13 +251,21 @@ impl Broker {
             self.store.remove(name);
             self.store.register(name, Some(target.clone()), Source::Set);
         }
-        let generation = self.writeback.submit(name, &target, &value, Origin::Set);
-        match self.writeback.wait_stored(&target, generation, self.policy.set_wait).await {
+        let submission = self.writeback.submit(name, &target, &value, Origin::Set);
+        match self.writeback.wait_stored(&target, submission.generation, self.policy.set_wait).await {
             SetOutcome::Stored => {
                 tracing::info!(name, reference = %target, "stored new value");
                 Ok(())
             }
             SetOutcome::Refused(reason) => Err(format!("write to {target} refused: {reason}")),
+            SetOutcome::Pending(reason) if submission.not_journaled.is_some() => {
+                let why = submission.not_journaled.unwrap_or_default();
+                tracing::error!(name, reference = %target, "SET accepted but not stored yet ({reason}) and NOT journaled");
+                Err(format!(
+                    "{NOT_JOURNALED}accepted, not stored in 1Password yet ({reason}) and not journaled ({why}); \
+                     op-bridge keeps retrying while it runs, but a restart before 1Password stores it loses it"
+                ))
+            }
             SetOutcome::Pending(reason) => {
                 tracing::warn!(name, reference = %target, "SET accepted but not stored yet: {reason}");
                 Err(format!(

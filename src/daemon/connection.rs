@@ -7,7 +7,7 @@
 //!
 //! Every buffer that may hold a value is wiped before it is reused or freed: the read buffer
 //! ([`ZeroizingReader`]), the request line, the reply buffer. Framed SET values and GET
-//! replies are paid for from the global [`ByteBudget`]; REFRESH goes through the
+//! replies are paid for from the peer uid's share of the [`ByteBudget`]; REFRESH goes through the
 //! [`RefreshGate`].
 
 use std::sync::Arc;
@@ -133,7 +133,8 @@ impl Connection {
             // A framed value is read into memory only once the budget has room for it.
             let mut frame_permit: Option<BytePermit> = None;
             let budget = self.shared.budget.clone();
-            let mut admit = |len: usize| budget.take_into(len, &mut frame_permit);
+            let uid = self.peer.uid;
+            let mut admit = |len: usize| budget.take_into(uid, len, &mut frame_permit);
             let buffered = self.request_is_buffered();
             let reading = protocol::read_request_admitting(&mut self.reader, self.version, &mut line, &mut admit);
             let read = if buffered {
@@ -234,10 +235,11 @@ impl Connection {
             Request::Get(target) => {
                 let version = self.version;
                 let budget = &self.shared.budget;
+                let uid = self.peer.uid;
                 let held = &mut self.reply_permit;
                 broker
                     .lookup(&target, |value| {
-                        if !budget.take_into(value.len(), held) {
+                        if !budget.take_into(uid, value.len(), held) {
                             return Err(protocol::ProtocolError::Busy.to_string());
                         }
                         ok(out, Response::Value(value), version);

@@ -6,8 +6,9 @@
 //! uid that we cannot probe (we are not root) is refused with its owner named. The socket is
 //! created owner-only; `--allow-uid` uids get a POSIX ACL entry on it (and search on the
 //! directory op-bridge manages), so the kernel lets exactly them connect. Every connection's
-//! peer uid (SO_PEERCRED) must still be allowed; connections beyond the limit get `ERR busy`
-//! and are closed, so a flood never stalls the accept loop.
+//! peer uid (SO_PEERCRED) must still be allowed; connections beyond the limit, or beyond the
+//! peer uid's share of it (see [`Shares`]), get `ERR busy` and are closed, so a flood never
+//! stalls the accept loop and never locks root out.
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -17,13 +18,12 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::audit::AuditLog;
 use super::broker::Broker;
-use super::budget::ByteBudget;
+use super::budget::{ByteBudget, Shares};
 use super::connection::{Connection, Limits, Shared};
 use super::refresh::RefreshGate;
 use crate::socket_path::RUN_DIR;
@@ -242,17 +242,18 @@ pub async fn serve(
     listener: &UnixListener,
     broker: Arc<Broker>,
     audit: Option<Arc<AuditLog>>,
+    refresh: Arc<RefreshGate>,
     options: ServeOptions,
     shutdown: CancellationToken,
 ) {
     // The effective uid, as at bind and in the client's check of the server.
     let own_uid = nix::unistd::geteuid().as_raw();
-    let permits = Arc::new(Semaphore::new(options.max_connections));
-    let shared = Shared {
-        budget: ByteBudget::new(options.max_inflight_bytes),
-        refresh: RefreshGate::new(broker.clone(), options.refresh_min_interval),
-    };
+    // Per-uid shares: the app's uid can never take the room root's health check needs.
+    let connections = Shares::new(options.max_connections, own_uid, &options.allow_uids);
+    let shared = Shared { budget: ByteBudget::new(options.max_inflight_bytes, own_uid, &options.allow_uids), refresh };
     let tracker = TaskTracker::new();
+    let mut refusals = Throttled::default();
+    let mut busy = Throttled::default();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -275,15 +276,28 @@ pub async fn serve(
             }
         };
         if peer.uid != own_uid && peer.uid != 0 && !options.allow_uids.contains(&peer.uid) {
-            tracing::warn!(uid = peer.uid, pid = peer.pid, "refused connection from a uid that is not allowed");
+            if let Some(left_out) = refusals.allow() {
+                tracing::warn!(
+                    uid = peer.uid,
+                    pid = peer.pid,
+                    "refused connection from a uid that is not allowed{}",
+                    since(left_out, "refused")
+                );
+            }
             if let Some(audit) = &audit {
                 audit.record(&peer, "CONNECT", None, "denied");
             }
             refuse(stream, format!("ERR permission denied: uid {} is not allowed\n", peer.uid));
             continue;
         }
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(max = options.max_connections, "connection limit reached; refusing a connection");
+        let Some(permit) = connections.try_take(peer.uid, 1) else {
+            if let Some(left_out) = busy.allow() {
+                tracing::warn!(
+                    max = options.max_connections,
+                    "connection limit reached; refusing a connection{}",
+                    since(left_out, "turned away")
+                );
+            }
             refuse(stream, format!("ERR {}too many connections\n", crate::protocol::BUSY));
             continue;
         };
@@ -295,9 +309,47 @@ pub async fn serve(
             drop(permit);
         });
     }
+    if refusals.left_out > 0 {
+        tracing::warn!("{} more refused connections from uids that are not allowed were not logged", refusals.left_out);
+    }
+    if busy.left_out > 0 {
+        tracing::warn!("{} more connections turned away at the connection limit were not logged", busy.left_out);
+    }
     tracker.close();
     if tokio::time::timeout(options.drain, tracker.wait()).await.is_err() {
         tracing::warn!(open = tracker.len(), "connections still open after the drain period; closing them");
+    }
+}
+
+/// How often a WARN that a flood repeats may be written.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// A WARN that a flood of connections could repeat without end, written at most once per
+/// [`WARN_EVERY`] so that the log keeps its real lines; the occurrences left out are counted
+/// on the next line written, and at the end of the accept loop.
+#[derive(Default)]
+struct Throttled {
+    last: Option<tokio::time::Instant>,
+    left_out: u64,
+}
+
+impl Throttled {
+    /// Whether a line may be written now: then the number left out before it.
+    fn allow(&mut self) -> Option<u64> {
+        let now = tokio::time::Instant::now();
+        if self.last.is_some_and(|last| now.duration_since(last) < WARN_EVERY) {
+            self.left_out += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.left_out))
+    }
+}
+
+fn since(left_out: u64, what: &str) -> String {
+    match left_out {
+        0 => String::new(),
+        n => format!(" ({n} more {what} since the last line)"),
     }
 }
 

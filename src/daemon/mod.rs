@@ -12,6 +12,7 @@ pub mod broker;
 pub mod budget;
 pub mod connection;
 pub mod listener;
+pub mod recovery;
 pub mod refresh;
 
 use std::path::{Path, PathBuf};
@@ -33,6 +34,7 @@ use crate::writeback::Unwritten;
 use audit::AuditLog;
 use broker::{Broker, BrokerPolicy, ResolveReport};
 use listener::{BindError, BoundSocket, ServeOptions};
+use refresh::RefreshGate;
 
 /// Which backend to use.
 #[derive(Debug, Clone)]
@@ -225,6 +227,8 @@ pub struct Service {
     pid_file: Option<PathBuf>,
     watcher: std::sync::Mutex<Option<WatchHandle>>,
     cache: Option<Arc<crate::cache::SealedCache>>,
+    /// REFRESH and SIGHUP: coalesced, at most one pass per `--refresh-min-interval`.
+    refresh_gate: Arc<RefreshGate>,
 }
 
 impl Service {
@@ -278,8 +282,11 @@ impl Service {
         let cache = config.cache.clone().and_then(|options| {
             crate::cache::SealedCache::new(options, token.as_ref().map(|t| t.as_str()), broker.store.clone())
         });
+        if let Some(cache) = &cache {
+            recovery::attach(&broker, cache, &config.watches);
+        }
         let watched: Vec<String> = config.watches.iter().map(|w| w.name.clone()).collect();
-        let mut report = crate::cache::resolve_at_start(&broker, cache.as_ref(), &watched).await;
+        let mut report = recovery::resolve_at_start(&broker, cache.as_ref(), &watched).await;
         log_report("start-up", &report);
         // A watched credential that 1Password does not have yet is not an error: its first
         // write-back creates it.
@@ -289,8 +296,10 @@ impl Service {
         if !report.failed.is_empty() && !config.allow_missing {
             return Err(StartError::SecretsUnavailable(report.failure_summary()));
         }
+        // Before the watcher's start-up comparison and before the socket: what is journaled
+        // is what the watched files are compared with and what GET and `run --export` serve.
         if let Some(cache) = &cache {
-            crate::cache::replay_journal(&broker, cache);
+            recovery::replay_journal(&broker, cache).await;
         }
         let watcher = crate::watch::start(&config.watches, broker.watch_context(), config.watch.clone())
             .await
@@ -303,7 +312,9 @@ impl Service {
                 .map_err(|source| StartError::Io { action: format!("write pid file {}", path.display()), source })?;
         }
         crate::hardening::report_memlock();
+        let refresh_gate = RefreshGate::new(broker.clone(), cache.clone(), config.serve.refresh_min_interval);
         Ok(Service {
+            refresh_gate,
             broker,
             socket,
             audit,
@@ -321,16 +332,29 @@ impl Service {
     /// Serves until `shutdown` is cancelled and open connections have drained.
     pub async fn serve(&self, shutdown: CancellationToken) {
         tracing::info!(socket = %self.socket.path().display(), "serving");
-        listener::serve(&self.socket.listener, self.broker.clone(), self.audit.clone(), self.serve.clone(), shutdown)
-            .await;
+        listener::serve(
+            &self.socket.listener,
+            self.broker.clone(),
+            self.audit.clone(),
+            self.refresh_gate.clone(),
+            self.serve.clone(),
+            shutdown,
+        )
+        .await;
     }
 
-    /// Re-resolves everything (SIGHUP, REFRESH fallback) and logs what happened.
+    /// SIGHUP: a refresh through the same gate as REFRESH (see [`RefreshGate`]), so that a
+    /// flood of signals costs at most one pass per interval plus one trailing pass.
+    pub fn request_refresh(&self) {
+        self.refresh_gate.request();
+    }
+
+    /// Re-resolves everything (the refresh timer) and logs what happened.
     pub async fn refresh(&self) -> ResolveReport {
         let report = self.broker.resolve_all().await;
         log_report("refresh", &report);
         if let Some(cache) = &self.cache {
-            crate::cache::after_refresh(cache, &report);
+            recovery::after_refresh(cache, &report);
         }
         report
     }
@@ -409,13 +433,15 @@ pub async fn run_daemon(config: BrokerConfig, grace: Duration) -> Result<u8, Sta
     check_discovered_names(env.iter().cloned(), &config.prefix, &config.suffix).map_err(StartError::Usage)?;
     let config = settle_op_path(config, &env);
 
+    let mut queued = Vec::new();
     let service = tokio::select! {
         started = Service::start(&config, &reaper, env) => Arc::new(started?),
-        number = crate::process::wait_for_stop(&mut signals) => {
+        number = crate::process::wait_for_stop(&mut signals, &mut queued) => {
             tracing::warn!("signal {number} during start-up; exiting");
             return Ok(u8::try_from(128 + number).unwrap_or(255));
         }
     };
+    let mut signals = crate::process::requeue(queued, signals);
     let shutdown = CancellationToken::new();
     let server = {
         let service = service.clone();
@@ -425,10 +451,7 @@ pub async fn run_daemon(config: BrokerConfig, grace: Duration) -> Result<u8, Sta
     let _refresh_timer = crate::refresh::start(service.clone(), config.refresh_interval, config.read_budget);
     while let Some(number) = signals.recv().await {
         match number {
-            libc::SIGHUP => {
-                let service = service.clone();
-                tokio::spawn(async move { service.refresh().await });
-            }
+            libc::SIGHUP => service.request_refresh(),
             libc::SIGTERM => {
                 tracing::info!("SIGTERM: shutting down");
                 break;

@@ -1,62 +1,110 @@
-//! REFRESH from socket clients, coalesced and rate-limited, so that no client can spend the
-//! account's 1Password quota: a REFRESH that arrives while one is running joins it (and gets
-//! its result), and clients cause at most one resolution pass per `min_interval`; within it
-//! they get the last result, marked as such. SIGHUP and the refresh timer do not come here
-//! and are never limited.
+//! Refreshes that anyone but the operator's timer asks for — a client's REFRESH and SIGHUP —
+//! coalesced and rate-limited, so that neither a client nor the app's `kill -HUP` can spend
+//! the account's 1Password quota.
+//!
+//! Passes start at most once per `min_interval` (start to start), one at a time. Every
+//! request is answered by a pass that *began after it arrived*: a request that comes while a
+//! pass runs, or within the interval, waits for the one trailing pass that starts when the
+//! interval is over, and every request waiting by then shares it. So a flood costs at most
+//! one pass per interval, and no answer is ever an older pass's. The refresh timer does not
+//! come here.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, watch};
 use tokio::time::Instant;
 
 use super::broker::{Broker, ResolveReport};
+use crate::cache::SealedCache;
 
-/// The reply of the last pass: `Ok(text)` for `OK text`, `Err(text)` for `ERR text`.
+/// The reply of a pass: `Ok(text)` for `OK text`, `Err(text)` for `ERR text`.
 type Outcome = Result<String, String>;
 
 pub struct RefreshGate {
     broker: Arc<Broker>,
+    cache: Option<Arc<SealedCache>>,
     min_interval: Duration,
-    /// Held for the whole pass, so callers that arrive meanwhile queue behind it.
-    last: Mutex<Option<(Instant, Outcome)>>,
-    /// Passes finished; a caller that sees it move while waiting joined a pass.
-    passes: AtomicU64,
+    /// Held by the task that waits out the interval and runs the next pass: one at a time.
+    runner: Arc<Mutex<Option<Instant>>>,
+    /// Passes started so far; a request arriving now needs pass number `started + 1` or later.
+    started: AtomicU64,
+    /// The number of the last pass finished, and its reply.
+    finished: watch::Sender<(u64, Option<Outcome>)>,
+    /// The highest pass number a signal-requested refresh is already waiting for.
+    signal_wants: AtomicU64,
 }
 
 impl RefreshGate {
-    pub fn new(broker: Arc<Broker>, min_interval: Duration) -> Arc<RefreshGate> {
-        Arc::new(RefreshGate { broker, min_interval, last: Mutex::new(None), passes: AtomicU64::new(0) })
+    pub fn new(broker: Arc<Broker>, cache: Option<Arc<SealedCache>>, min_interval: Duration) -> Arc<RefreshGate> {
+        Arc::new(RefreshGate {
+            broker,
+            cache,
+            min_interval,
+            runner: Arc::new(Mutex::new(None)),
+            started: AtomicU64::new(0),
+            finished: watch::channel((0, None)).0,
+            signal_wants: AtomicU64::new(0),
+        })
     }
 
-    /// A client's REFRESH: a new pass, the one in progress, or the last result.
-    pub async fn refresh(&self) -> Outcome {
-        let seen = self.passes.load(Ordering::Acquire);
-        let mut last = self.last.lock().await;
-        if let Some((at, outcome)) = last.as_ref() {
-            if self.passes.load(Ordering::Acquire) != seen {
+    /// A client's REFRESH: the reply of a pass that began after this call.
+    pub async fn refresh(self: &Arc<Self>) -> Outcome {
+        let want = self.started.load(Ordering::Acquire) + 1;
+        self.wait_for_pass(want).await
+    }
+
+    /// A SIGHUP: a pass that begins after now, in the background. A signal that a waiting
+    /// request already covers (no pass has started since) adds nothing.
+    pub fn request(self: &Arc<Self>) {
+        let want = self.started.load(Ordering::Acquire) + 1;
+        if self.signal_wants.fetch_max(want, Ordering::AcqRel) >= want {
+            tracing::debug!("SIGHUP: a refresh is already due; coalesced");
+            return;
+        }
+        let gate = self.clone();
+        tokio::spawn(async move { gate.wait_for_pass(want).await });
+    }
+
+    async fn wait_for_pass(self: &Arc<Self>, want: u64) -> Outcome {
+        let mut finished = self.finished.subscribe();
+        loop {
+            if let (done, Some(outcome)) = &*finished.borrow_and_update()
+                && *done >= want
+            {
                 return outcome.clone();
             }
-            let age = at.elapsed();
-            if age < self.min_interval {
-                let note = format!(
-                    " (result of a refresh {}s ago; clients may refresh at most once every {}s)",
-                    age.as_secs(),
-                    self.min_interval.as_secs_f64()
-                );
-                return match outcome {
-                    Ok(text) => Ok(format!("{text}{note}")),
-                    Err(text) => Err(format!("{text}{note}")),
-                };
+            // No pass it can use has started and nobody is preparing one: this request starts
+            // the next. The runner drops its lock before publishing, so a request woken by the
+            // publication finds it free.
+            if self.started.load(Ordering::Acquire) < want
+                && let Ok(runner) = self.runner.clone().try_lock_owned()
+            {
+                let gate = self.clone();
+                // A task of its own: a client that hangs up does not cancel the pass others wait for.
+                tokio::spawn(async move { gate.run_pass(runner).await });
+            }
+            if finished.changed().await.is_err() {
+                return Err("refresh gate closed".into());
             }
         }
+    }
+
+    async fn run_pass(&self, mut runner: tokio::sync::OwnedMutexGuard<Option<Instant>>) {
+        if let Some(last) = *runner {
+            tokio::time::sleep_until(last + self.min_interval).await;
+        }
+        *runner = Some(Instant::now());
+        let number = self.started.fetch_add(1, Ordering::AcqRel) + 1;
         let report = self.broker.resolve_all().await;
         super::log_report("refresh", &report);
+        if let Some(cache) = &self.cache {
+            super::recovery::after_refresh(cache, &report);
+        }
         let outcome = reply_for(&report);
-        *last = Some((Instant::now(), outcome.clone()));
-        self.passes.fetch_add(1, Ordering::AcqRel);
-        outcome
+        drop(runner);
+        self.finished.send_replace((number, Some(outcome)));
     }
 }
 

@@ -14,6 +14,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use super::privsep::{Identity, Switch};
+use super::pty::Attach;
 use crate::process::{Process, Reaper};
 
 /// Why the command could not be started.
@@ -109,13 +110,17 @@ pub fn give_terminal(group: i32) {
 /// terminal's foreground when the first command started), the command joins op-bridge's
 /// session in a group of its own and takes the foreground, even from a predecessor that
 /// still holds it after exiting; otherwise it gets a session of its own. With `user`
-/// (`run --user`) the command runs as that user, with `HOME` from its passwd entry.
+/// (`run --user`) the command runs as that user, with `HOME` from its passwd entry, and
+/// with `lock_privileges` it can never gain privileges again (see [`Switch`]). With `pty`,
+/// the command gets a session of its own on op-bridge's pty instead of the terminal.
 pub fn spawn(
     reaper: &Reaper,
     argv: &[OsString],
     env: &[(OsString, OsString)],
     terminal: bool,
     user: Option<&Identity>,
+    lock_privileges: bool,
+    pty: Option<Attach>,
 ) -> Result<Process, SpawnError> {
     let program = argv.first().ok_or_else(|| SpawnError::NotFound(String::new()))?;
     let path = locate(program, env)?;
@@ -128,13 +133,13 @@ pub fn spawn(
     if let Some(dir) = start_dir() {
         command.current_dir(dir);
     }
-    let switch = user.and_then(Switch::to);
+    let switch = user.and_then(|user| Switch::to(user, lock_privileges));
     let limits: &'static [SavedLimit] = START_LIMITS.get().map(Vec::as_slice).unwrap_or(&[]);
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
-    // (setpgid, setsid, sigprocmask, tcsetpgrp, signal, getpid, setrlimit, setgroups, setgid,
-    // setuid) on data prepared before the fork.
+    // (setpgid, setsid, sigprocmask, tcsetpgrp, signal, getpid, setrlimit, prctl, setgroups,
+    // setgid, setuid) on data prepared before the fork.
     unsafe {
-        command.pre_exec(move || prepare_child(terminal, limits, switch.as_ref()));
+        command.pre_exec(move || prepare_child(terminal, pty.as_ref(), limits, switch.as_ref()));
     }
     let shown = program.to_string_lossy().into_owned();
     match reaper.spawn(&mut command) {
@@ -149,7 +154,12 @@ const KERNEL_SIGNALS: libc::c_int = 64;
 const KERNEL_SIGSET_BYTES: libc::size_t = 8;
 
 /// Runs in the child between fork and exec.
-fn prepare_child(terminal: bool, limits: &[SavedLimit], switch: Option<&Switch>) -> io::Result<()> {
+fn prepare_child(
+    terminal: bool,
+    pty: Option<&Attach>,
+    limits: &[SavedLimit],
+    switch: Option<&Switch>,
+) -> io::Result<()> {
     // SAFETY: plain syscalls on the current process; all async-signal-safe.
     unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
@@ -157,7 +167,10 @@ fn prepare_child(terminal: bool, limits: &[SavedLimit], switch: Option<&Switch>)
         // Block everything while process group and terminal change hands: tcsetpgrp from a
         // background group would otherwise stop us with SIGTTOU.
         libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
-        if terminal {
+        if let Some(pty) = pty {
+            // A terminal of its own (`run --user` on a terminal): never root's.
+            pty.apply()?;
+        } else if terminal {
             // op-bridge owns the terminal: the child gets its own group and the foreground, so
             // the terminal's Ctrl-C, Ctrl-\ and window changes reach it. After a restart the
             // foreground still names the previous command's (dead) group, so it is not

@@ -4,6 +4,7 @@
 
 pub mod child;
 pub mod privsep;
+pub mod pty;
 pub mod run;
 
 /// Sends SIGHUP to `pid` (the `refresh --pid-file` fallback).

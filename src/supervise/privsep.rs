@@ -195,28 +195,49 @@ pub struct Switch {
     uid: libc::uid_t,
     gid: libc::gid_t,
     groups: Vec<libc::gid_t>,
+    /// no_new_privs and an empty capability bounding set (`--allow-privilege-gain` clears it):
+    /// a setuid binary in the image cannot give the command back what the switch took.
+    lock: bool,
 }
+
+/// The highest capability number a kernel may know; dropping an unknown one fails with
+/// EINVAL, which is harmless.
+const LAST_CAPABILITY: libc::c_ulong = 63;
 
 impl Switch {
     /// None when op-bridge is not root: [`resolve_user`] then only let through its own uid,
     /// and the command simply keeps op-bridge's identity.
-    pub fn to(identity: &Identity) -> Option<Switch> {
+    pub fn to(identity: &Identity, lock: bool) -> Option<Switch> {
         (nix::unistd::getuid().as_raw() == 0).then(|| Switch {
             uid: identity.uid,
             gid: identity.gid,
             groups: identity.groups.clone(),
+            lock,
         })
     }
 
-    /// Groups first, then the gid, then the uid: after setuid the others are no longer
-    /// permitted. Runs in the child after fork; only async-signal-safe system calls.
+    /// The bounding set first (dropping needs CAP_SETPCAP, which the switch gives up), then
+    /// groups, the gid and the uid (after setuid the others are no longer permitted), then
+    /// no_new_privs. Runs in the child after fork; only async-signal-safe system calls.
     pub fn apply(&self) -> io::Result<()> {
         // SAFETY: plain system calls on the current process; `groups` outlives the call.
         unsafe {
+            if self.lock {
+                for capability in 0..=LAST_CAPABILITY {
+                    if libc::prctl(libc::PR_CAPBSET_DROP, capability, 0, 0, 0) != 0
+                        && *libc::__errno_location() != libc::EINVAL
+                    {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+            }
             if libc::setgroups(self.groups.len(), self.groups.as_ptr()) != 0
                 || libc::setgid(self.gid) != 0
                 || libc::setuid(self.uid) != 0
             {
+                return Err(io::Error::last_os_error());
+            }
+            if self.lock && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }
         }
@@ -304,6 +325,47 @@ fn exposes_only(dir: &Path, name: Option<&OsStr>) -> bool {
                 || entry.metadata().is_ok_and(|meta| meta.permissions().mode() & 0o077 == 0)
         })
     })
+}
+
+/// The first path through which `app` could replace `op` at `path`: the file itself, or a
+/// directory above it (on the path as given, and on the path its links resolve to) that the
+/// app may write. A sticky directory (`/tmp`) lets nobody replace another user's entry, so
+/// only the entry below it counts.
+pub fn op_replaceable_by(path: &Path, app: &Identity) -> Option<PathBuf> {
+    if app.uid == 0 {
+        return None;
+    }
+    let checked = Checked { uid: app.uid, gid: app.gid, groups: &app.groups };
+    let writable = |meta: &std::fs::Metadata| meta.uid() == app.uid || checked.bits(meta) & 2 != 0;
+    let mut paths = vec![path.to_path_buf()];
+    if let Ok(real) = std::fs::canonicalize(path)
+        && real != path
+    {
+        paths.push(real);
+    }
+    for candidate in &paths {
+        for (depth, step) in candidate.ancestors().enumerate() {
+            let Ok(meta) = std::fs::symlink_metadata(step) else { continue };
+            let sticky = meta.permissions().mode() & 0o1000 != 0;
+            if writable(&meta) && !(depth > 0 && sticky && meta.uid() != app.uid) {
+                return Some(step.to_path_buf());
+            }
+        }
+    }
+    None
+}
+
+/// The start-up check of `run --user`: says once, at WARN, when the app's uid could replace
+/// the `op` that op-bridge runs with the token.
+pub fn warn_if_op_replaceable(op_path: &Path, app: &Identity) {
+    if let Some(weak) = op_replaceable_by(op_path, app) {
+        tracing::warn!(
+            op = %op_path.display(),
+            "{} is writable by uid {}, the command's uid: the command could replace op, which runs with              the 1Password token. Install op and its directories owned by root and not writable by others",
+            weak.display(),
+            app.uid
+        );
+    }
 }
 
 /// What the start-up check found about the `op` binary.

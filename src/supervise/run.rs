@@ -28,13 +28,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::child::{self, SpawnError};
 use super::privsep::{self, Identity};
+use super::pty::Relay;
 use crate::cli::{HupMode, RunArgs};
 use crate::daemon::{BackendSpec, BrokerConfig, Service, StartError, utf8_env};
 use crate::process::{Exit, Process, Reaper};
 
 /// Signal numbers the init loop treats specially (libc's, which are Linux's).
 mod sig {
-    pub use libc::{SIGCONT, SIGHUP, SIGINT, SIGKILL, SIGQUIT, SIGTERM, SIGTSTP, SIGTTIN, SIGTTOU};
+    pub use libc::{SIGCONT, SIGHUP, SIGINT, SIGKILL, SIGQUIT, SIGTERM, SIGTSTP, SIGTTIN, SIGTTOU, SIGWINCH};
 }
 
 /// The part of the grace kept for the last write-back flush after the command is killed:
@@ -220,9 +221,11 @@ fn spawn_command(
     service: &Service,
     terminal: bool,
     user: Option<&Identity>,
+    pty: Option<&Relay>,
 ) -> Result<Result<Process, SpawnError>, StartError> {
     let env = child_env.build(service).map_err(StartError::SecretsUnavailable)?;
-    Ok(child::spawn(reaper, &args.command, &env, terminal, user))
+    let attach = pty.map(Relay::attach);
+    Ok(child::spawn(reaper, &args.command, &env, terminal, user, !args.allow_privilege_gain, attach))
 }
 
 fn signal_name(number: i32) -> String {
@@ -274,6 +277,20 @@ fn suspend_self() -> bool {
     // return means SIGCONT has arrived (it is still queued for the signal loop).
     let _ = nix::sys::signal::raise(Signal::SIGSTOP);
     true
+}
+
+/// [`suspend_self`] with the real terminal's settings put back while op-bridge is stopped,
+/// when the command has a pty of its own (raw mode would otherwise outlive op-bridge's job).
+fn suspend_relaying(relay: Option<&Relay>) -> bool {
+    if let Some(relay) = relay {
+        relay.restore();
+    }
+    let suspended = suspend_self();
+    if let Some(relay) = relay {
+        relay.enter_raw();
+        relay.resize();
+    }
+    suspended
 }
 
 /// Whether `pid` is stopped right now (job control), according to /proc; true when unknown.
@@ -341,16 +358,22 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
         }
     {
         privsep::warn_if_op_exposed(&op, op_user.as_ref().map(|u| (u.uid, u.gid)), user.as_ref().map(|u| u.uid));
+        if let Some(user) = user.as_ref().filter(|u| !u.is_current()) {
+            privsep::warn_if_op_replaceable(&op, user);
+        }
     }
 
-    // Resolve secrets, but let a stop signal abort a slow start-up.
+    // Resolve secrets, but let a stop signal abort a slow start-up. Other signals wait for
+    // the command: the loop below takes them first, as if they came just after it started.
+    let mut queued = Vec::new();
     let service = tokio::select! {
         started = Service::start(&config, &reaper, env) => Arc::new(started?),
-        number = crate::process::wait_for_stop(&mut signals) => {
+        number = crate::process::wait_for_stop(&mut signals, &mut queued) => {
             tracing::warn!("{} during start-up; exiting without starting the command", signal_name(number));
             return Ok(u8::try_from(128 + number).unwrap_or(255));
         }
     };
+    let mut signals = crate::process::requeue(queued, signals);
     if let Some(user) = &user {
         privsep::grant_socket(service.socket_path(), user).map_err(|e| config_err(e.to_string()))?;
     }
@@ -367,14 +390,27 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
 
     // Decided once: a restarted command takes the terminal back from its predecessor.
     let terminal = child::owns_terminal();
+    // A command that runs as another uid never shares root's terminal (TIOCSTI could type
+    // into root's shell): it gets a pty of its own, relayed (see supervise::pty).
+    let mut relay: Option<Relay> = None;
     let outcome = async {
-        let process = match spawn_command(&reaper, &args, &child_env, &service, terminal, user.as_ref())? {
+        if terminal && user.as_ref().is_some_and(|u| !u.is_current() && nix::unistd::getuid().is_root()) {
+            let user = user.as_ref().map(|u| (u.uid, u.gid)).unwrap_or_default();
+            relay = Some(Relay::open(user.0, user.1).map_err(io_err("open a terminal for the command"))?);
+        }
+        let relay = relay.as_ref();
+        // The command joins op-bridge's terminal only without a pty of its own.
+        let terminal = terminal && relay.is_none();
+        let process = match spawn_command(&reaper, &args, &child_env, &service, terminal, user.as_ref(), relay)? {
             Ok(process) => process,
             Err(err) => {
                 tracing::error!("{err}");
                 return Ok(Err(err));
             }
         };
+        if let Some(relay) = relay {
+            relay.set_command(process.pid().as_raw());
+        }
         // Option paths are absolute by now (config::broker_config); the command keeps its
         // own working directory.
         child::leave_working_directory();
@@ -393,8 +429,7 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
                 Some(number) = signals.recv() => match number {
                     sig::SIGHUP => {
                         if matches!(args.hup, HupMode::Refresh | HupMode::Both) {
-                            let service = service.clone();
-                            tokio::spawn(async move { service.refresh().await });
+                            service.request_refresh();
                         }
                         if matches!(args.hup, HupMode::Forward | HupMode::Both) {
                             child.forward(number);
@@ -412,9 +447,14 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
                         }
                         child.begin_stop(number, args.grace);
                     }
+                    sig::SIGWINCH if relay.is_some() => {
+                        if let Some(relay) = relay {
+                            relay.resize();
+                        }
+                    }
                     sig::SIGTSTP | sig::SIGTTIN | sig::SIGTTOU => {
                         child.forward(number);
-                        if suspend_self() {
+                        if suspend_relaying(relay) {
                             child.resume(terminal);
                             resumed_early += 1;
                         }
@@ -425,8 +465,8 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
                 },
                 // Ctrl-Z stopped the command (it holds the terminal's foreground): stop too, so
                 // the shell that started op-bridge sees its job stop and gives the prompt back.
-                _ = stops.next(), if terminal => {
-                    if is_stopped(child.process.pid().as_raw()) && suspend_self() {
+                _ = stops.next(), if terminal || relay.is_some() => {
+                    if is_stopped(child.process.pid().as_raw()) && suspend_relaying(relay) {
                         child.resume(terminal);
                         resumed_early += 1;
                     }
@@ -434,13 +474,16 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
                 exit = child.process.wait() => {
                     if restarting && !stopping {
                         reap_group(&child.process, Instant::now() + args.grace).await;
-                        let process = match spawn_command(&reaper, &args, &child_env, &service, terminal, user.as_ref())? {
+                        let process = match spawn_command(&reaper, &args, &child_env, &service, terminal, user.as_ref(), relay)? {
                             Ok(process) => process,
                             Err(err) => {
                                 tracing::error!("restart failed: {err}");
                                 return Ok(Err(err));
                             }
                         };
+                        if let Some(relay) = relay {
+                            relay.set_command(process.pid().as_raw());
+                        }
                         tracing::info!(pid = process.pid().as_raw(), "restarted the command after a secret changed (old one ended with {exit})");
                         child = Supervised { process, kill_at: None };
                         stops = child.process.stops();
@@ -501,6 +544,9 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
         }
     }
     .await;
+    if let Some(relay) = relay.take() {
+        relay.finish();
+    }
 
     shutdown.cancel();
     let _ = server.await;
