@@ -5,7 +5,8 @@
 //! File layout: `OPBCACHE` · version byte · 16-byte salt · 24-byte nonce · XChaCha20-Poly1305
 //! ciphertext of a JSON document (the header is the associated data, so it cannot be
 //! altered either). The key is HKDF-SHA256 of the 1Password token in use
-//! (`OP_SERVICE_ACCOUNT_TOKEN`, else `OP_CONNECT_TOKEN`) with the file's salt: the file gives
+//! (`OP_SERVICE_ACCOUNT_TOKEN`, else `OP_CONNECT_TOKEN`, from the environment or its `_FILE`; see
+//! [`crate::token`]) with the file's salt: the file gives
 //! nothing to anyone who does not already hold that token. Without a token (the file backend)
 //! there is no cache: a key derived from nothing would protect nothing.
 //!
@@ -99,6 +100,9 @@ pub struct Snapshot {
     pub written: SystemTime,
     pub secrets: Vec<CachedSecret>,
     pub journal: Vec<JournalEntry>,
+    /// The bound secrets' placeholders (NAME → placeholder), kept so that a restart hands
+    /// out the same ones.
+    pub placeholders: BTreeMap<String, String>,
 }
 
 impl Snapshot {
@@ -127,6 +131,8 @@ struct State {
     /// When the cached values were last resolved (kept across journal-only rewrites).
     written: Option<SystemTime>,
     journal: BTreeMap<String, JournalEntry>,
+    /// The bound secrets' placeholders, written with every document.
+    placeholders: BTreeMap<String, String>,
     /// By reference text: the value 1Password was last known to hold, for the tracked ones.
     held: BTreeMap<String, Value>,
     /// `held` as the file had it at start, before this run's first answer from 1Password: the
@@ -138,20 +144,13 @@ struct State {
     refused: Option<String>,
 }
 
-/// The 1Password token op-bridge itself runs with, if any.
-pub fn token_from_env() -> Option<Zeroizing<String>> {
-    ["OP_SERVICE_ACCOUNT_TOKEN", "OP_CONNECT_TOKEN"]
-        .into_iter()
-        .find_map(|key| std::env::var(key).ok().filter(|t| !t.is_empty()).map(Zeroizing::new))
-}
-
 impl SealedCache {
     /// The cache, or None (with a warning) when there is no token to derive its key from.
     pub fn new(options: CacheOptions, token: Option<&str>, store: Arc<SecretStore>) -> Option<Arc<SealedCache>> {
         let Some(token) = token else {
             tracing::warn!(
-                "--cache {} ignored: neither OP_SERVICE_ACCOUNT_TOKEN nor OP_CONNECT_TOKEN is set, and the cache \
-                 is sealed with a key derived from the token",
+                "--cache {} ignored: no 1Password token is set (OP_SERVICE_ACCOUNT_TOKEN[_FILE] or \
+                 OP_CONNECT_TOKEN[_FILE]), and the cache is sealed with a key derived from the token",
                 options.path.display()
             );
             return None;
@@ -183,6 +182,17 @@ impl SealedCache {
     /// ones): the base against which a watched file is compared at the next start.
     pub fn track_held(&self, references: impl IntoIterator<Item = SecretRef>) {
         self.state().tracked.extend(references.into_iter().map(|r| r.to_string()));
+    }
+
+    /// The bound secrets' placeholders the file keeps, read without side effects: a missing
+    /// or unreadable file gives none (and `load` deals with it).
+    pub fn peek_placeholders(&self) -> BTreeMap<String, String> {
+        let Ok(file) = std::fs::File::open(&self.options.path) else { return BTreeMap::new() };
+        let mut sealed = Vec::new();
+        if std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_FILE), &mut sealed).is_err() {
+            return BTreeMap::new();
+        }
+        self.open(&sealed).map(|decoded| decoded.public.placeholders.clone()).unwrap_or_default()
     }
 
     /// Reads and opens the file. `Ok(None)`: there is none. The journal it holds becomes this
@@ -289,6 +299,11 @@ impl SealedCache {
         header
     }
 
+    /// The bound secrets' placeholders, written with every document from now on.
+    pub fn keep_placeholders(&self, placeholders: BTreeMap<String, String>) {
+        self.state().placeholders = placeholders;
+    }
+
     /// Writes the store's current values (and the journal) as a fresh resolution.
     pub fn save_resolved(&self) {
         self.state().written = Some(SystemTime::now());
@@ -342,6 +357,9 @@ impl SealedCache {
         let written = written.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let mut doc =
             json!({ "version": VERSION, "written": written, "secrets": secrets, "journal": journal, "held": held });
+        if !state.placeholders.is_empty() {
+            doc["placeholders"] = json!(state.placeholders);
+        }
         let mut plain = crate::locked::ZeroizingWriter::with_capacity(4096);
         let _ = serde_json::to_writer(&mut plain, &doc);
         let plain = plain.0;
@@ -495,7 +513,13 @@ fn decode(doc: &Json) -> Option<Decoded> {
     for h in doc.get("held").and_then(Json::as_array).map(Vec::as_slice).unwrap_or_default() {
         held.push((h.get("ref")?.as_str()?.to_string(), value(h)?));
     }
-    Some(Decoded { public: Snapshot { written, secrets, journal }, held })
+    // Absent in files written before bindings existed.
+    let placeholders = doc
+        .get("placeholders")
+        .and_then(Json::as_object)
+        .map(|map| map.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+        .unwrap_or_default();
+    Some(Decoded { public: Snapshot { written, secrets, journal, placeholders }, held })
 }
 
 fn random(buf: &mut [u8]) {

@@ -76,6 +76,9 @@ pub enum Command {
     Refresh(RefreshArgs),
     /// Show the broker's state (names, ages, staleness; never values).
     Status(StatusArgs),
+    /// Print the environment that points a process at the egress proxy (for `daemon`
+    /// users: `eval "$(op-bridge proxy-env)"` before starting the application).
+    ProxyEnv(StatusArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -268,6 +271,54 @@ pub struct BrokerArgs {
     /// exceed it is warned about at start.
     #[arg(long, env = "OP_BRIDGE_READ_BUDGET", default_value_t = 1000)]
     pub read_budget: u64,
+    /// Bind secret NAME to the hosts it may be sent to: NAME=host[:port][,*.example.com…]
+    /// (repeatable; in the environment, ';'-separated). {prefix}NAME_HOSTS variables bind too.
+    /// A bound secret is given out only as its placeholder; the proxy swaps in the value.
+    #[arg(long = "bind", env = "OP_BRIDGE_BIND", value_delimiter = ';', value_name = "NAME=HOSTS")]
+    pub bind: Vec<String>,
+    /// Give bound secret NAME out raw (GET, exec provider, --export), each read audited.
+    #[arg(long = "allow-raw", env = "OP_BRIDGE_ALLOW_RAW", value_delimiter = ',', value_name = "NAME")]
+    pub allow_raw: Vec<String>,
+    /// A fixed prefix for NAME's placeholder, for tools that check a key's shape (e.g.
+    /// ANTHROPIC_KEY=sk-ant-). Repeatable.
+    #[arg(
+        long = "placeholder-prefix",
+        env = "OP_BRIDGE_PLACEHOLDER_PREFIX",
+        value_delimiter = ',',
+        value_name = "NAME=PREFIX"
+    )]
+    pub placeholder_prefix: Vec<String>,
+    /// Serve the egress proxy on this loopback address (e.g. 127.0.0.1:8118; port 0 picks one).
+    #[arg(long, env = "OP_BRIDGE_PROXY", value_name = "ADDR")]
+    pub proxy: Option<std::net::SocketAddr>,
+    /// Serve http://PROXY/NAME/… as URL/… for clients configured by base URL (repeatable):
+    /// NAME=https://upstream[/base].
+    #[arg(long = "route", env = "OP_BRIDGE_ROUTE", value_delimiter = ',', value_name = "NAME=URL")]
+    pub route: Vec<String>,
+    /// CONNECT to hosts with no binding: tunnel them untouched (all) or refuse them (bound-only).
+    #[arg(long, env = "OP_BRIDGE_EGRESS", value_enum, default_value_t = Egress::All)]
+    pub egress: Egress,
+    /// Let the proxy connect to loopback, private, link-local, CGNAT and metadata addresses.
+    #[arg(long, env = "OP_BRIDGE_PROXY_ALLOW_PRIVATE", value_parser = BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub proxy_allow_private: bool,
+    /// Where to write the proxy's CA certificate with the system roots (a PEM bundle for the
+    /// child's SSL_CERT_FILE) [default: op-bridge-proxy-ca.pem next to the socket].
+    #[arg(long, env = "OP_BRIDGE_PROXY_CA_BUNDLE", value_name = "PATH")]
+    pub proxy_ca_bundle: Option<PathBuf>,
+    /// Most simultaneous proxy connections.
+    #[arg(long, env = "OP_BRIDGE_PROXY_MAX_CONNECTIONS", default_value_t = 256)]
+    pub proxy_max_connections: usize,
+    /// Close a proxy connection that waits this long for its next request.
+    #[arg(long, env = "OP_BRIDGE_PROXY_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
+    pub proxy_idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Egress {
+    /// Tunnel CONNECTs to hosts with no binding untouched.
+    All,
+    /// Refuse CONNECTs to hosts with no binding.
+    BoundOnly,
 }
 
 #[derive(Debug, Args)]

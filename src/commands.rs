@@ -141,7 +141,29 @@ pub async fn status(args: &StatusArgs) -> Result<(), CommandError> {
             detail
         );
     }
+    for binding in json["bindings"].as_array().into_iter().flatten() {
+        let hosts: Vec<&str> = binding["hosts"].as_array().into_iter().flatten().filter_map(|h| h.as_str()).collect();
+        let raw = if binding["allow_raw"] == true { " (raw reads allowed)" } else { "" };
+        println!("bound: {} -> {}{raw}", binding["name"].as_str().unwrap_or("?"), hosts.join(","));
+    }
     print_writebacks(&json["writeback"]);
+    Ok(())
+}
+
+/// `proxy-env`: `export VAR='value'` lines for a shell's `eval`, or the JSON object.
+pub async fn proxy_env(args: &StatusArgs) -> Result<(), CommandError> {
+    let text = zeroize::Zeroizing::new(connect(&args.client).await?.simple(Request::ProxyEnv).await?);
+    if args.json {
+        println!("{}", text.as_str());
+        return Ok(());
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| CommandError::Io(format!("PROXYENV is not JSON: {e}")))?;
+    for (var, value) in json.as_object().into_iter().flatten() {
+        // Single quotes: nothing in the value is expanded by the shell.
+        let value = value.as_str().unwrap_or("").replace('\'', "'\\''");
+        println!("export {var}='{value}'");
+    }
     Ok(())
 }
 

@@ -20,10 +20,8 @@ pub(crate) fn absolute(path: &std::path::Path) -> std::path::PathBuf {
 
 /// Turns the broker options into configuration (errors are usage errors).
 pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
-    let connect_env = args.connect_host.as_deref().is_some_and(|h| !h.is_empty())
-        && std::env::var_os("OP_CONNECT_TOKEN")
-            .map(|t| zeroize::Zeroizing::new(std::os::unix::ffi::OsStringExt::into_vec(t)))
-            .is_some_and(|t| !t.is_empty());
+    let connect_env =
+        args.connect_host.as_deref().is_some_and(|h| !h.is_empty()) && crate::token::tokens().connect.is_some();
     let chosen = match args.backend.as_deref() {
         Some(backend) => backend,
         None if connect_env => {
@@ -40,7 +38,7 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
                 .connect_host
                 .clone()
                 .filter(|h| !h.is_empty())
-                .ok_or("--backend connect needs OP_CONNECT_HOST (or --connect-host) and OP_CONNECT_TOKEN")?,
+                .ok_or("--backend connect needs OP_CONNECT_HOST (or --connect-host) and OP_CONNECT_TOKEN (or OP_CONNECT_TOKEN_FILE)")?,
             timeout: args.op_timeout,
             concurrency: usize::from(args.concurrency),
             retry: RetryPolicy { attempts: args.retries, ..RetryPolicy::default() },
@@ -82,8 +80,38 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
     if args.prefix.is_empty() && args.suffix.is_empty() {
         return Err("--prefix and --suffix cannot both be empty".into());
     }
+    let bindings = crate::proxy::bindings::BindingSpec::parse(
+        hosts_env(),
+        &args.prefix,
+        &args.bind,
+        &args.allow_raw,
+        &args.placeholder_prefix,
+    )?;
+    let socket = absolute(&args.socket);
+    let proxy = match args.proxy {
+        Some(addr) => {
+            let bundle = match &args.proxy_ca_bundle {
+                Some(path) => absolute(path),
+                None => socket.with_file_name("op-bridge-proxy-ca.pem"),
+            };
+            let mut proxy = crate::proxy::ProxyConfig::new(
+                addr,
+                &args.route,
+                args.egress,
+                args.proxy_allow_private,
+                bundle,
+                args.proxy_max_connections,
+            )?;
+            proxy.idle = args.proxy_idle_timeout.max(std::time::Duration::from_millis(100));
+            Some(proxy)
+        }
+        None if !args.route.is_empty() => return Err("--route needs --proxy".into()),
+        None => None,
+    };
     Ok(BrokerConfig {
-        socket: absolute(&args.socket),
+        socket,
+        bindings,
+        proxy,
         prefix: args.prefix.clone(),
         suffix: args.suffix.clone(),
         backend,
@@ -115,4 +143,16 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
         refresh_interval: args.refresh_interval,
         read_budget: args.read_budget,
     })
+}
+
+/// The environment's `…_HOSTS` variables (binding discovery); other variables are skipped, so
+/// no value of another variable is copied.
+fn hosts_env() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| {
+            let k = k.into_string().ok()?;
+            k.ends_with("_HOSTS").then_some(())?;
+            Some((k, v.into_string().ok()?))
+        })
+        .collect()
 }

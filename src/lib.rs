@@ -31,9 +31,12 @@
 //! - [`cache`]: the sealed restart cache and the write-back journal, a store the daemon drives
 //!   (`daemon::recovery`: start-up from the cache, journal replay); [`refresh`]: the
 //!   periodic refresh timer.
+//! - [`proxy`]: agent-blind secrets: bindings, placeholders and the egress proxy that swaps
+//!   a placeholder for its value on the way to a host the secret is bound to.
 //! - The ground floor every layer may use: [`scrub`] (wiping JSON that carries values),
 //!   [`time`] (RFC 3339 timestamps), [`fsutil`] (atomic file writes), [`meter`] (the read
 //!   meter the backends count into).
+//! - [`token`]: the 1Password tokens, from the environment or a token file, in locked memory.
 //! - [`hardening`]: no dumps, not dumpable, memlock reporting.
 //! - [`logging`]: the lossy non-blocking writers behind stderr logging and the audit log.
 //! - [`fuzzing`]: the fuzz target bodies, shared by `fuzz/` and the seed-corpus test.
@@ -56,6 +59,7 @@ pub mod logging;
 pub mod meter;
 pub mod process;
 pub mod protocol;
+pub mod proxy;
 pub mod reference;
 pub mod refresh;
 pub mod scrub;
@@ -63,6 +67,7 @@ pub mod socket_path;
 pub mod store;
 pub mod supervise;
 pub mod time;
+pub mod token;
 pub mod watch;
 pub mod writeback;
 

@@ -79,6 +79,11 @@ where
     }
     // Before any secret is read or any child exists.
     op_bridge::hardening::harden_process();
+    // Once, before the configuration (the backend choice looks at the tokens) and any `op`.
+    if let Err(err) = op_bridge::token::load() {
+        eprintln!("op-bridge: {err}");
+        return ExitCode::from(exit::START_FAILED);
+    }
     let config = match op_bridge::config::broker_config(args) {
         Ok(config) => config,
         Err(message) => {
@@ -128,6 +133,7 @@ fn client_main(command: Command) -> ExitCode {
             Command::Ping(args) => commands::ping(args).await,
             Command::Refresh(args) => commands::refresh(args).await,
             Command::Status(args) => commands::status(args).await,
+            Command::ProxyEnv(args) => commands::proxy_env(args).await,
             Command::Run(_) | Command::Daemon(_) => unreachable!("handled by broker_main"),
         }
     });

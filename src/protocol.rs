@@ -89,6 +89,8 @@ pub enum Request {
     List,
     Refresh,
     Status,
+    /// The environment that points a process at the egress proxy (`op-bridge proxy-env`).
+    ProxyEnv,
     /// A secret name (upper-cased) or an `op://` reference.
     Get(String),
     Delete(String),
@@ -108,6 +110,7 @@ impl Request {
             Request::List => "LIST",
             Request::Refresh => "REFRESH",
             Request::Status => "STATUS",
+            Request::ProxyEnv => "PROXYENV",
             Request::Get(_) => "GET",
             Request::Delete(_) => "DELETE",
             Request::Set { .. } => "SET",
@@ -336,6 +339,7 @@ pub async fn read_request_admitting<R: AsyncBufRead + Unpin>(
         "LIST" => no_args(Request::List),
         "REFRESH" => no_args(Request::Refresh),
         "STATUS" => no_args(Request::Status),
+        "PROXYENV" => no_args(Request::ProxyEnv),
         "HELLO" => {
             let v = rest.trim().parse::<u32>().map_err(|_| malformed("usage: HELLO <version>"))?;
             Ok(Some(Request::Hello(v)))
@@ -382,12 +386,13 @@ pub async fn read_request_admitting<R: AsyncBufRead + Unpin>(
         _ if word.is_empty() => Err(malformed("empty request")),
         // The word is not echoed: a line that is not a command may be a pasted value (the
         // second line of a multi-line SET), and this text reaches the debug log.
-        _ => Err(malformed("unknown command (PING, LIST, GET, SET, DELETE, REFRESH, STATUS, HELLO)")),
+        _ => Err(malformed("unknown command (PING, LIST, GET, SET, DELETE, REFRESH, STATUS, PROXYENV, HELLO)")),
     }
 }
 
 /// Command words a request line may start with.
-const COMMANDS: [&[u8]; 8] = [b"PING", b"LIST", b"GET", b"SET", b"DELETE", b"REFRESH", b"STATUS", b"HELLO"];
+const COMMANDS: [&[u8]; 9] =
+    [b"PING", b"LIST", b"GET", b"SET", b"DELETE", b"REFRESH", b"STATUS", b"PROXYENV", b"HELLO"];
 
 /// Whether bytes already received after a version-1 SET line are the rest of its value (a
 /// multi-line value pasted into a line protocol) rather than the next request. Only what has

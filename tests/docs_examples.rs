@@ -188,8 +188,16 @@ fn exec_commands(lines: &[(usize, String)]) -> Vec<(usize, String)> {
             // A command line starts with it (after an optional prompt); prose that mentions
             // `docker exec -u node` is not a command.
             let line = line.trim_start();
-            let after = line.strip_prefix("$ ").unwrap_or(line).strip_prefix("docker exec ")?;
-            let (_, command) = after.trim_start().split_once(' ')?;
+            let mut after = line.strip_prefix("$ ").unwrap_or(line).strip_prefix("docker exec ")?.trim_start();
+            // Options before the container (`-u node`, `-i`): the command runs the same.
+            while after.starts_with('-') {
+                let (flag, rest) = after.split_once(' ')?;
+                after = rest.trim_start();
+                if matches!(flag, "-u" | "--user" | "-e" | "--env" | "-w" | "--workdir") {
+                    after = after.split_once(' ')?.1.trim_start();
+                }
+            }
+            let (_, command) = after.split_once(' ')?;
             command.contains("op-bridge").then(|| (*number, command.trim().to_string()))
         })
         .collect()
@@ -222,6 +230,21 @@ fn check(run: &DockerRun, commands: &[(String, String)]) -> Vec<String> {
         .filter(|m| m.extension().is_some_and(|e| e == "json5") && m.exists())
         .flat_map(|m| config_ids(m))
         .collect();
+    // A token file (`-e OP_…_TOKEN_FILE=PATH` with PATH mounted from the host): a stand-in
+    // token in a file of our own, as `-e NAME` gets a stand-in value.
+    let env: Vec<(String, String)> = run
+        .env
+        .iter()
+        .map(|(k, v)| {
+            if !k.ends_with("_TOKEN_FILE") {
+                return (k.clone(), v.clone());
+            }
+            let file = dir.join(k.to_ascii_lowercase());
+            std::fs::write(&file, format!("stand-in-{k}\n")).unwrap();
+            std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o400)).unwrap();
+            (k.clone(), file.display().to_string())
+        })
+        .collect();
     // The child: every verify line, then the mounted config's ids as OpenClaw would ask.
     let mut script = String::from("cd /\n");
     for (place, command) in commands {
@@ -241,7 +264,7 @@ fn check(run: &DockerRun, commands: &[(String, String)]) -> Vec<String> {
         .env("OUT", &dir)
         .env("OP_BRIDGE_SOCKET", "/run/op-bridge/op-bridge.sock")
         .env("OP_BRIDGE_BACKEND", format!("file:{}", dir.join("vault.json").display()))
-        .envs(run.env.iter().map(|(k, v)| (k, v)));
+        .envs(env.iter().map(|(k, v)| (k, v)));
     let output = run_with_timeout(cmd, Duration::from_secs(60));
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
     let mut failures = Vec::new();

@@ -562,13 +562,14 @@ fn a_bare_uid_without_a_group_gets_op_bridges_gid_and_a_warning() {
 }
 
 /// The image: op-bridge is PID 1 as root and starts OpenClaw as `node`; `op` is root's and
-/// execute-only (no Docker engine here to build it, so the Dockerfile's text is checked).
+/// execute-only, in the Dockerfile's text (tests/containers.rs builds and runs the image).
 #[test]
 fn the_image_runs_op_bridge_as_root_the_app_as_node_and_op_execute_only() {
     let dockerfile = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/Dockerfile")).unwrap();
     let runtime = dockerfile.split("AS runtime").nth(1).expect("a runtime stage");
     let lines: Vec<&str> = runtime.lines().map(str::trim).filter(|l| !l.starts_with('#')).collect();
-    let op_copy = lines.iter().find(|l| l.starts_with("COPY --from=op ")).expect("op is copied");
+    // From the stage the build arguments choose (the official image or the context's `op`).
+    let op_copy = lines.iter().find(|l| l.starts_with("COPY --from=op-binary ")).expect("op is copied");
     assert!(op_copy.contains("--chown=0:0") && op_copy.contains("--chmod=0111"), "{op_copy}");
     let last_user = lines.iter().rev().find(|l| l.starts_with("USER ")).expect("a USER");
     assert_eq!(*last_user, "USER root");

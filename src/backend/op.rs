@@ -90,6 +90,13 @@ impl OpCli {
             .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // A token read from a file reaches `op` in its own environment only (an environment
+        // token is inherited like the rest of op-bridge's environment).
+        if let Some(token) = &crate::token::tokens().service_account
+            && token.source != crate::token::Source::Env
+        {
+            command.env(token.kind.var(), token.expose());
+        }
         // privsep (--op-user): op runs under its own uid, its config under that user's HOME.
         if let Some(user) = &self.options.user {
             command.uid(user.uid).gid(user.gid).env("HOME", &user.home);

@@ -10,6 +10,7 @@ use tokio::sync::{Mutex, broadcast};
 use crate::backend::{Backend, BackendError, ErrorKind, Value, WriteOptions};
 use crate::locked::lock_stats;
 use crate::protocol::{NOT_AVAILABLE, NOT_JOURNALED, PENDING, UNKNOWN_REF};
+use crate::proxy::bindings::Bindings;
 use crate::reference::SecretRef;
 use crate::store::{Applied, SecretStore, Source, State};
 use crate::writeback::{Origin, SetOutcome, WriteBack};
@@ -87,6 +88,12 @@ pub struct Broker {
     last_refresh: std::sync::Mutex<Option<(SystemTime, String)>>,
     /// Names whose values changed in a resolution pass (for `run --on-change`).
     changes_tx: broadcast::Sender<Vec<String>>,
+    /// Bound secrets and their placeholders (set once at start).
+    bindings: std::sync::OnceLock<Bindings>,
+    /// The proxy's STATUS section (set once the proxy listens).
+    proxy_status: std::sync::OnceLock<serde_json::Value>,
+    /// PROXYENV's answer: the variables that point a process at the proxy.
+    proxy_env: std::sync::OnceLock<Vec<(String, zeroize::Zeroizing<String>)>>,
 }
 
 impl Broker {
@@ -104,6 +111,53 @@ impl Broker {
             started: Instant::now(),
             last_refresh: std::sync::Mutex::new(None),
             changes_tx,
+            bindings: std::sync::OnceLock::new(),
+            proxy_status: std::sync::OnceLock::new(),
+            proxy_env: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Sets the bindings (once, at start, before anything is served).
+    pub fn set_bindings(&self, bindings: Bindings) {
+        let _ = self.bindings.set(bindings);
+    }
+
+    /// The bound secrets (none before [`Broker::set_bindings`]).
+    pub fn bindings(&self) -> &Bindings {
+        static NONE: std::sync::OnceLock<Bindings> = std::sync::OnceLock::new();
+        self.bindings.get().unwrap_or_else(|| NONE.get_or_init(Bindings::default))
+    }
+
+    /// Sets what STATUS says about the proxy (once, when it listens).
+    pub fn set_proxy_status(&self, status: serde_json::Value) {
+        let _ = self.proxy_status.set(status);
+    }
+
+    /// Sets PROXYENV's answer (once, when the proxy listens).
+    pub fn set_proxy_env(&self, vars: Vec<(String, zeroize::Zeroizing<String>)>) {
+        let _ = self.proxy_env.set(vars);
+    }
+
+    /// The variables that point a process at the proxy (None without `--proxy`).
+    pub fn proxy_env(&self) -> Option<&[(String, zeroize::Zeroizing<String>)]> {
+        self.proxy_env.get().map(Vec::as_slice)
+    }
+
+    /// What a reader is given for `name` (GET, the exec provider, `--export`): the placeholder
+    /// of a bound secret, else the value.
+    pub fn give_out<R>(&self, name: &str, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        match self.bindings().placeholder_for(name) {
+            Some(placeholder) => self.store.with_value(name, |_| ()).map(|()| f(placeholder.as_bytes())),
+            None => self.store.with_value(name, f),
+        }
+    }
+
+    /// The name a GET target stands for (a name, or the name registered for a reference).
+    pub fn target_name(&self, target: &str) -> Option<String> {
+        if target.starts_with("op://") {
+            self.store.name_for_reference(&SecretRef::parse(target).ok()?)
+        } else {
+            Some(target.to_string())
         }
     }
 
@@ -207,7 +261,7 @@ impl Broker {
         } else {
             target.into()
         };
-        if let Some(out) = self.store.with_value(&name, f) {
+        if let Some(out) = self.give_out(&name, f) {
             return Ok(out);
         }
         match self.store.missing_reason(&name) {
@@ -300,6 +354,8 @@ impl Broker {
             "read_only": self.policy.read_only,
             "counts": { "total": slots.len(), "ok": count(State::Ok), "stale": count(State::Stale), "missing": count(State::Missing) },
             "secrets": slots,
+            "bindings": self.bindings().status(),
+            "proxy": self.proxy_status.get(),
             "memory": { "locked_bytes": locks.locked_bytes, "unlocked_bytes": locks.unlocked_bytes },
             "writeback": self.writeback.status(),
             "logging": crate::logging::status(),

@@ -228,6 +228,15 @@ impl Connection {
                 ok(out, Response::Text(broker.store.names().join(",")), self.version);
                 Ok(())
             }
+            Request::ProxyEnv => match broker.proxy_env() {
+                Some(vars) => {
+                    let map: serde_json::Map<String, serde_json::Value> =
+                        vars.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str()))).collect();
+                    ok(out, Response::Text(serde_json::Value::Object(map).to_string()), self.version);
+                    Ok(())
+                }
+                None => Err("no egress proxy (start op-bridge with --proxy)".into()),
+            },
             Request::Status => {
                 ok(out, Response::Text(broker.status().await.to_string()), self.version);
                 Ok(())
@@ -246,6 +255,15 @@ impl Connection {
                         Ok(())
                     })
                     .and_then(|encoded| encoded)
+                    .inspect(|()| {
+                        // Every raw read of a bound secret is audited, whatever the audit level.
+                        if let Some(name) = broker.target_name(&target).filter(|n| broker.bindings().is_raw(n)) {
+                            tracing::info!(pid = self.peer.pid, name, "raw read of bound secret {name} (--allow-raw)");
+                            if let Some(audit) = &self.audit {
+                                audit.record(&self.peer, "GET", Some(&name), "ok raw-bound");
+                            }
+                        }
+                    })
             }
             Request::Delete(name) => broker.delete(&name).map(|()| ok(out, Response::Ok, self.version)),
             Request::Set { name, uri, value } => {

@@ -81,6 +81,10 @@ pub struct BrokerConfig {
     /// Timed refresh (`--refresh-interval`, None = off) and the reads/hour it may plan for.
     pub refresh_interval: Option<Duration>,
     pub read_budget: u64,
+    /// Bound secrets (`{prefix}NAME_HOSTS`, `--bind`), given out as placeholders.
+    pub bindings: crate::proxy::bindings::BindingSpec,
+    /// The egress proxy (`--proxy`).
+    pub proxy: Option<crate::proxy::ProxyConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -204,8 +208,10 @@ fn build_backend(spec: &BackendSpec, reaper: &Reaper) -> Result<Arc<dyn Backend>
             Arc::new(OpCli::new(options, reaper.clone()))
         }
         BackendSpec::Connect { host, timeout, concurrency, retry } => {
-            // Read here, not carried in the (Debug, Clone) configuration.
-            let token = zeroize::Zeroizing::new(std::env::var("OP_CONNECT_TOKEN").unwrap_or_default());
+            // Taken here, not carried in the (Debug, Clone) configuration.
+            let token = zeroize::Zeroizing::new(
+                crate::token::tokens().connect.as_ref().map(|t| t.expose()).unwrap_or_default().to_string(),
+            );
             let options = ConnectOptions {
                 host: host.clone(),
                 token,
@@ -227,6 +233,9 @@ pub struct Service {
     pid_file: Option<PathBuf>,
     watcher: std::sync::Mutex<Option<WatchHandle>>,
     cache: Option<Arc<crate::cache::SealedCache>>,
+    /// The egress proxy (`--proxy`) and its listener, taken by `serve`.
+    proxy: Option<Arc<crate::proxy::server::Proxy>>,
+    proxy_listener: std::sync::Mutex<Option<tokio::net::TcpListener>>,
     /// REFRESH and SIGHUP: coalesced, at most one pass per `--refresh-min-interval`.
     refresh_gate: Arc<RefreshGate>,
 }
@@ -278,10 +287,23 @@ impl Service {
 
         // Sealed cache (issue 13): a fresh cache answers without 1Password; a stale one only
         // while 1Password is unavailable.
-        let token = crate::cache::token_from_env();
+        let token = crate::token::tokens().cache_key();
         let cache = config.cache.clone().and_then(|options| {
-            crate::cache::SealedCache::new(options, token.as_ref().map(|t| t.as_str()), broker.store.clone())
+            crate::cache::SealedCache::new(options, token.map(|t| t.expose()), broker.store.clone())
         });
+        // Placeholders are made before anything is resolved or cached, from those the cache
+        // kept, so a restart with --cache hands out the same ones.
+        let kept = cache.as_ref().map(|c| c.peek_placeholders()).unwrap_or_default();
+        let bindings = crate::proxy::bindings::Bindings::new(&config.bindings, &kept).map_err(StartError::Config)?;
+        for binding in bindings.iter() {
+            if !broker.store.contains(&binding.name) {
+                tracing::warn!(name = %binding.name, "{} is bound to hosts but names no secret", binding.name);
+            }
+        }
+        if let Some(cache) = &cache {
+            cache.keep_placeholders(bindings.placeholders());
+        }
+        broker.set_bindings(bindings);
         if let Some(cache) = &cache {
             recovery::attach(&broker, cache, &config.watches);
         }
@@ -311,9 +333,21 @@ impl Service {
             std::fs::write(path, format!("{}\n", std::process::id()))
                 .map_err(|source| StartError::Io { action: format!("write pid file {}", path.display()), source })?;
         }
+        let (proxy, proxy_listener) = match &config.proxy {
+            Some(proxy) => {
+                let (proxy, listener) =
+                    crate::proxy::server::Proxy::start(broker.clone(), proxy.clone(), audit.clone())
+                        .await
+                        .map_err(StartError::Config)?;
+                (Some(proxy), Some(listener))
+            }
+            None => (None, None),
+        };
         crate::hardening::report_memlock();
         let refresh_gate = RefreshGate::new(broker.clone(), cache.clone(), config.serve.refresh_min_interval);
         Ok(Service {
+            proxy,
+            proxy_listener: std::sync::Mutex::new(proxy_listener),
             refresh_gate,
             broker,
             socket,
@@ -325,6 +359,11 @@ impl Service {
         })
     }
 
+    /// What the child needs to use the proxy (None without `--proxy`).
+    pub fn proxy_info(&self) -> Option<&crate::proxy::server::ProxyInfo> {
+        self.proxy.as_ref().map(|p| &p.info)
+    }
+
     pub fn socket_path(&self) -> &Path {
         self.socket.path()
     }
@@ -332,15 +371,21 @@ impl Service {
     /// Serves until `shutdown` is cancelled and open connections have drained.
     pub async fn serve(&self, shutdown: CancellationToken) {
         tracing::info!(socket = %self.socket.path().display(), "serving");
-        listener::serve(
+        let proxy_listener = self.proxy_listener.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let proxy = async {
+            if let (Some(proxy), Some(listener)) = (&self.proxy, proxy_listener) {
+                proxy.clone().serve(listener, shutdown.clone()).await;
+            }
+        };
+        let socket = listener::serve(
             &self.socket.listener,
             self.broker.clone(),
             self.audit.clone(),
             self.refresh_gate.clone(),
             self.serve.clone(),
-            shutdown,
-        )
-        .await;
+            shutdown.clone(),
+        );
+        tokio::join!(socket, proxy);
     }
 
     /// SIGHUP: a refresh through the same gate as REFRESH (see [`RefreshGate`]), so that a

@@ -327,6 +327,20 @@ fn exposes_only(dir: &Path, name: Option<&OsStr>) -> bool {
     })
 }
 
+/// Whether a process of `uid` (primary group `gid`, supplementary `groups`) could read the
+/// file at `path`: every directory above it searchable and the file readable to it. A path
+/// that cannot be examined counts as not readable.
+pub fn readable_by(path: &Path, uid: u32, gid: u32, groups: &[u32]) -> bool {
+    let checked = Checked { uid, gid, groups };
+    let Ok(meta) = std::fs::metadata(path) else { return false };
+    checked.can_read(&meta)
+        && path
+            .ancestors()
+            .skip(1)
+            .filter(|dir| !dir.as_os_str().is_empty())
+            .all(|dir| std::fs::metadata(dir).is_ok_and(|meta| checked.can_search(&meta)))
+}
+
 /// The first path through which `app` could replace `op` at `path`: the file itself, or a
 /// directory above it (on the path as given, and on the path its links resolve to) that the
 /// app may write. A sticky directory (`/tmp`) lets nobody replace another user's entry, so

@@ -165,7 +165,7 @@ impl ChildEnv {
         let mut env = self.base.clone();
         let mut put = |var: &str, name: &str| -> Result<(), String> {
             // Zeroizing until it is handed to the environment, so a refused value leaves no copy.
-            let Some(mut value) = service.broker.store.with_value(name, |v| zeroize::Zeroizing::new(v.to_vec())) else {
+            let Some(mut value) = service.broker.give_out(name, |v| zeroize::Zeroizing::new(v.to_vec())) else {
                 if self.allow_missing {
                     tracing::warn!(name, "exported secret {name} has no value; {var} is left out (--allow-missing)");
                     return Ok(());
@@ -176,6 +176,9 @@ impl ChildEnv {
                 return Err(format!(
                     "exported secret {name} contains a NUL byte and cannot be an environment variable"
                 ));
+            }
+            if service.broker.bindings().is_raw(name) {
+                tracing::info!(name, "bound secret {name} exported raw as {var} (--allow-raw)");
             }
             env.retain(|(k, _)| k != var);
             env.push((var.into(), OsString::from_vec(std::mem::take(&mut *value))));
@@ -188,6 +191,18 @@ impl ChildEnv {
         }
         for export in &self.exports {
             put(&export.var, &export.name)?;
+        }
+        if let Some(proxy) = service.proxy_info() {
+            let user_no_proxy = env
+                .iter()
+                .find(|(k, _)| k == "NO_PROXY" || k == "no_proxy")
+                .and_then(|(_, v)| v.to_str())
+                .unwrap_or("")
+                .to_string();
+            for (var, value) in crate::proxy::server::child_env(proxy, service.broker.bindings(), &user_no_proxy) {
+                env.retain(|(k, _)| k.as_os_str() != var);
+                env.push((var.into(), value.into()));
+            }
         }
         Ok(SecretEnv(env))
     }
@@ -361,6 +376,15 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
         if let Some(user) = user.as_ref().filter(|u| !u.is_current()) {
             privsep::warn_if_op_replaceable(&op, user);
         }
+    }
+    match &user {
+        Some(user) => crate::token::warn_at_run(crate::token::tokens(), user.uid, user.gid, &user.groups),
+        None => crate::token::warn_at_run(
+            crate::token::tokens(),
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+            &nix::unistd::getgroups().unwrap_or_default().into_iter().map(|g| g.as_raw()).collect::<Vec<_>>(),
+        ),
     }
 
     // Resolve secrets, but let a stop signal abort a slow start-up. Other signals wait for

@@ -23,6 +23,8 @@ Files (environment variables):
                         The Authorization header is logged only as "ok"/"bad", never its text.
   FAKE_CONNECT_PORT_FILE  the listening port is written here once the server accepts.
   FAKE_CONNECT_CERT / FAKE_CONNECT_KEY  serve https with this certificate.
+  FAKE_CONNECT_BIND / FAKE_CONNECT_PORT  listen here (default 127.0.0.1, a free port); a
+                        container serving other containers binds 0.0.0.0 on a fixed port.
 """
 
 import json
@@ -353,7 +355,8 @@ def apply_patch(item, ops):
 
 
 def main():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    bind = (os.environ.get("FAKE_CONNECT_BIND", "127.0.0.1"), int(os.environ.get("FAKE_CONNECT_PORT", "0")))
+    server = ThreadingHTTPServer(bind, Handler)
     server.daemon_threads = True
     cert, key = os.environ.get("FAKE_CONNECT_CERT"), os.environ.get("FAKE_CONNECT_KEY")
     if cert and key:
