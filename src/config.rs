@@ -134,7 +134,7 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
         pid_file: args.pid_file.as_deref().map(absolute),
         allow_missing: args.allow_missing,
         watches,
-        watch: WatchOptions { debounce: args.debounce, materialize: args.materialize },
+        watch: WatchOptions { debounce: args.debounce, materialize: args.materialize, owner: None },
         cache: args.cache.clone().map(|path| crate::cache::CacheOptions {
             path,
             fresh: args.cache_fresh,

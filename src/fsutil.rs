@@ -1,5 +1,5 @@
-//! File-system helpers every layer may use: writing a file atomically (vault files, watched
-//! credential files, the sealed cache).
+//! File-system helpers every layer may use: writing a file atomically (vault files, the
+//! sealed cache). Watched credential files, which are the app's, go through [`crate::fsops`].
 
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};

@@ -25,7 +25,9 @@
 //! - [`supervise`]: spawning, signal forwarding, `op-bridge run` (the init), and privilege
 //!   separation (`run --user`, `--op-user`, the `op` mode check).
 //! - [`watch`]: credential-file watching (capture, debounce, materialization);
-//!   [`writeback`]: the per-target write-back queue that never drops a rotation.
+//!   [`writeback`]: the per-target write-back queue that never drops a rotation;
+//!   [`fsops`]: the thread with the app's file permissions that opens, reads and replaces
+//!   watched files without following links.
 //! - [`cache`]: the sealed restart cache and the write-back journal, a store the daemon drives
 //!   (`daemon::recovery`: start-up from the cache, journal replay); [`refresh`]: the
 //!   periodic refresh timer.
@@ -48,6 +50,7 @@ pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod exec_provider;
+pub mod fsops;
 pub mod fsutil;
 pub mod fuzzing;
 pub mod hardening;

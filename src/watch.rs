@@ -7,6 +7,11 @@
 //! mtime and inode did not move while it was read. It is read whole and byte-exact. Bursts
 //! are capped: a file rewritten continuously is still captured every [`MAX_DELAY`].
 //!
+//! Every file operation (read, materialize, rewrite) runs on the [`crate::fsops::Deputy`]:
+//! with the app's file permissions under `run --user`, never following a symbolic link,
+//! reading only regular files. A link or non-regular file at a watched path refuses the
+//! start; one that appears later is refused with a WARN and left alone.
+//!
 //! The watch survives its directory being deleted, re-created or replaced (tools that reset
 //! their config directory): every [`REARM_INTERVAL`], and at once on an event about the
 //! directory itself or an inotify queue overflow, each directory's identity is checked; a new
@@ -44,8 +49,8 @@ use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
 use crate::backend::Backend;
-use crate::fsutil::write_atomic;
-use crate::locked::{LockedBytes, extend_zeroizing};
+use crate::fsops::{self, Deputy, FileError};
+use crate::locked::LockedBytes;
 use crate::protocol::{MAX_VALUE, normalize_name};
 use crate::reference::SecretRef;
 use crate::store::SecretStore;
@@ -116,6 +121,8 @@ pub struct WatchOptions {
     pub debounce: Duration,
     /// Write a missing watched file from 1Password at start.
     pub materialize: bool,
+    /// `run --user`: whose file permissions every watched-file operation runs with.
+    pub owner: Option<crate::fsops::Owner>,
 }
 
 struct FileState {
@@ -152,34 +159,16 @@ impl WatchHandle {
     }
 }
 
-/// Reads the whole file if it is stable; `Ok(None)` when it does not exist.
-fn read_stable(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>, String> {
-    let identity = |m: &std::fs::Metadata| (m.len(), m.mtime(), m.mtime_nsec(), m.ino());
-    let before = match std::fs::metadata(path) {
-        Ok(meta) => meta,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(err) => return Err(format!("cannot stat {}: {err}", path.display())),
-    };
-    if before.len() > MAX_VALUE as u64 {
-        return Err(format!("{} is larger than {MAX_VALUE} bytes; not written back", path.display()));
-    }
-    let mut content = Zeroizing::new(Vec::with_capacity(before.len() as usize));
-    let mut file = std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let mut chunk = Zeroizing::new([0u8; 16 * 1024]);
-    loop {
-        match std::io::Read::read(&mut file, &mut chunk[..]) {
-            Ok(0) => break,
-            Ok(n) if content.len() + n <= MAX_VALUE => extend_zeroizing(&mut content, &chunk[..n]),
-            Ok(_) => return Err(format!("{} grew past {MAX_VALUE} bytes; not written back", path.display())),
-            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(err) => return Err(format!("cannot read {}: {err}", path.display())),
-        }
-    }
-    let after = std::fs::metadata(path).map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
-    if identity(&before) != identity(&after) || content.len() as u64 != after.len() {
-        return Err("changed while being read".into());
-    }
-    Ok(Some(content))
+/// Reads the watched file on the deputy (see [`crate::fsops::read_regular`]).
+async fn read_stable(deputy: &Deputy, path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>, FileError> {
+    let path = path.to_path_buf();
+    deputy.run(move || fsops::read_regular(&path, MAX_VALUE)).await.unwrap_or(Err(FileError::DeputyGone))
+}
+
+/// Replaces the watched file on the deputy (see [`crate::fsops::replace`]), mode 0600 when new.
+async fn write_file(deputy: &Deputy, path: &Path, value: &[u8]) -> Result<(), FileError> {
+    let (path, value) = (path.to_path_buf(), Zeroizing::new(value.to_vec()));
+    deputy.run(move || fsops::replace(&path, &value, 0o600)).await.unwrap_or(Err(FileError::DeputyGone))
 }
 
 /// Whether any process has `path` open for writing (scans `/proc/*/fd`; processes we may
@@ -229,11 +218,14 @@ pub async fn start(
     if specs.is_empty() {
         return Ok(None);
     }
+    let deputy = Deputy::start(options.owner.clone())?;
     let mut states = Vec::with_capacity(specs.len());
     for spec in specs {
         let mut spec = spec.clone();
-        spec.path = canonical_target(&spec.path)?;
-        states.push(initial_sync(spec, &broker, &options).await?);
+        let path = spec.path.clone();
+        // As the app: its directories are created by its uid, or not at all.
+        spec.path = deputy.run(move || canonical_target(&path)).await.ok_or("the file worker thread is gone")??;
+        states.push(initial_sync(spec, &broker, &options, &deputy).await?);
     }
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let watcher = notify::recommended_watcher(move |event| {
@@ -248,7 +240,7 @@ pub async fn start(
         }
     }
     let stop = CancellationToken::new();
-    let task = tokio::spawn(event_loop(states, dirs, events_rx, broker, options, stop.clone()));
+    let task = tokio::spawn(event_loop(states, dirs, events_rx, broker, options, deputy, stop.clone()));
     Ok(Some(WatchHandle { stop, task }))
 }
 
@@ -259,7 +251,8 @@ pub async fn start(
 type Identity = (u64, u64, Option<std::time::SystemTime>);
 
 fn identity(dir: &Path) -> Option<Identity> {
-    std::fs::metadata(dir).ok().filter(|m| m.is_dir()).map(|m| (m.dev(), m.ino(), m.created().ok()))
+    // A symlink where the directory was is the app's doing: not the directory, not watched.
+    std::fs::symlink_metadata(dir).ok().filter(|m| m.is_dir()).map(|m| (m.dev(), m.ino(), m.created().ok()))
 }
 
 /// The watched directories and the identity each watch was armed on.
@@ -272,7 +265,10 @@ struct Directories {
 impl Directories {
     fn watch(&mut self, dir: &Path) -> notify::Result<()> {
         let before = identity(dir);
-        let result = self.watcher.watch(dir, RecursiveMode::NonRecursive);
+        let result = match before {
+            Some(_) => self.watcher.watch(dir, RecursiveMode::NonRecursive),
+            None => Err(notify::Error::generic("missing, or not a directory")),
+        };
         self.armed.insert(dir.to_path_buf(), result.as_ref().ok().and(before));
         result
     }
@@ -309,15 +305,21 @@ impl Directories {
     }
 }
 
-async fn initial_sync(spec: WatchSpec, broker: &WatchContext, options: &WatchOptions) -> Result<FileState, String> {
+async fn initial_sync(
+    spec: WatchSpec,
+    broker: &WatchContext,
+    options: &WatchOptions,
+    deputy: &Deputy,
+) -> Result<FileState, String> {
     let resolved = broker.store.with_value_generation(&spec.name, |v, g| (Zeroizing::new(v.to_vec()), g));
     let mut state =
         FileState { spec, last_seen: None, due: None, burst_start: None, writer_open: false, file_generation: 0 };
     let (name, path) = (state.spec.name.clone(), state.spec.path.clone());
-    match read_stable(&path) {
+    match read_stable(deputy, &path).await {
         Ok(None) => match resolved {
             Some((value, generation)) if options.materialize && !value.is_empty() => {
-                write_atomic(&path, &value, Some(0o600))
+                write_file(deputy, &path, &value)
+                    .await
                     .map_err(|e| format!("cannot materialize {}: {e}", path.display()))?;
                 tracing::info!(name, path = %path.display(), "materialized watched file from the backend");
                 state.last_seen = Some(LockedBytes::new(&value));
@@ -334,7 +336,8 @@ async fn initial_sync(spec: WatchSpec, broker: &WatchContext, options: &WatchOpt
                 Some((value, generation)) if !file_wins(&state.spec, &content, &value, broker).await => {
                     // The served value is newer (1Password's, rotated by a replica or a person, or
                     // a journaled write-back not stored yet): keep it, bring the file up.
-                    write_atomic(&path, &value, Some(0o600))
+                    write_file(deputy, &path, &value)
+                        .await
                         .map_err(|e| format!("cannot rewrite {}: {e}", path.display()))?;
                     state.last_seen = Some(LockedBytes::new(&value));
                     state.file_generation = generation;
@@ -349,6 +352,9 @@ async fn initial_sync(spec: WatchSpec, broker: &WatchContext, options: &WatchOpt
             }
             state.last_seen = Some(LockedBytes::new(&content));
         }
+        // A link, FIFO, socket or device where the app's credential file belongs: refused at
+        // start, loudly, rather than served or written back.
+        Err(err) if err.is_refusal() => return Err(format!("--watch {}: {err}", path.display())),
         Err(err) => {
             tracing::warn!(name, "{err}; will retry on the next change");
             state.due = Some(Instant::now() + options.debounce);
@@ -416,6 +422,7 @@ async fn event_loop(
     mut events_rx: mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
     broker: WatchContext,
     options: WatchOptions,
+    deputy: Deputy,
     stop: CancellationToken,
 ) {
     let index: HashMap<PathBuf, usize> = states.iter().enumerate().map(|(i, s)| (s.spec.path.clone(), i)).collect();
@@ -455,13 +462,13 @@ async fn event_loop(
             _ = crate::sleep_until(next_due) => {
                 let now = Instant::now();
                 for state in states.iter_mut().filter(|s| s.due.is_some_and(|d| d <= now)) {
-                    capture(state, &broker, &options, false);
+                    capture(state, &broker, &options, &deputy, false).await;
                 }
             }
             changed = changes_rx.recv() => {
                 if let Ok(names) = changed {
                     for state in states.iter_mut().filter(|s| names.contains(&s.spec.name)) {
-                        rewrite_from_store(state, &broker);
+                        rewrite_from_store(state, &broker, &deputy).await;
                     }
                 }
             }
@@ -470,7 +477,7 @@ async fn event_loop(
                 // have been lost with a replaced directory); in `run` the command has exited,
                 // in `daemon` this is the last chance.
                 for state in states.iter_mut() {
-                    capture(state, &broker, &options, true);
+                    capture(state, &broker, &options, &deputy, true).await;
                 }
                 break;
             }
@@ -520,19 +527,42 @@ fn on_event(states: &mut [FileState], index: &HashMap<PathBuf, usize>, event: &n
     }
 }
 
-fn capture(state: &mut FileState, broker: &WatchContext, options: &WatchOptions, final_pass: bool) {
+async fn capture(
+    state: &mut FileState,
+    broker: &WatchContext,
+    options: &WatchOptions,
+    deputy: &Deputy,
+    final_pass: bool,
+) {
     let now = Instant::now();
     let name = state.spec.name.clone();
     let path = state.spec.path.clone();
     let burst_age = state.burst_start.map(|s| now - s).unwrap_or_default();
-    if !final_pass && state.writer_open && burst_age < MAX_OPEN_WAIT && open_for_writing(&path) {
+    if !final_pass
+        && state.writer_open
+        && burst_age < MAX_OPEN_WAIT
+        && deputy
+            .run({
+                let path = path.clone();
+                move || open_for_writing(&path)
+            })
+            .await
+            .unwrap_or(false)
+    {
         state.due = Some(now + options.debounce);
         return;
     }
-    let content = match read_stable(&path) {
+    let content = match read_stable(deputy, &path).await {
         Ok(Some(content)) => content,
         Ok(None) => {
             state.due = None;
+            return;
+        }
+        Err(err) if err.is_refusal() => {
+            tracing::warn!(name, "{err}");
+            state.due = None;
+            state.burst_start = None;
+            state.writer_open = false;
             return;
         }
         Err(err) if !final_pass && burst_age < MAX_OPEN_WAIT => {
@@ -566,7 +596,7 @@ fn capture(state: &mut FileState, broker: &WatchContext, options: &WatchOptions,
 /// A refresh or SET changed the value in memory: bring the file up to date, but only from a
 /// value newer than the one the file holds, and never over a local change not yet captured
 /// or still on its way to 1Password (that one is newer).
-fn rewrite_from_store(state: &mut FileState, broker: &WatchContext) {
+async fn rewrite_from_store(state: &mut FileState, broker: &WatchContext, deputy: &Deputy) {
     let name = &state.spec.name;
     if broker.writeback.is_pending(name) || state.due.is_some() {
         return;
@@ -580,7 +610,7 @@ fn rewrite_from_store(state: &mut FileState, broker: &WatchContext) {
     }
     // The file must still hold what op-bridge last saw; otherwise it changed under us and
     // that change is captured instead.
-    match read_stable(&state.spec.path) {
+    match read_stable(deputy, &state.spec.path).await {
         Ok(Some(content)) if !state.seen(&content) => {
             state.due = Some(Instant::now());
             return;
@@ -591,7 +621,7 @@ fn rewrite_from_store(state: &mut FileState, broker: &WatchContext) {
         }
         Ok(_) => {}
     }
-    match write_atomic(&state.spec.path, &value, Some(0o600)) {
+    match write_file(deputy, &state.spec.path, &value).await {
         Ok(()) => {
             state.last_seen = Some(LockedBytes::new(&value));
             state.file_generation = generation;

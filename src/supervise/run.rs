@@ -350,6 +350,11 @@ pub async fn run(config: BrokerConfig, args: RunArgs) -> Result<u8, StartError> 
     let user = args.user.as_deref().map(privsep::resolve_user).transpose().map_err(StartError::Usage)?;
     if let Some(user) = &user {
         config.serve.allow_uids.push(user.uid);
+        // Watched files are the app's: root reads and writes them only as the app could.
+        if nix::unistd::geteuid().is_root() && user.uid != 0 {
+            config.watch.owner =
+                Some(crate::fsops::Owner { uid: user.uid, gid: user.gid, groups: user.groups.clone() });
+        }
         if user.gid_defaulted && user.gid == 0 && user.uid != 0 {
             tracing::warn!(
                 "--user {}: no passwd entry and no group given, so the command runs with gid 0 (as with gosu); give one: --user {}:GID",
