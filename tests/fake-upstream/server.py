@@ -268,9 +268,10 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         for k, v in extra:
             self.send_header(k, v)
-        self.end_headers()
-        # Logged before the answer is complete, so a client that has its answer finds the line.
+        # Logged before the headers go out: a client may act as soon as it has them (before
+        # reading the body), and must then find the line.
         self.finish_log(status)
+        self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
         self.wfile.flush()
