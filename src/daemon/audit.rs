@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use super::listener::Peer;
+use super::peer::Peer;
 use crate::logging::Sink;
 
 pub struct AuditLog {

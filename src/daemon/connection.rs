@@ -22,7 +22,7 @@ use zeroize::{Zeroize, Zeroizing};
 use super::audit::AuditLog;
 use super::broker::Broker;
 use super::budget::{ByteBudget, BytePermit};
-use super::listener::Peer;
+use super::peer::Peer;
 use super::refresh::RefreshGate;
 use crate::bufio::ZeroizingReader;
 use crate::protocol::{self, ProtocolError, Request, Response, Version};

@@ -12,6 +12,7 @@ pub mod broker;
 pub mod budget;
 pub mod connection;
 pub mod listener;
+pub mod peer;
 pub mod recovery;
 pub mod refresh;
 
