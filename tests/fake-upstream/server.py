@@ -183,6 +183,10 @@ class Handler(BaseHTTPRequestHandler):
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             while True:
                 line = self.rfile.readline(65537)
+                if not line:
+                    # The connection ended without the last chunk: an aborted request, which
+                    # must not be mistaken for a complete body.
+                    raise ConnectionError("body cut short")
                 size = int(line.split(b";", 1)[0].strip() or b"0", 16)
                 if size == 0:
                     while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
