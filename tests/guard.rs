@@ -495,9 +495,11 @@ fn a_stalled_stderr_never_stops_the_broker_or_the_init() {
     let marker = dir.join("got-term");
     let trapped = dir.join("trap-set");
     // The child says when its trap is set: a SIGTERM before that (a slow start under load)
-    // would kill it before it can leave the marker, which is no failure of op-bridge.
+    // would kill it before it can leave the marker, which is no failure of op-bridge. Its
+    // own stderr is not the stalled pipe: dash reports a `sleep` killed by the forwarded
+    // SIGTERM ("Terminated") on stderr, and would block there instead of running the trap.
     let child = format!(
-        "trap 'echo term > {}; exit 0' TERM; : > {}; while :; do sleep 0.05; done",
+        "exec 2>/dev/null; trap 'echo term > {}; exit 0' TERM; : > {}; while :; do sleep 0.05; done",
         marker.display(),
         trapped.display()
     );
