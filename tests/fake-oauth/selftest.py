@@ -23,18 +23,20 @@ def check(name, condition):
 
 def main():
     tmp = tempfile.mkdtemp(prefix="fake-oauth-")
-    state, control, events, port_file = (os.path.join(tmp, n) for n in ("state.json", "control.json", "events.jsonl", "port"))
+    state, control, events, port_file, busy = (os.path.join(tmp, n) for n in
+                                                ("state.json", "control.json", "events.jsonl", "port", "busy"))
     with open(state, "w") as f:
         json.dump({
             "clients": {"app": {"secret": "s3cret", "auth": "basic"},
                         "poster": {"secret": "p0st", "auth": "post"},
                         "machine": {"secret": "m4ch", "auth": "basic"}},
             "refresh_tokens": {"rt_seed": {"client": "app", "family": "f1", "used_at": None, "successor": None},
-                               "rt_post": {"client": "poster", "family": "f2", "used_at": None, "successor": None}},
-            "families": {"f1": {"revoked": False}, "f2": {"revoked": False}},
+                               "rt_post": {"client": "poster", "family": "f2", "used_at": None, "successor": None},
+                               "rt_held": {"client": "app", "family": "f3", "used_at": None, "successor": None}},
+            "families": {"f1": {"revoked": False}, "f2": {"revoked": False}, "f3": {"revoked": False}},
         }, f)
     env = dict(os.environ, FAKE_OAUTH_STATE=state, FAKE_OAUTH_CONTROL=control, FAKE_OAUTH_EVENTS=events,
-               FAKE_OAUTH_PORT_FILE=port_file)
+               FAKE_OAUTH_PORT_FILE=port_file, FAKE_OAUTH_BUSY=busy)
     server = subprocess.Popen([sys.executable, os.path.join(HERE, "server.py")], env=env)
     try:
         deadline = time.time() + 10
@@ -43,8 +45,10 @@ def main():
         port = int(open(port_file).read())
 
         def knobs(**k):
-            with open(control, "w") as f:
+            # Atomically: the server re-reads the file on every request.
+            with open(control + ".new", "w") as f:
                 json.dump(k, f)
+            os.replace(control + ".new", control)
 
         def token(form, basic=None):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
@@ -110,6 +114,53 @@ def main():
         knobs(drop_after_issue=1)
         status, body, _ = token({"grant_type": "client_credentials"}, basic="machine:m4ch")
         check("drop_after_issue closes the connection unanswered", status is None)
+
+        def busy_count():
+            with open(busy) as f:
+                return int(f.read() or 0)
+
+        def raw_refresh(refresh_token):
+            """Sends a refresh request on a raw socket and returns the socket, unanswered."""
+            import socket
+            body = urlencode({"grant_type": "refresh_token", "refresh_token": refresh_token})
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall((f"POST /token HTTP/1.1\r\nHost: x\r\nAuthorization: Basic "
+                          f"{base64.b64encode(b'app:s3cret').decode()}\r\n"
+                          f"Content-Type: application/x-www-form-urlencoded\r\n"
+                          f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
+            return sock
+
+        def wait_for(condition):
+            deadline = time.time() + 10
+            while not condition() and time.time() < deadline:
+                time.sleep(0.02)
+            return condition()
+
+        knobs(hold=True, check_client=True)
+        held = raw_refresh("rt_held")
+        time.sleep(0.3)
+        check("a held request is unanswered and not busy", wait_for(lambda: busy_count() == 0)
+              and json.load(open(state))["refresh_tokens"]["rt_held"]["used_at"] is None)
+        held.close()
+        knobs(check_client=True)
+        check("a held request whose client left issues nothing", wait_for(
+            lambda: any(json.loads(line)["event"] == "client_gone" for line in open(events)))
+            and json.load(open(state))["refresh_tokens"]["rt_held"]["used_at"] is None)
+        knobs(hold=True, check_client=True)
+        held = raw_refresh("rt_held")
+        time.sleep(0.2)
+        knobs(check_client=True)
+        held.settimeout(10)
+        answer = b""
+        while not answer.endswith(b"}"):
+            chunk = held.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        held.close()
+        check("a held request whose client waits is granted once released",
+              answer.startswith(b"HTTP/1.1 200") and json.load(open(state))["refresh_tokens"]["rt_held"]["used_at"])
+        check("nothing is busy once answered", wait_for(lambda: busy_count() == 0))
 
         lines = [json.loads(line) for line in open(events)]
         kinds = [line["event"] for line in lines]

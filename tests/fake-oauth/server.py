@@ -28,16 +28,26 @@ Environment
                      Seed it with a client and one refresh token (see selftest.py).
   FAKE_OAUTH_CONTROL optional JSON knobs, re-read on every request:
                      {"access_ttl_s": 5, "reuse_leeway_s": 0, "server_error": N, "rate_limit": N,
-                      "retry_after_s": 2, "slow_ms": 0, "drop_after_issue": N}
+                      "retry_after_s": 2, "slow_ms": 0, "drop_after_issue": N,
+                      "hold": false, "check_client": false}
                      server_error / rate_limit / drop_after_issue are consumed one per token
                      request. drop_after_issue issues (and records) the tokens, then closes the
                      connection without an answer: the client never learns the new refresh
                      token, and its old one is already used.
+                     hold: token requests wait, unanswered, while it is true (a test stops new
+                     grants, waits for the running ones to finish, then kills the client).
+                     check_client: a token request whose client has closed its connection by
+                     the time it would be granted gets no answer and nothing is issued (event
+                     client_gone), as a provider whose front end drops a request whose client
+                     went away; without it a request from a killed client may still be granted.
   FAKE_OAUTH_EVENTS  JSON-lines file: one line per token request and per API 401:
                      {"ts","event","client","grant","family","status"}; "event" is one of
                      issued, reuse_detected, reuse_within_leeway, invalid_grant, invalid_client,
-                     server_error, rate_limited, dropped, api_ok, api_unauthorized. Tokens are
-                     logged only as an 8-character prefix.
+                     server_error, rate_limited, dropped, client_gone, api_ok, api_unauthorized.
+                     Tokens are logged only as an 8-character prefix.
+  FAKE_OAUTH_BUSY    optional file holding the number of token requests being granted: counted
+                     from before a request reads the knobs to after its answer is written, so
+                     once a test has set `hold` and read 0 here, no grant is under way.
   FAKE_OAUTH_PORT_FILE  the port is written here once the server accepts (port 0 = any).
   FAKE_OAUTH_CERT / FAKE_OAUTH_KEY  serve https with this certificate.
 """
@@ -46,6 +56,7 @@ import base64
 import json
 import os
 import secrets
+import socket
 import ssl
 import sys
 import threading
@@ -57,7 +68,10 @@ STATE_PATH = os.environ["FAKE_OAUTH_STATE"]
 CONTROL = os.environ.get("FAKE_OAUTH_CONTROL", "")
 EVENTS = os.environ.get("FAKE_OAUTH_EVENTS", "")
 PORT_FILE = os.environ.get("FAKE_OAUTH_PORT_FILE", "")
+BUSY_PATH = os.environ.get("FAKE_OAUTH_BUSY", "")
 LOCK = threading.Lock()
+BUSY_LOCK = threading.Lock()
+BUSY = 0
 MAX_BODY = 64 * 1024
 
 with open(STATE_PATH, "rb") as f:
@@ -97,6 +111,31 @@ def consume(name):
         json.dump(current, f)
     os.replace(tmp, CONTROL)
     return True
+
+
+def busy(delta):
+    """Counts token requests being granted, published in FAKE_OAUTH_BUSY."""
+    global BUSY
+    with BUSY_LOCK:
+        BUSY += delta
+        if BUSY_PATH:
+            tmp = BUSY_PATH + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(str(BUSY))
+            os.replace(tmp, BUSY_PATH)
+
+
+def client_gone(connection):
+    """True when the peer has closed the TCP connection (EOF or reset pending)."""
+    probe = socket.socket(fileno=os.dup(connection.fileno()))
+    try:
+        return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        probe.close()
 
 
 def record(event, **fields):
@@ -155,7 +194,21 @@ class Handler(BaseHTTPRequestHandler):
         if length > MAX_BODY:
             return self.answer(413, {"error": "invalid_request"})
         form = {k: v[0] for k, v in parse_qs(self.rfile.read(length).decode("utf-8", "replace")).items()}
-        k = knobs()
+        # Counted before the knobs are read: a test that sets `hold` and then reads 0 busy knows
+        # every later request sees the hold.
+        busy(1)
+        try:
+            k = knobs()
+            while k.get("hold"):
+                busy(-1)
+                time.sleep(0.01)
+                busy(1)
+                k = knobs()
+            self.token_request(form, k)
+        finally:
+            busy(-1)
+
+    def token_request(self, form, k):
         if k.get("slow_ms"):
             time.sleep(k["slow_ms"] / 1000)
         if consume("server_error"):
@@ -165,6 +218,10 @@ class Handler(BaseHTTPRequestHandler):
             record("rate_limited", status=429)
             return self.answer(429, {"error": "slow_down"}, [("Retry-After", str(k.get("retry_after_s", 2)))])
         with LOCK:
+            if k.get("check_client") and client_gone(self.connection):
+                record("client_gone", grant=form.get("grant_type", ""))
+                self.close_connection = True
+                return
             status, body, family = self.grant(form, k)
             save_state()
         if status == 200 and consume("drop_after_issue"):
