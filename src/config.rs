@@ -166,7 +166,8 @@ fn oauth_specs(
         specs.insert(name, spec);
     }
     for option in options {
-        let (name, item) = option.split_once('=').ok_or_else(|| format!("--oauth {option}: expected NAME=op://vault/item"))?;
+        let (name, item) =
+            option.split_once('=').ok_or_else(|| format!("--oauth {option}: expected NAME=op://vault/item"))?;
         let name = normalize_name(name.trim()).map_err(|e| format!("--oauth {option}: {e}"))?;
         let spec = crate::oauth::OAuthSpec::parse(&name, item).map_err(|e| format!("--oauth {option}: {e}"))?;
         specs.insert(name, spec);

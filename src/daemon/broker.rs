@@ -9,8 +9,8 @@ use tokio::sync::{Mutex, broadcast};
 
 use crate::backend::{Backend, BackendError, ErrorKind, Value, WriteOptions};
 use crate::locked::lock_stats;
-use crate::protocol::{NOT_AVAILABLE, NOT_JOURNALED, PENDING, UNKNOWN_REF};
 use crate::oauth::OAuth;
+use crate::protocol::{NOT_AVAILABLE, NOT_JOURNALED, PENDING, UNKNOWN_REF};
 use crate::proxy::bindings::Bindings;
 use crate::reference::SecretRef;
 use crate::store::{Applied, SecretStore, Source, State};

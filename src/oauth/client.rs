@@ -58,8 +58,8 @@ pub struct ClientSettings {
 pub fn check_token_url(text: &str) -> Result<reqwest::Url, String> {
     let url = reqwest::Url::parse(text.trim()).map_err(|_| format!("token_url is not a URL ('{}')", text.trim()))?;
     let host = url.host_str().ok_or("token_url has no host")?.trim_start_matches('[').trim_end_matches(']');
-    let loopback = host.eq_ignore_ascii_case("localhost")
-        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    let loopback =
+        host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
     match url.scheme() {
         "https" => {}
         "http" if loopback => {}
@@ -309,11 +309,17 @@ mod tests {
         assert_eq!(tokens.refresh_token.as_deref().map(String::as_str), Some("rt_2"));
         let grant = serde_json::json!({"error": "invalid_grant", "error_description": "token family revoked"});
         assert!(matches!(classify(400, None, &grant), Err(TokenError::Refused(m)) if m.contains("invalid_grant")));
-        assert!(matches!(classify(401, None, &serde_json::json!({"error": "invalid_client"})), Err(TokenError::Refused(_))));
+        assert!(matches!(
+            classify(401, None, &serde_json::json!({"error": "invalid_client"})),
+            Err(TokenError::Refused(_))
+        ));
         let limited = classify(429, Some(Duration::from_secs(7)), &Json::Null);
         assert!(matches!(limited, Err(TokenError::RateLimited { retry_after: Some(d), .. }) if d.as_secs() == 7));
         assert!(matches!(classify(503, None, &Json::Null), Err(TokenError::Unavailable(_))));
-        assert!(matches!(classify(200, None, &serde_json::json!({"token_type": "Bearer"})), Err(TokenError::Unavailable(_))));
+        assert!(matches!(
+            classify(200, None, &serde_json::json!({"token_type": "Bearer"})),
+            Err(TokenError::Unavailable(_))
+        ));
     }
 
     #[test]

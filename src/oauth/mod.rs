@@ -282,8 +282,9 @@ impl Refresher {
         };
         let text = |label: &str| fields.get(label).map(|v| v.as_str()).filter(|v| !v.trim().is_empty());
         let bad = |why: String| StartError::Config(format!("{name}_OAUTH ({item}): {why}"));
-        let token_url = client::check_token_url(text(TOKEN_URL).ok_or_else(|| bad("the item has no token_url".into()))?)
-            .map_err(bad)?;
+        let token_url =
+            client::check_token_url(text(TOKEN_URL).ok_or_else(|| bad("the item has no token_url".into()))?)
+                .map_err(bad)?;
         let settings = ClientSettings {
             token_url,
             client_id: text(CLIENT_ID).ok_or_else(|| bad("the item has no client_id".into()))?.trim().to_string(),

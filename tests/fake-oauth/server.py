@@ -15,6 +15,7 @@ Endpoints
                 401 {"error":"invalid_client"}
   GET  /api/…   the protected API: 200 {"ok":true,"path":…} for a current access token as
                 `Authorization: Bearer …`, else 401 (and the 401 is counted).
+  POST /api/…   the same, and the answer echoes the request body as "body".
   GET  /health  200.
 
 Environment
@@ -28,15 +29,18 @@ Environment
                      Seed it with a client and one refresh token (see selftest.py).
   FAKE_OAUTH_CONTROL optional JSON knobs, re-read on every request:
                      {"access_ttl_s": 5, "reuse_leeway_s": 0, "server_error": N, "rate_limit": N,
-                      "retry_after_s": 2, "slow_ms": 0, "drop_after_issue": N}
+                      "retry_after_s": 2, "slow_ms": 0, "drop_after_issue": N,
+                      "revoke_access_tokens": N}
                      server_error / rate_limit / drop_after_issue are consumed one per token
                      request. drop_after_issue issues (and records) the tokens, then closes the
                      connection without an answer: the client never learns the new refresh
-                     token, and its old one is already used.
+                     token, and its old one is already used. revoke_access_tokens (consumed one
+                     per API request) makes every access token issued so far invalid before that
+                     request is checked, as a provider revoking tokens early would.
   FAKE_OAUTH_EVENTS  JSON-lines file: one line per token request and per API 401:
                      {"ts","event","client","grant","family","status"}; "event" is one of
                      issued, reuse_detected, reuse_within_leeway, invalid_grant, invalid_client,
-                     server_error, rate_limited, dropped, api_ok, api_unauthorized. Tokens are
+                     server_error, rate_limited, dropped, revoked, api_ok, api_unauthorized. Tokens are
                      logged only as an 8-character prefix.
   FAKE_OAUTH_PORT_FILE  the port is written here once the server accepts (port 0 = any).
   FAKE_OAUTH_CERT / FAKE_OAUTH_KEY  serve https with this certificate.
@@ -138,17 +142,32 @@ class Handler(BaseHTTPRequestHandler):
             return self.answer(200, {"ok": True})
         if not self.path.startswith("/api/"):
             return self.answer(404, {"error": "not_found"})
+        self.api(None)
+
+    def api(self, body):
         auth = self.headers.get("Authorization", "")
         token = auth[7:] if auth.startswith("Bearer ") else ""
         with LOCK:
+            if consume("revoke_access_tokens"):
+                STATE["access_tokens"].clear()
+                save_state()
+                record("revoked")
             entry = STATE["access_tokens"].get(token)
             valid = entry is not None and entry["expires_at"] > time.time()
             record("api_ok" if valid else "api_unauthorized", token=short(token))
         if valid:
-            return self.answer(200, {"ok": True, "path": self.path})
+            answer = {"ok": True, "path": self.path}
+            if body is not None:
+                answer["body"] = body.decode("utf-8", "replace")
+            return self.answer(200, answer)
         return self.answer(401, {"error": "invalid_token"}, [("WWW-Authenticate", 'Bearer error="invalid_token"')])
 
     def do_POST(self):
+        if self.path.startswith("/api/"):
+            length = int(self.headers.get("Content-Length", "0") or 0)
+            if length > MAX_BODY:
+                return self.answer(413, {"error": "too_large"})
+            return self.api(self.rfile.read(length))
         if self.path != "/token":
             return self.answer(404, {"error": "not_found"})
         length = int(self.headers.get("Content-Length", "0") or 0)
