@@ -105,6 +105,24 @@ pub struct Snapshot {
     pub placeholders: BTreeMap<String, String>,
 }
 
+/// The newest state of one broker-owned OAuth client (by NAME): the item's settings and the
+/// tokens of the last token response. One record is one sealed write, so a kill never leaves
+/// a refresh token without its access token or the other way round.
+#[derive(Clone)]
+pub struct OAuthRecord {
+    /// `op://vault/item`.
+    pub item: String,
+    /// The item's fields by label (`token_url`, `client_id`, …, `refresh_token`,
+    /// `access_token`, `expires_at`), zeroized on drop.
+    pub fields: BTreeMap<String, Zeroizing<String>>,
+    /// The access token's lifetime in seconds, as the token endpoint stated it.
+    pub lifetime_s: u64,
+    /// Bumped by every token response; a write-back settles only the record it carried.
+    pub seq: u64,
+    /// Not yet stored in 1Password: a start takes this record over the item's older copy.
+    pub pending: bool,
+}
+
 impl Snapshot {
     pub fn age(&self) -> Duration {
         // A timestamp in the future (clock moved back) is treated as too old to trust.
@@ -133,6 +151,8 @@ struct State {
     journal: BTreeMap<String, JournalEntry>,
     /// The bound secrets' placeholders, written with every document.
     placeholders: BTreeMap<String, String>,
+    /// The OAuth clients' newest token state, by NAME.
+    oauth: BTreeMap<String, OAuthRecord>,
     /// By reference text: the value 1Password was last known to hold, for the tracked ones.
     held: BTreeMap<String, Value>,
     /// `held` as the file had it at start, before this run's first answer from 1Password: the
@@ -219,6 +239,7 @@ impl SealedCache {
         state.journal = snapshot.public.journal.iter().map(|e| (e.reference.to_string(), e.clone())).collect();
         state.held = snapshot.held.into_iter().collect();
         state.held_at_load = state.held.clone();
+        state.oauth = snapshot.oauth.into_iter().collect();
         drop(state);
         Ok(Some(snapshot.public))
     }
@@ -360,6 +381,22 @@ impl SealedCache {
         if !state.placeholders.is_empty() {
             doc["placeholders"] = json!(state.placeholders);
         }
+        // Pending OAuth records are journal: kept even in a file without values.
+        let oauth: serde_json::Map<String, Json> = state
+            .oauth
+            .iter()
+            .filter(|(_, r)| values || r.pending)
+            .map(|(name, r)| {
+                let fields: serde_json::Map<String, Json> =
+                    r.fields.iter().map(|(k, v)| (k.clone(), Json::String(v.as_str().to_string()))).collect();
+                let record = json!({ "item": r.item, "fields": fields, "lifetime_s": r.lifetime_s, "seq": r.seq,
+                                     "pending": r.pending });
+                (name.clone(), record)
+            })
+            .collect();
+        if !oauth.is_empty() {
+            doc["oauth"] = Json::Object(oauth);
+        }
         let mut plain = crate::locked::ZeroizingWriter::with_capacity(4096);
         let _ = serde_json::to_writer(&mut plain, &doc);
         let plain = plain.0;
@@ -385,7 +422,11 @@ impl SealedCache {
         if self.state().refused.is_some() {
             return;
         }
-        if !self.state().journal.is_empty() {
+        let journaled = {
+            let state = self.state();
+            !state.journal.is_empty() || state.oauth.values().any(|r| r.pending)
+        };
+        if journaled {
             self.state().written = None;
             match self.try_write_with(false) {
                 Ok(()) => tracing::warn!(
@@ -479,12 +520,46 @@ impl Journal {
     pub fn held_at_start(&self, reference: &SecretRef) -> Option<Value> {
         self.cache.state().held_at_load.get(&reference.to_string()).cloned()
     }
+
+    /// The OAuth record of `name` the file held (or this run wrote).
+    pub fn oauth(&self, name: &str) -> Option<OAuthRecord> {
+        self.cache.state().oauth.get(name).cloned()
+    }
+
+    /// Seals a token response to disk (fsync'd) before it is used. An error means it is NOT
+    /// durable (it is kept in memory and written with the next write that succeeds).
+    pub fn record_oauth(&self, name: &str, record: OAuthRecord) -> Result<(), CacheError> {
+        self.cache.state().oauth.insert(name.to_string(), record);
+        self.cache.try_write()
+    }
+
+    /// Marks record `seq` of `name` as stored in 1Password (a newer record stays pending).
+    pub fn settle_oauth(&self, name: &str, seq: u64) {
+        let settled = match self.cache.state().oauth.get_mut(name) {
+            Some(record) if record.seq == seq && record.pending => {
+                record.pending = false;
+                true
+            }
+            _ => false,
+        };
+        if settled {
+            self.cache.save();
+        }
+    }
+
+    /// Forgets the OAuth record of `name` (its grant was refused: the next start reads the item).
+    pub fn forget_oauth(&self, name: &str) {
+        if self.cache.state().oauth.remove(name).is_some() {
+            self.cache.save();
+        }
+    }
 }
 
 /// A decoded document: the public snapshot and the held values.
 struct Decoded {
     public: Snapshot,
     held: Vec<(String, Value)>,
+    oauth: Vec<(String, OAuthRecord)>,
 }
 
 fn decode(doc: &Json) -> Option<Decoded> {
@@ -519,7 +594,25 @@ fn decode(doc: &Json) -> Option<Decoded> {
         .and_then(Json::as_object)
         .map(|map| map.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
         .unwrap_or_default();
-    Some(Decoded { public: Snapshot { written, secrets, journal, placeholders }, held })
+    // Absent in files written before broker-owned OAuth.
+    let mut oauth = Vec::new();
+    for (name, r) in doc.get("oauth").and_then(Json::as_object).into_iter().flatten() {
+        let fields = r
+            .get("fields")?
+            .as_object()?
+            .iter()
+            .map(|(k, v)| Some((k.clone(), Zeroizing::new(v.as_str()?.to_string()))))
+            .collect::<Option<BTreeMap<_, _>>>()?;
+        let record = OAuthRecord {
+            item: r.get("item")?.as_str()?.to_string(),
+            fields,
+            lifetime_s: r.get("lifetime_s")?.as_u64()?,
+            seq: r.get("seq")?.as_u64()?,
+            pending: r.get("pending")?.as_bool()?,
+        };
+        oauth.push((name.clone(), record));
+    }
+    Some(Decoded { public: Snapshot { written, secrets, journal, placeholders }, held, oauth })
 }
 
 fn random(buf: &mut [u8]) {

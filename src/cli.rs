@@ -271,6 +271,11 @@ pub struct BrokerArgs {
     /// exceed it is warned about at start.
     #[arg(long, env = "OP_BRIDGE_READ_BUDGET", default_value_t = 1000)]
     pub read_budget: u64,
+    /// Broker-owned OAuth: NAME's value is an access token op-bridge gets and refreshes itself
+    /// from the OAuth client in 1Password item op://vault/item (repeatable; in the environment,
+    /// ';'-separated). {prefix}NAME_OAUTH variables declare one too.
+    #[arg(long = "oauth", env = "OP_BRIDGE_OAUTH", value_delimiter = ';', value_name = "NAME=op://vault/item")]
+    pub oauth: Vec<String>,
     /// Bind secret NAME to the hosts it may be sent to: NAME=host[:port][,*.example.com…]
     /// (repeatable; in the environment, ';'-separated). {prefix}NAME_HOSTS variables bind too.
     /// A bound secret is given out only as its placeholder; the proxy swaps in the value.

@@ -87,6 +87,7 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
         &args.allow_raw,
         &args.placeholder_prefix,
     )?;
+    let oauth = oauth_specs(oauth_env(), &args.prefix, &args.oauth)?;
     let socket = absolute(&args.socket);
     let proxy = match args.proxy {
         Some(addr) => {
@@ -110,6 +111,7 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
     };
     Ok(BrokerConfig {
         socket,
+        oauth,
         bindings,
         proxy,
         prefix: args.prefix.clone(),
@@ -143,6 +145,47 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
         refresh_interval: args.refresh_interval,
         read_budget: args.read_budget,
     })
+}
+
+/// The OAuth clients: `{prefix}NAME_OAUTH=op://vault/item` variables, then `--oauth
+/// NAME=op://vault/item` (which wins for the same NAME).
+fn oauth_specs(
+    env: Vec<(String, String)>,
+    prefix: &str,
+    options: &[String],
+) -> Result<Vec<crate::oauth::OAuthSpec>, String> {
+    use crate::protocol::normalize_name;
+    let mut specs = std::collections::BTreeMap::new();
+    for (key, value) in env {
+        let Some(name) = key.strip_prefix(prefix).and_then(|k| k.strip_suffix("_OAUTH")).filter(|n| !n.is_empty())
+        else {
+            continue;
+        };
+        let name = normalize_name(&name.to_ascii_uppercase()).map_err(|e| format!("{key}: {e}"))?;
+        let spec = crate::oauth::OAuthSpec::parse(&name, &value).map_err(|e| format!("{key}: {e}"))?;
+        specs.insert(name, spec);
+    }
+    for option in options {
+        let (name, item) =
+            option.split_once('=').ok_or_else(|| format!("--oauth {option}: expected NAME=op://vault/item"))?;
+        let name = normalize_name(name.trim()).map_err(|e| format!("--oauth {option}: {e}"))?;
+        let spec = crate::oauth::OAuthSpec::parse(&name, item).map_err(|e| format!("--oauth {option}: {e}"))?;
+        specs.insert(name, spec);
+    }
+    Ok(specs.into_values().collect())
+}
+
+/// The environment's `…_OAUTH` variables that hold a reference (other variables are skipped,
+/// so no value of another variable is copied).
+fn oauth_env() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| {
+            let k = k.into_string().ok()?;
+            k.ends_with("_OAUTH").then_some(())?;
+            let v = v.into_string().ok()?;
+            v.starts_with("op://").then_some((k, v))
+        })
+        .collect()
 }
 
 /// The environment's `…_HOSTS` variables (binding discovery); other variables are skipped, so

@@ -31,6 +31,8 @@
 //! - [`cache`]: the sealed restart cache and the write-back journal, a store the daemon drives
 //!   (`daemon::recovery`: start-up from the cache, journal replay); [`refresh`]: the
 //!   periodic refresh timer.
+//! - [`oauth`]: broker-owned OAuth: the token endpoint client and, per access token, the
+//!   refresher that journals each token response before using it and writes it back.
 //! - [`proxy`]: agent-blind secrets: bindings, placeholders and the egress proxy that swaps
 //!   a placeholder for its value on the way to a host the secret is bound to.
 //! - The ground floor every layer may use: [`scrub`] (wiping JSON that carries values),
@@ -57,6 +59,7 @@ pub mod hardening;
 pub mod locked;
 pub mod logging;
 pub mod meter;
+pub mod oauth;
 pub mod process;
 pub mod protocol;
 pub mod proxy;

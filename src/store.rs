@@ -29,6 +29,9 @@ pub enum Source {
     Env,
     Watch,
     Set,
+    /// A broker-owned OAuth access token (`{prefix}NAME_OAUTH`, `--oauth`).
+    #[serde(rename = "oauth")]
+    OAuth,
 }
 
 /// A slot's health, as STATUS reports it.

@@ -62,6 +62,9 @@ pub enum Origin {
     Watch,
     /// A socket client's SET (it waits for the answer).
     Set,
+    /// A token response of a broker-owned OAuth client: journaled by its owner (all fields in
+    /// one record), and the name's value in memory is the owner's, never set from here.
+    OAuth,
 }
 
 struct Pending {
@@ -279,8 +282,11 @@ impl WriteBack {
             });
             field.name = name.to_string();
             let new = Pending { generation, origin, value: Zeroizing::new(value.to_vec()) };
-            // Sealed to disk before the submission counts as accepted.
-            field.not_journaled = self.journal_record(name, reference, &new);
+            // Sealed to disk before the submission counts as accepted (an OAuth response was
+            // sealed whole by its owner already).
+            if origin != Origin::OAuth {
+                field.not_journaled = self.journal_record(name, reference, &new);
+            }
             let not_journaled = field.not_journaled.clone();
             match field.pending.replace(new) {
                 // A SET that replaces a watched file's value keeps it as the fallback.
@@ -447,7 +453,8 @@ impl WriteBack {
                     }
                     // Memory follows 1Password unless a newer value is already queued, and only
                     // under a name that still points at this reference.
-                    let current = self.store.reference(&field.name).is_none_or(|r| r == field.reference);
+                    let current = job.origin != Origin::OAuth
+                        && self.store.reference(&field.name).is_none_or(|r| r == field.reference);
                     if field.pending.is_none() && current && self.store.set_value(&field.name, &job.value) {
                         changed.push(field.name.clone());
                     }

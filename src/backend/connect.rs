@@ -858,7 +858,7 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 
 /// The system's CA bundle (the first found) and `SSL_CERT_FILE`: both are trusted, since a
 /// private CA for Connect must not cost the public roots a proxy may need.
-fn load_roots() -> Result<Vec<CertificateDer<'static>>, ConnectSetupError> {
+pub(crate) fn load_roots() -> Result<Vec<CertificateDer<'static>>, ConnectSetupError> {
     let mut roots = Vec::new();
     if let Some(path) = SYSTEM_BUNDLES.iter().find(|p| std::path::Path::new(p).is_file()) {
         match std::fs::read(path).map(|pem| pem_certificates(&pem)) {

@@ -13,7 +13,7 @@ pub mod op;
 mod op_batch;
 mod op_errors;
 mod retry;
-mod tls;
+pub(crate) mod tls;
 
 use std::future::Future;
 use std::pin::Pin;

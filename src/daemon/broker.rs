@@ -9,6 +9,7 @@ use tokio::sync::{Mutex, broadcast};
 
 use crate::backend::{Backend, BackendError, ErrorKind, Value, WriteOptions};
 use crate::locked::lock_stats;
+use crate::oauth::OAuth;
 use crate::protocol::{NOT_AVAILABLE, NOT_JOURNALED, PENDING, UNKNOWN_REF};
 use crate::proxy::bindings::Bindings;
 use crate::reference::SecretRef;
@@ -94,6 +95,8 @@ pub struct Broker {
     proxy_status: std::sync::OnceLock<serde_json::Value>,
     /// PROXYENV's answer: the variables that point a process at the proxy.
     proxy_env: std::sync::OnceLock<Vec<(String, zeroize::Zeroizing<String>)>>,
+    /// The broker-owned OAuth clients (set once at start).
+    oauth: std::sync::OnceLock<OAuth>,
 }
 
 impl Broker {
@@ -114,7 +117,19 @@ impl Broker {
             bindings: std::sync::OnceLock::new(),
             proxy_status: std::sync::OnceLock::new(),
             proxy_env: std::sync::OnceLock::new(),
+            oauth: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sets the OAuth clients (once, at start).
+    pub fn set_oauth(&self, oauth: OAuth) {
+        let _ = self.oauth.set(oauth);
+    }
+
+    /// The broker-owned OAuth clients (none before [`Broker::set_oauth`]).
+    pub fn oauth(&self) -> &OAuth {
+        static NONE: std::sync::OnceLock<OAuth> = std::sync::OnceLock::new();
+        self.oauth.get().unwrap_or_else(|| NONE.get_or_init(OAuth::default))
     }
 
     /// Sets the bindings (once, at start, before anything is served).
@@ -356,6 +371,7 @@ impl Broker {
             "secrets": slots,
             "bindings": self.bindings().status(),
             "proxy": self.proxy_status.get(),
+            "oauth": self.oauth().status(),
             "memory": { "locked_bytes": locks.locked_bytes, "unlocked_bytes": locks.unlocked_bytes },
             "writeback": self.writeback.status(),
             "logging": crate::logging::status(),

@@ -86,6 +86,8 @@ pub struct BrokerConfig {
     pub bindings: crate::proxy::bindings::BindingSpec,
     /// The egress proxy (`--proxy`).
     pub proxy: Option<crate::proxy::ProxyConfig>,
+    /// Broker-owned OAuth clients (`{prefix}NAME_OAUTH`, `--oauth`).
+    pub oauth: Vec<crate::oauth::OAuthSpec>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +134,9 @@ pub fn discover(env: impl IntoIterator<Item = (String, String)>, prefix: &str, s
                 && key.starts_with(prefix)
                 && key.ends_with(suffix)
                 && value.starts_with("op://")
+                // `{prefix}NAME_OAUTH` names an OAuth client's item, not a value (an empty
+                // suffix would otherwise take it for one).
+                && (suffix.ends_with("_OAUTH") || !key.ends_with("_OAUTH"))
         })
         .map(|(key, value)| (key[prefix.len()..key.len() - suffix.len()].to_ascii_uppercase(), value))
         .collect();
@@ -277,6 +282,16 @@ impl Service {
         for bad in &invalid {
             tracing::warn!("skipping invalid reference: {bad}");
         }
+        for spec in &config.oauth {
+            if broker.store.contains(&spec.name) {
+                return Err(StartError::Config(format!(
+                    "{} is declared as an OAuth access token ({}) and as a reference; keep one",
+                    spec.name,
+                    spec.item_text()
+                )));
+            }
+            broker.store.register(&spec.name, None, Source::OAuth);
+        }
         for watch in &config.watches {
             if !broker.store.register(&watch.name, Some(watch.reference.clone()), Source::Watch) {
                 return Err(StartError::Config(format!(
@@ -324,6 +339,20 @@ impl Service {
         if let Some(cache) = &cache {
             recovery::replay_journal(&broker, cache).await;
         }
+        // After the journal replay (the item's fields may have write-backs of their own) and
+        // before the socket: GET and `run --export` find the access token there.
+        let context = crate::oauth::Context {
+            store: broker.store.clone(),
+            writeback: broker.writeback.clone(),
+            backend: broker.backend().clone(),
+            journal: cache.as_ref().map(|c| crate::cache::Journal::new(c.clone())),
+            allow_missing: config.allow_missing,
+        };
+        let oauth = crate::oauth::OAuth::start(&config.oauth, context).await.map_err(|err| match err {
+            crate::oauth::StartError::Config(why) => StartError::Config(why),
+            crate::oauth::StartError::Unavailable(why) => StartError::SecretsUnavailable(why),
+        })?;
+        broker.set_oauth(oauth);
         let watcher = crate::watch::start(&config.watches, broker.watch_context(), config.watch.clone())
             .await
             .map_err(StartError::Config)?;

@@ -409,158 +409,87 @@ impl Proxy {
             let message = format!("op-bridge: {} is a private address (see --proxy-allow-private)\n", dest.host);
             return refuse(StatusCode::FORBIDDEN, &BTreeSet::new(), "private address", &message);
         }
-        let secrets = self.secrets_for(&dest);
-        let mut used = BTreeSet::new();
-        let refused = |label: &str| format!("op-bridge: secret {label} is not bound to {target}; request refused\n");
-
-        // Path and query.
-        let path = match secrets.uri.apply(path.as_bytes()) {
-            Ok(applied) => {
-                used.extend(applied.used);
-                String::from_utf8_lossy(&applied.out).into_owned()
-            }
-            Err(refusal) => {
-                return refuse(
-                    StatusCode::FORBIDDEN,
-                    &BTreeSet::from([refusal.label.clone()]),
-                    "unbound placeholder",
-                    &refused(&refusal.label),
-                );
-            }
-        };
-        let uri = match format!("{}://{}{}", if dest.https { "https" } else { "http" }, dest.authority(), path)
-            .parse::<Uri>()
-        {
-            Ok(uri) => uri,
-            Err(_) => return refuse(StatusCode::BAD_REQUEST, &used, "bad uri", "op-bridge: bad request target\n"),
-        };
-
-        // Headers.
+        // A small body is read whole up front: it is rewritten exactly, and it can be sent
+        // again when a broker-owned OAuth token was refused and refreshed.
         let (parts, body) = req.into_parts();
-        let mut headers = HeaderMap::with_capacity(parts.headers.len());
-        for (name, value) in &parts.headers {
-            if HOP_BY_HOP.contains(&name.as_str()) || name == header::HOST {
-                continue;
-            }
-            match secrets.headers.apply_header(name.as_str(), value.as_bytes()) {
-                Ok(applied) => {
-                    used.extend(applied.used);
-                    match HeaderValue::from_bytes(&applied.out) {
-                        Ok(value) => {
-                            headers.append(name.clone(), value);
-                        }
-                        Err(_) => {
-                            return refuse(
-                                StatusCode::BAD_REQUEST,
-                                &used,
-                                "bad header",
-                                "op-bridge: a header cannot carry that value\n",
-                            );
-                        }
-                    }
-                }
-                Err(refusal) => {
+        let length = hyper::body::Body::size_hint(&body).exact();
+        let mut payload = match length {
+            Some(0) => Payload::Buffered(Bytes::new()),
+            Some(n) if n <= BUFFERED_BODY => match Limited::new(body, BUFFERED_BODY as usize).collect().await {
+                Ok(collected) => Payload::Buffered(collected.to_bytes()),
+                Err(_) => {
                     return refuse(
-                        StatusCode::FORBIDDEN,
-                        &BTreeSet::from([refusal.label.clone()]),
-                        "unbound placeholder",
-                        &refused(&refusal.label),
+                        StatusCode::BAD_REQUEST,
+                        &BTreeSet::new(),
+                        "body read failed",
+                        "op-bridge: cannot read the request body\n",
                     );
                 }
+            },
+            _ => Payload::Streamed(body),
+        };
+        let mut retried = false;
+        let (response, secrets, used, sent) = loop {
+            let prepared = match self.prepare(&dest, &path, &parts, &mut payload) {
+                Ok(prepared) => prepared,
+                Err(refusal) => return refuse(refusal.status, &refusal.used, refusal.note, &refusal.message),
+            };
+            let Prepared { request, secrets, used, sent, stream_refusal, generations } = prepared;
+            if let Some(message) = used.iter().find_map(|name| self.broker.oauth().unusable(name)) {
+                return refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &used,
+                    "oauth unavailable",
+                    &format!("op-bridge: {message}\n"),
+                );
             }
-        }
-        if let Ok(host) = HeaderValue::from_str(&dest.authority()) {
-            headers.insert(header::HOST, host);
-        }
-
-        // Body: small ones whole (exact length, refusal before anything is sent), large ones
-        // streamed.
-        let encoding = body_encoding(&parts.headers);
-        let body_sub = Arc::new(Substituter::new(secrets.patterns(), encoding));
-        let sent = Arc::new(AtomicU64::new(0));
-        let stream_refusal: Arc<Mutex<Option<String>>> = Arc::default();
-        let length = hyper::body::Body::size_hint(&body).exact();
-        let body: Body = match length {
-            Some(0) => empty(),
-            Some(n) if n <= BUFFERED_BODY => {
-                let bytes = match Limited::new(body, BUFFERED_BODY as usize).collect().await {
-                    Ok(collected) => collected.to_bytes(),
-                    Err(_) => {
-                        return refuse(
-                            StatusCode::BAD_REQUEST,
-                            &used,
-                            "body read failed",
-                            "op-bridge: cannot read the request body\n",
-                        );
-                    }
-                };
-                let out = match body_sub.apply(&bytes) {
-                    Ok(applied) => {
-                        used.extend(applied.used);
-                        applied.out
-                    }
-                    Err(refusal) => {
+            let response = match self.client.request(request).await {
+                Ok(response) => response,
+                Err(err) => {
+                    if let Some(label) = stream_refusal.lock().unwrap_or_else(|e| e.into_inner()).clone() {
                         return refuse(
                             StatusCode::FORBIDDEN,
-                            &BTreeSet::from([refusal.label.clone()]),
+                            &BTreeSet::from([label.clone()]),
                             "unbound placeholder",
-                            &refused(&refusal.label),
+                            &format!("op-bridge: secret {label} is not bound to {target}; request refused\n"),
                         );
                     }
-                };
-                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
-                sent.store(out.len() as u64, Ordering::Relaxed);
-                Full::new(Bytes::from(out.to_vec())).map_err(|never| match never {}).boxed()
-            }
-            _ => {
-                headers.remove(header::CONTENT_LENGTH);
-                substituted(
-                    body,
-                    (!body_sub.is_empty()).then_some(body_sub.clone()),
-                    stream_refusal.clone(),
-                    sent.clone(),
-                    None,
-                )
-            }
-        };
-        let mut request = Request::builder().method(parts.method.clone()).uri(uri).version(http::Version::HTTP_11);
-        if let Some(h) = request.headers_mut() {
-            *h = headers;
-        }
-        let Ok(request) = request.body(body) else {
-            return refuse(StatusCode::BAD_REQUEST, &used, "bad request", "op-bridge: bad request\n");
-        };
-        let response = match self.client.request(request).await {
-            Ok(response) => response,
-            Err(err) => {
-                if let Some(label) = stream_refusal.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+                    if upstream::is_private_refusal(&err) {
+                        let message = format!(
+                            "op-bridge: {} resolves to a private address (see --proxy-allow-private)\n",
+                            dest.host
+                        );
+                        return refuse(StatusCode::FORBIDDEN, &used, "private address", &message);
+                    }
+                    let mut chain = err.to_string();
+                    let mut source = std::error::Error::source(&err);
+                    while let Some(cause) = source {
+                        chain.push_str(": ");
+                        chain.push_str(&cause.to_string());
+                        source = cause.source();
+                    }
+                    tracing::debug!(host = %target, "proxy: upstream failed: {chain}");
                     return refuse(
-                        StatusCode::FORBIDDEN,
-                        &BTreeSet::from([label.clone()]),
-                        "unbound placeholder",
-                        &refused(&label),
+                        StatusCode::BAD_GATEWAY,
+                        &used,
+                        "upstream failed",
+                        &format!("op-bridge: upstream {target} failed: {chain}\n"),
                     );
                 }
-                if upstream::is_private_refusal(&err) {
-                    let message =
-                        format!("op-bridge: {} resolves to a private address (see --proxy-allow-private)\n", dest.host);
-                    return refuse(StatusCode::FORBIDDEN, &used, "private address", &message);
+            };
+            // The API refused a broker-owned access token: one refresh (shared with any that
+            // is running) and, when the body can be sent again, one retry with the new token.
+            if response.status() == StatusCode::UNAUTHORIZED && !retried && !generations.is_empty() {
+                let mut renewed = false;
+                for (name, seen) in &generations {
+                    renewed |= self.broker.oauth().refresh_rejected(name, *seen).await;
                 }
-                let mut chain = err.to_string();
-                let mut source = std::error::Error::source(&err);
-                while let Some(cause) = source {
-                    chain.push_str(": ");
-                    chain.push_str(&cause.to_string());
-                    source = cause.source();
+                if renewed && matches!(payload, Payload::Buffered(_)) {
+                    retried = true;
+                    continue;
                 }
-                tracing::debug!(host = %target, "proxy: upstream failed: {chain}");
-                return refuse(
-                    StatusCode::BAD_GATEWAY,
-                    &used,
-                    "upstream failed",
-                    &format!("op-bridge: upstream {target} failed: {chain}\n"),
-                );
             }
+            break (response, secrets, used, sent);
         };
         if let Some(name) = used.iter().find(|n| self.broker.bindings().is_raw(n)) {
             tracing::debug!(name, "proxy used --allow-raw secret {name}");
@@ -606,15 +535,146 @@ impl Proxy {
         Response::from_parts(parts, body)
     }
 
+    /// One attempt's request: placeholders in the path, headers and body of `parts` and
+    /// `payload` replaced for `dest` (a streamed body can be taken once only).
+    fn prepare(
+        &self,
+        dest: &Dest,
+        path: &str,
+        parts: &http::request::Parts,
+        payload: &mut Payload,
+    ) -> Result<Prepared, Refusal> {
+        let target = dest.authority();
+        let secrets = self.secrets_for(dest);
+        let mut used = BTreeSet::new();
+        let unbound = |label: String| Refusal {
+            status: StatusCode::FORBIDDEN,
+            message: format!("op-bridge: secret {label} is not bound to {target}; request refused\n"),
+            used: BTreeSet::from([label]),
+            note: "unbound placeholder",
+        };
+        let bad = |used: &BTreeSet<String>, note: &'static str, message: &str| Refusal {
+            status: StatusCode::BAD_REQUEST,
+            used: used.clone(),
+            note,
+            message: message.to_string(),
+        };
+
+        // Path and query.
+        let path = match secrets.uri.apply(path.as_bytes()) {
+            Ok(applied) => {
+                used.extend(applied.used);
+                String::from_utf8_lossy(&applied.out).into_owned()
+            }
+            Err(refusal) => return Err(self.oauth_or(unbound(refusal.label))),
+        };
+        let uri = format!("{}://{}{}", if dest.https { "https" } else { "http" }, dest.authority(), path)
+            .parse::<Uri>()
+            .map_err(|_| bad(&used, "bad uri", "op-bridge: bad request target\n"))?;
+
+        // Headers.
+        let mut headers = HeaderMap::with_capacity(parts.headers.len());
+        for (name, value) in &parts.headers {
+            if HOP_BY_HOP.contains(&name.as_str()) || name == header::HOST {
+                continue;
+            }
+            match secrets.headers.apply_header(name.as_str(), value.as_bytes()) {
+                Ok(applied) => {
+                    used.extend(applied.used);
+                    let value = HeaderValue::from_bytes(&applied.out)
+                        .map_err(|_| bad(&used, "bad header", "op-bridge: a header cannot carry that value\n"))?;
+                    headers.append(name.clone(), value);
+                }
+                Err(refusal) => return Err(self.oauth_or(unbound(refusal.label))),
+            }
+        }
+        if let Ok(host) = HeaderValue::from_str(&dest.authority()) {
+            headers.insert(header::HOST, host);
+        }
+
+        // Body: small ones whole (exact length, refusal before anything is sent), large ones
+        // streamed.
+        let encoding = body_encoding(&parts.headers);
+        let body_sub = Arc::new(Substituter::new(secrets.patterns(), encoding));
+        let sent = Arc::new(AtomicU64::new(0));
+        let stream_refusal: Arc<Mutex<Option<String>>> = Arc::default();
+        let body: Body = match payload {
+            Payload::Buffered(bytes) if bytes.is_empty() => empty(),
+            Payload::Buffered(bytes) => {
+                let out = match body_sub.apply(bytes) {
+                    Ok(applied) => {
+                        used.extend(applied.used);
+                        applied.out
+                    }
+                    Err(refusal) => return Err(self.oauth_or(unbound(refusal.label))),
+                };
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
+                sent.store(out.len() as u64, Ordering::Relaxed);
+                Full::new(Bytes::from(out.to_vec())).map_err(|never| match never {}).boxed()
+            }
+            Payload::Streamed(_) => {
+                let Payload::Streamed(body) = std::mem::replace(payload, Payload::Taken) else {
+                    return Err(bad(&used, "bad request", "op-bridge: bad request\n"));
+                };
+                headers.remove(header::CONTENT_LENGTH);
+                substituted(
+                    body,
+                    (!body_sub.is_empty()).then_some(body_sub.clone()),
+                    stream_refusal.clone(),
+                    sent.clone(),
+                    None,
+                )
+            }
+            Payload::Taken => return Err(bad(&used, "bad request", "op-bridge: bad request\n")),
+        };
+        let mut request = Request::builder().method(parts.method.clone()).uri(uri).version(http::Version::HTTP_11);
+        if let Some(h) = request.headers_mut() {
+            *h = headers;
+        }
+        let request = request.body(body).map_err(|_| bad(&used, "bad request", "op-bridge: bad request\n"))?;
+        // The broker-owned tokens this request carries, with the generation sent (a 401
+        // refreshes only a token that is still the one the API refused).
+        let generations = secrets
+            .entries
+            .iter()
+            .filter(|e| used.contains(&e.name) && self.broker.oauth().owns(&e.name))
+            .map(|e| (e.name.clone(), e.generation))
+            .collect();
+        Ok(Prepared { request, secrets, used, sent, stream_refusal, generations })
+    }
+
+    /// A refusal naming a broker-owned OAuth secret that cannot be used now becomes 503 with
+    /// the reason (its token has no value to substitute, which is not a binding error).
+    fn oauth_or(&self, refusal: Refusal) -> Refusal {
+        match refusal.used.iter().find_map(|name| self.broker.oauth().unusable(name)) {
+            Some(message) => Refusal {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: format!("op-bridge: {message}\n"),
+                note: "oauth unavailable",
+                ..refusal
+            },
+            None => refusal,
+        }
+    }
+
     /// The substitutions for one destination.
     fn secrets_for(&self, dest: &Dest) -> Secrets {
         let mut entries = Vec::new();
         for binding in self.broker.bindings().iter() {
             // Values travel over TLS only: a plain-http destination gets none.
-            let value = (dest.https && binding.matches(&dest.host, dest.port))
-                .then(|| self.broker.store.with_value(&binding.name, |v| Zeroizing::new(v.to_vec())))
+            let found = (dest.https && binding.matches(&dest.host, dest.port))
+                .then(|| self.broker.store.with_value_generation(&binding.name, |v, g| (Zeroizing::new(v.to_vec()), g)))
                 .flatten();
-            entries.push(Entry { name: binding.name.clone(), placeholder: binding.placeholder.clone(), value });
+            let (value, generation) = match found {
+                Some((value, generation)) => (Some(value), generation),
+                None => (None, 0),
+            };
+            entries.push(Entry {
+                name: binding.name.clone(),
+                placeholder: binding.placeholder.clone(),
+                value,
+                generation,
+            });
         }
         let make = |encoding| Substituter::new(patterns(&entries), encoding);
         Secrets { uri: make(Encoding::Percent), headers: make(Encoding::Raw), entries }
@@ -661,6 +721,34 @@ struct Entry {
     placeholder: String,
     /// The value, when the secret is bound to the destination.
     value: Option<Zeroizing<Vec<u8>>>,
+    /// The value's generation in the store.
+    generation: u64,
+}
+
+/// A request body: read whole (it can be sent again), or streamed (once).
+enum Payload {
+    Buffered(Bytes),
+    Streamed(Incoming),
+    Taken,
+}
+
+/// One attempt's rewritten request and what it carries.
+struct Prepared {
+    request: Request<Body>,
+    secrets: Secrets,
+    used: BTreeSet<String>,
+    sent: Arc<AtomicU64>,
+    stream_refusal: Arc<Mutex<Option<String>>>,
+    /// The broker-owned OAuth tokens it carries, with their generations.
+    generations: Vec<(String, u64)>,
+}
+
+/// A request refused before anything was sent.
+struct Refusal {
+    status: StatusCode,
+    used: BTreeSet<String>,
+    note: &'static str,
+    message: String,
 }
 
 /// One destination's secrets and the substituters for its URI and headers.

@@ -111,6 +111,19 @@ def main():
         status, _, _ = token({"grant_type": "client_credentials"}, basic="machine:m4ch")
         check("knobs are consumed", status == 200)
 
+        status, body, _ = token({"grant_type": "client_credentials"}, basic="machine:m4ch")
+        fresh = body["access_token"]
+        check("the API accepts a current token", api(fresh) == 200)
+        knobs(revoke_access_tokens=1)
+        check("revoke_access_tokens makes the tokens issued so far invalid", api(fresh) == 401)
+        status, body, _ = token({"grant_type": "client_credentials"}, basic="machine:m4ch")
+        check("a token issued after the revocation works", api(body["access_token"]) == 200)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("POST", "/api/echo", body=b"hello", headers={"Authorization": f"Bearer {body['access_token']}"})
+        reply = conn.getresponse()
+        check("POST /api echoes the body", reply.status == 200 and json.loads(reply.read())["body"] == "hello")
+        conn.close()
+
         knobs(drop_after_issue=1)
         status, body, _ = token({"grant_type": "client_credentials"}, basic="machine:m4ch")
         check("drop_after_issue closes the connection unanswered", status is None)
@@ -165,7 +178,7 @@ def main():
         lines = [json.loads(line) for line in open(events)]
         kinds = [line["event"] for line in lines]
         check("events record reuse, leeway, drops and 401s",
-              {"reuse_detected", "reuse_within_leeway", "dropped", "api_unauthorized", "issued"} <= set(kinds))
+              {"reuse_detected", "reuse_within_leeway", "dropped", "api_unauthorized", "issued", "revoked"} <= set(kinds))
         check("events never hold a whole token",
               all(len(line.get("token", "")) <= 8 for line in lines))
     finally:

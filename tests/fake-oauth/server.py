@@ -15,6 +15,7 @@ Endpoints
                 401 {"error":"invalid_client"}
   GET  /api/…   the protected API: 200 {"ok":true,"path":…} for a current access token as
                 `Authorization: Bearer …`, else 401 (and the 401 is counted).
+  POST /api/…   the same, and the answer echoes the request body as "body".
   GET  /health  200.
 
 Environment
@@ -29,11 +30,13 @@ Environment
   FAKE_OAUTH_CONTROL optional JSON knobs, re-read on every request:
                      {"access_ttl_s": 5, "reuse_leeway_s": 0, "server_error": N, "rate_limit": N,
                       "retry_after_s": 2, "slow_ms": 0, "drop_after_issue": N,
-                      "hold": false, "check_client": false}
+                      "revoke_access_tokens": N, "hold": false, "check_client": false}
                      server_error / rate_limit / drop_after_issue are consumed one per token
                      request. drop_after_issue issues (and records) the tokens, then closes the
                      connection without an answer: the client never learns the new refresh
-                     token, and its old one is already used.
+                     token, and its old one is already used. revoke_access_tokens (consumed one
+                     per API request) makes every access token issued so far invalid before that
+                     request is checked, as a provider revoking tokens early would.
                      hold: token requests wait, unanswered, while it is true (a test stops new
                      grants, waits for the running ones to finish, then kills the client).
                      check_client: a token request whose client has closed its connection by
@@ -43,8 +46,8 @@ Environment
   FAKE_OAUTH_EVENTS  JSON-lines file: one line per token request and per API 401:
                      {"ts","event","client","grant","family","status"}; "event" is one of
                      issued, reuse_detected, reuse_within_leeway, invalid_grant, invalid_client,
-                     server_error, rate_limited, dropped, client_gone, api_ok, api_unauthorized.
-                     Tokens are logged only as an 8-character prefix.
+                     server_error, rate_limited, dropped, client_gone, revoked, api_ok,
+                     api_unauthorized. Tokens are logged only as an 8-character prefix.
   FAKE_OAUTH_BUSY    optional file holding the number of token requests being granted: counted
                      from before a request reads the knobs to after its answer is written, so
                      once a test has set `hold` and read 0 here, no grant is under way.
@@ -177,17 +180,32 @@ class Handler(BaseHTTPRequestHandler):
             return self.answer(200, {"ok": True})
         if not self.path.startswith("/api/"):
             return self.answer(404, {"error": "not_found"})
+        self.api(None)
+
+    def api(self, body):
         auth = self.headers.get("Authorization", "")
         token = auth[7:] if auth.startswith("Bearer ") else ""
         with LOCK:
+            if consume("revoke_access_tokens"):
+                STATE["access_tokens"].clear()
+                save_state()
+                record("revoked")
             entry = STATE["access_tokens"].get(token)
             valid = entry is not None and entry["expires_at"] > time.time()
             record("api_ok" if valid else "api_unauthorized", token=short(token))
         if valid:
-            return self.answer(200, {"ok": True, "path": self.path})
+            answer = {"ok": True, "path": self.path}
+            if body is not None:
+                answer["body"] = body.decode("utf-8", "replace")
+            return self.answer(200, answer)
         return self.answer(401, {"error": "invalid_token"}, [("WWW-Authenticate", 'Bearer error="invalid_token"')])
 
     def do_POST(self):
+        if self.path.startswith("/api/"):
+            length = int(self.headers.get("Content-Length", "0") or 0)
+            if length > MAX_BODY:
+                return self.answer(413, {"error": "too_large"})
+            return self.api(self.rfile.read(length))
         if self.path != "/token":
             return self.answer(404, {"error": "not_found"})
         length = int(self.headers.get("Content-Length", "0") or 0)
