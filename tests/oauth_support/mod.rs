@@ -206,14 +206,8 @@ impl OAuthServer {
     /// not yet journaled) loses the chain for any client; that is what the leeway is for.
     pub fn quiesce(&self, limit: Duration) -> Result<Duration, String> {
         let started = Instant::now();
-        self.write_knobs(true);
         let deadline = started + limit;
-        while self.busy() != 0 {
-            if Instant::now() > deadline {
-                return Err(format!("a token grant was still running after {limit:?}"));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        self.hold(limit)?;
         if let Some(newest) = self.newest_access_token() {
             let needle = format!("\"token\": \"{}\"", &newest[..8]);
             while !self.event_text().lines().rev().any(|l| l.contains("\"event\": \"api_ok\"") && l.contains(&needle)) {
@@ -226,6 +220,26 @@ impl OAuthServer {
             }
         }
         Ok(started.elapsed())
+    }
+
+    /// Holds new token requests and waits until no grant is running: from now on nothing is
+    /// issued until [`OAuthServer::release`].
+    pub fn hold(&self, limit: Duration) -> Result<(), String> {
+        self.write_knobs(true);
+        let deadline = Instant::now() + limit;
+        while self.busy() != 0 {
+            if Instant::now() > deadline {
+                return Err(format!("a token grant was still running after {limit:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// When the newest access token expires (Unix seconds).
+    pub fn newest_expiry(&self) -> Option<f64> {
+        let newest = self.newest_access_token()?;
+        self.state()["access_tokens"][&newest]["expires_at"].as_f64()
     }
 
     /// Lets held token requests go on (a held request whose client died is dropped unissued
@@ -262,7 +276,8 @@ pub fn vault(server: &OAuthServer) -> Json {
 }
 
 /// One `GET path` with `Authorization: Bearer bearer` to `http://addr` on a new connection;
-/// the status and body. An error when nothing answered (op-bridge down or killed mid-request).
+/// the status and the (de-chunked) body. An error when no whole answer came (op-bridge down,
+/// or killed mid-answer).
 pub fn app_get(addr: &str, path: &str, bearer: &str) -> std::io::Result<(u16, String)> {
     let target = addr
         .to_socket_addrs()?
@@ -275,12 +290,29 @@ pub fn app_get(addr: &str, path: &str, bearer: &str) -> std::io::Result<(u16, St
     write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {bearer}\r\nConnection: close\r\n\r\n")?;
     let mut answer = Vec::new();
     stream.read_to_end(&mut answer)?;
+    let cut = || std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no whole HTTP answer");
     let text = String::from_utf8_lossy(&answer).into_owned();
-    let status = text
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(cut)?;
+    let status = head
         .strip_prefix("HTTP/1.1 ")
         .and_then(|rest| rest.get(..3))
         .and_then(|code| code.parse().ok())
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no HTTP answer"))?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Ok((status, body))
+        .ok_or_else(cut)?;
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    if !chunked {
+        return Ok((status, body.to_string()));
+    }
+    let (mut rest, mut decoded) = (body, String::new());
+    loop {
+        let (size, after) = rest.split_once("\r\n").ok_or_else(cut)?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16).map_err(|_| cut())?;
+        if size == 0 {
+            return Ok((status, decoded));
+        }
+        decoded.push_str(after.get(..size).ok_or_else(cut)?);
+        rest = after.get(size..).and_then(|r| r.strip_prefix("\r\n")).ok_or_else(cut)?;
+    }
 }
