@@ -659,3 +659,38 @@ EOF
     }
     assert_eq!(server.count("reuse_detected") + server.count("invalid_grant"), 0, "{:?}", server.events());
 }
+
+#[test]
+fn an_expired_token_while_the_endpoint_is_down_gets_503_naming_it_and_recovers() {
+    let dir = TestDir::new("oa-expired");
+    let server = TokenServer::start(&dir, json!({"server_error": 1000}));
+    let expired = op_bridge::time::format_rfc3339(SystemTime::now() - Duration::from_secs(60));
+    let fake = FakeOp::new(
+        &dir,
+        json!({"v": {"svc": {"token_url": server.url(), "client_id": "machine", "client_secret": "m4ch",
+                             "access_token": "at_expired_long_ago_0000000000", "expires_at": expired}}}),
+    );
+    let go = dir.join("go");
+    let script = format!(
+        "curl -s -o {dir}/body -w '%{{http_code}}\\n' -H \"Authorization: Bearer $SVC\" https://{host}/api/me; \
+         while [ ! -e {go} ]; do sleep 0.05; done; \
+         curl -s -o /dev/null -w '%{{http_code}}\\n' -H \"Authorization: Bearer $SVC\" https://{host}/api/me",
+        dir = dir.path().display(),
+        host = server.host(),
+        go = go.display(),
+    );
+    let mut broker = run_bound(&dir, &fake, &server, &["SVC"], &script).env("OP_SVC_OAUTH", "op://v/svc").spawn();
+    broker.wait_ready(LIMIT);
+    assert!(eventually(LIMIT, || !broker.stdout().is_empty()), "{}", broker.stderr());
+    let body = std::fs::read_to_string(dir.join("body")).unwrap();
+    assert_eq!(broker.stdout().trim(), "503", "{}", broker.stderr());
+    assert!(body.contains("SVC has no valid access token") && body.contains("unavailable"), "{body}");
+    assert_eq!(status(&broker)["oauth"]["SVC"]["state"], "backing_off");
+    // The endpoint is back: the next attempt gets a token and the app's call succeeds.
+    server.knobs(json!({}));
+    assert!(eventually(LIMIT, || status(&broker)["oauth"]["SVC"]["refreshes"] == 1), "{}", broker.stderr());
+    std::fs::write(&go, "").unwrap();
+    assert!(broker.wait(LIMIT).success(), "{}", broker.stderr());
+    assert_eq!(broker.stdout().split_whitespace().collect::<Vec<_>>(), ["503", "200"], "{}", broker.stderr());
+    assert_eq!(server.count("api_ok"), 1, "the 503 reached no API: {:?}", server.events());
+}

@@ -356,12 +356,13 @@ impl Refresher {
         Some(Instant::now() + left.saturating_sub(margin(tokens.lifetime)))
     }
 
-    /// At start: a token now when none is valid, retried a little before the broker serves.
+    /// At start: a token now when none is valid, retried a little before the broker serves. A
+    /// token that is still valid is served at once; the timer replaces it when it is due.
     async fn first_token(&self) {
         for _ in 0..START_ATTEMPTS {
-            match self.due() {
-                Some(due) if due <= Instant::now() => {}
-                _ => return,
+            let valid = self.tokens().expires_at.is_some_and(|at| at > SystemTime::now());
+            if valid || self.due().is_none() {
+                return;
             }
             if self.refresh(None).await {
                 return;
