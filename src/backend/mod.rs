@@ -108,6 +108,13 @@ pub trait Backend: Send + Sync {
     /// they can avoid it.
     fn resolve<'a>(&'a self, refs: &'a [SecretRef]) -> BoxFuture<'a, Vec<Result<Value, BackendError>>>;
 
+    /// Reads fields that all belong to one item, with one read of the item where the backend
+    /// can (a missing field is that field's `NotFound`, not a reason to read again). The
+    /// default resolves them as references.
+    fn read_item_fields<'a>(&'a self, refs: &'a [SecretRef]) -> BoxFuture<'a, Vec<Result<Value, BackendError>>> {
+        self.resolve(refs)
+    }
+
     /// Stores every field of `writes` in one read-modify-write of their item (all writes name
     /// the same vault and item). One attempt; the write-back queue owns retrying. Where the
     /// backend has item versions, a concurrent edit is detected and reported as

@@ -207,6 +207,17 @@ impl Backend for OpCli {
         Box::pin(super::op_batch::resolve(self, refs, plan))
     }
 
+    fn read_item_fields<'a>(&'a self, refs: &'a [SecretRef]) -> BoxFuture<'a, Vec<Result<Value, BackendError>>> {
+        Box::pin(async move {
+            let Some(first) = refs.first() else { return Vec::new() };
+            // One `op item get` instead of a batch that narrows down each missing field.
+            match self.get_item(&first.vault, &first.item).await {
+                Ok(item) => refs.iter().map(|r| item.field_value(r)).collect(),
+                Err(err) => refs.iter().map(|_| Err(err.clone())).collect(),
+            }
+        })
+    }
+
     fn write_item<'a>(&'a self, writes: &'a [FieldWrite], options: WriteOptions) -> BoxFuture<'a, ItemWriteResult> {
         Box::pin(self.write_fields(writes, options))
     }

@@ -162,6 +162,9 @@ impl Broker {
     /// of a bound secret, else the value.
     pub fn give_out<R>(&self, name: &str, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
         match self.bindings().placeholder_for(name) {
+            // A broker-owned token that has no value yet (its grant refused, its endpoint
+            // down) still has its placeholder: the proxy answers its requests with the reason.
+            Some(placeholder) if self.oauth().owns(name) => Some(f(placeholder.as_bytes())),
             Some(placeholder) => self.store.with_value(name, |_| ()).map(|()| f(placeholder.as_bytes())),
             None => self.store.with_value(name, f),
         }

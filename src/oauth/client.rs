@@ -217,6 +217,8 @@ fn classify(status: u16, retry_after: Option<Duration>, doc: &Json) -> Result<To
         }
     };
     match status {
+        // Some endpoints (GitHub's) answer a refused grant with 200 and an `error`.
+        200 if error.is_some() => Err(TokenError::Refused(described())),
         200 => {
             let access = doc.get("access_token").and_then(Json::as_str).filter(|t| !t.is_empty());
             let Some(access) = access else {
@@ -316,6 +318,8 @@ mod tests {
         let limited = classify(429, Some(Duration::from_secs(7)), &Json::Null);
         assert!(matches!(limited, Err(TokenError::RateLimited { retry_after: Some(d), .. }) if d.as_secs() == 7));
         assert!(matches!(classify(503, None, &Json::Null), Err(TokenError::Unavailable(_))));
+        let github = serde_json::json!({"error": "bad_refresh_token", "error_description": "The refresh token passed is incorrect or expired."});
+        assert!(matches!(classify(200, None, &github), Err(TokenError::Refused(m)) if m.contains("bad_refresh_token")));
         assert!(matches!(
             classify(200, None, &serde_json::json!({"token_type": "Bearer"})),
             Err(TokenError::Unavailable(_))

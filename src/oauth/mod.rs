@@ -44,9 +44,10 @@ const MAX_MARGIN: Duration = Duration::from_secs(300);
 /// Backoff of token requests after 5xx, 429 without a delay, or timeouts.
 const BACKOFF: RetryPolicy =
     RetryPolicy { attempts: u32::MAX, base: Duration::from_secs(1), max: Duration::from_secs(60) };
-/// A 401 seen by the proxy refreshes a token no sooner than this after the last refresh (an
-/// API that refuses every token must not turn each request into a token request).
-const REJECTION_MIN_AGE: Duration = Duration::from_secs(1);
+/// A token fetched because the API refused the previous one, and refused in turn within
+/// this long, is not replaced again: that refusal is not about the token's age, and each
+/// request must not become a token request.
+const REFUSED_AGAIN: Duration = Duration::from_secs(30);
 /// Token requests made at start before the broker serves anyway (the timer keeps trying).
 const START_ATTEMPTS: u32 = 3;
 
@@ -220,7 +221,8 @@ struct Tokens {
     failures: u32,
     /// The journal record's sequence number.
     seq: u64,
-    last_refresh: Option<Instant>,
+    /// The generation of the last token a 401 made us fetch, and when (see [`REFUSED_AGAIN`]).
+    from_rejection: Option<(u64, Instant)>,
 }
 
 /// One OAuth client: its settings, its tokens and the one refresh that may run.
@@ -329,7 +331,7 @@ impl Refresher {
                 retry_at: None,
                 failures: 0,
                 seq,
-                last_refresh: None,
+                from_rejection: None,
             }),
             wake: Notify::new(),
         };
@@ -354,12 +356,13 @@ impl Refresher {
         Some(Instant::now() + left.saturating_sub(margin(tokens.lifetime)))
     }
 
-    /// At start: a token now when none is valid, retried a little before the broker serves.
+    /// At start: a token now when none is valid, retried a little before the broker serves. A
+    /// token that is still valid is served at once; the timer replaces it when it is due.
     async fn first_token(&self) {
         for _ in 0..START_ATTEMPTS {
-            match self.due() {
-                Some(due) if due <= Instant::now() => {}
-                _ => return,
+            let valid = self.tokens().expires_at.is_some_and(|at| at > SystemTime::now());
+            if valid || self.due().is_none() {
+                return;
             }
             if self.refresh(None).await {
                 return;
@@ -405,12 +408,22 @@ impl Refresher {
     }
 
     async fn refresh_rejected(&self, seen: u64) -> bool {
-        let recent = self.tokens().last_refresh.is_some_and(|at| at.elapsed() < REJECTION_MIN_AGE);
-        if recent && self.store.generation(&self.spec.name) == seen {
+        let name = &self.spec.name;
+        let refused_again =
+            self.tokens().from_rejection.is_some_and(|(g, at)| g == seen && at.elapsed() < REFUSED_AGAIN);
+        if refused_again {
+            tracing::debug!(name = %name, "oauth {name}: the API refused a token fetched after a refusal; not refreshing");
             return false;
         }
-        tracing::info!(name = %self.spec.name, "oauth {}: the API refused the access token; refreshing", self.spec.name);
-        self.refresh(Some(seen)).await || self.store.generation(&self.spec.name) != seen
+        tracing::info!(name = %name, "oauth {name}: the API refused the access token; refreshing");
+        if self.refresh(Some(seen)).await {
+            let current = self.store.generation(name);
+            if current != seen {
+                self.tokens().from_rejection = Some((current, Instant::now()));
+                return true;
+            }
+        }
+        false
     }
 
     /// One refresh (or the result of the one running). `seen`: the generation of the token
@@ -532,7 +545,6 @@ impl Refresher {
             tokens.retry_at = None;
             tokens.failures = 0;
             tokens.seq = seq;
-            tokens.last_refresh = Some(Instant::now());
         }
         self.store.set_value(name, response.access_token.as_bytes());
         self.write_back(&fields, seq);
@@ -588,7 +600,7 @@ async fn read_item(
     backend: &dyn Backend,
 ) -> Result<BTreeMap<String, Zeroizing<String>>, crate::backend::BackendError> {
     let refs: Vec<SecretRef> = FIELDS.iter().map(|label| spec.field(label)).collect();
-    let results = backend.resolve(&refs).await;
+    let results = backend.read_item_fields(&refs).await;
     let mut fields = BTreeMap::new();
     for (label, result) in FIELDS.iter().zip(results) {
         match result {
