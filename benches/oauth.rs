@@ -104,18 +104,33 @@ fn main() {
         })
     };
 
+    // 1Password holds the newest refresh token the server issued.
+    let settled = || {
+        let unused = server.unused_refresh_tokens();
+        unused.len() == 1 && fake.read_store()["v"]["oauth"]["refresh_token"] == unused[0].as_str()
+    };
     // Start-up (the first token and its write) is counted apart from the steady state.
-    let settled = eventually(Duration::from_secs(60), || {
-        counts(&server, &fake, started, now_unix()).op_writes >= 1 && server.rotations() >= 1
-    });
-    assert!(settled, "op-bridge did not get and store its first token\n{}", broker.stderr());
+    assert!(
+        eventually(Duration::from_secs(60), || server.rotations() >= 1 && settled()),
+        "op-bridge did not get and store its first token\n{}",
+        broker.stderr()
+    );
     let from = now_unix();
     let startup = counts(&server, &fake, started, from);
     std::thread::sleep(Duration::from_secs(lifetime * lifetimes));
-    let to = now_unix();
+    // No grant after `to`; the 1Password calls of the window's rotations are counted until
+    // 1Password holds the last one.
     stop.store(true, Ordering::SeqCst);
     app.join().unwrap();
-    let steady = counts(&server, &fake, from, to);
+    server.hold(Duration::from_secs(60)).unwrap();
+    let to = now_unix();
+    assert!(eventually(Duration::from_secs(60), settled), "the last rotation never reached 1Password");
+    let stored = now_unix();
+    let steady = Counts {
+        op_writes: counts(&server, &fake, from, stored).op_writes,
+        op_reads: counts(&server, &fake, from, stored).op_reads,
+        ..counts(&server, &fake, from, to)
+    };
     let errors = ["reuse_detected", "reuse_within_leeway", "invalid_grant", "invalid_client"]
         .iter()
         .map(|e| server.count(e))
