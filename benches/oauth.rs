@@ -151,10 +151,7 @@ fn main() {
     );
     println!("| figure | per lifetime (L = {lifetime} s) | per rotation | per hour, L = 1 h |");
     println!("|---|---|---|---|");
-    println!(
-        "| rotations (refresh-token grants) | {:.2} | 1 | {hourly:.2} |",
-        steady.rotations as f64 / n
-    );
+    println!("| rotations (refresh-token grants) | {:.2} | 1 | {hourly:.2} |", steady.rotations as f64 / n);
     for (label, x) in [
         ("token endpoint requests", steady.token_requests),
         ("1Password writes (`op item edit`)", steady.op_writes),

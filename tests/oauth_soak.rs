@@ -257,7 +257,10 @@ fn two_hundred_rotations_survive_kill_9_restarts_and_1password_outages() {
         Some(item["access_token"].as_str().unwrap_or_default().to_string()) == server.newest_access_token(),
         "1Password does not hold the newest access token"
     );
-    assert!(item["expires_at"].as_str().is_some_and(|t| t.len() >= 20 && t.contains('T')), "no RFC 3339 expires_at in 1Password");
+    assert!(
+        item["expires_at"].as_str().is_some_and(|t| t.len() >= 20 && t.contains('T')),
+        "no RFC 3339 expires_at in 1Password"
+    );
 
     let tokens = server.all_tokens();
     for (path, text) in broker_logs(&dir) {

@@ -279,15 +279,15 @@ pub fn vault(server: &OAuthServer) -> Json {
 /// the status and the (de-chunked) body. An error when no whole answer came (op-bridge down,
 /// or killed mid-answer).
 pub fn app_get(addr: &str, path: &str, bearer: &str) -> std::io::Result<(u16, String)> {
-    let target = addr
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| std::io::Error::other("no address"))?;
+    let target = addr.to_socket_addrs()?.next().ok_or_else(|| std::io::Error::other("no address"))?;
     let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
     // Generous: a request may wait for a refresh under load.
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {bearer}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {bearer}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut answer = Vec::new();
     stream.read_to_end(&mut answer)?;
     let cut = || std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no whole HTTP answer");
