@@ -45,6 +45,23 @@ fn daemon(dir: &TestDir, fake: &FakeOp, server: &OAuthServer, cache: &Path) -> B
         .arg(format!("api=https://{}", server.host()))
 }
 
+/// Sets a flag when dropped: a panicking loop still stops the threads that wait for it.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Whether `broker` has taken every token answer the server issued since it was spawned (at
+/// `spawned`): STATUS counts a refresh once its answer is journaled and in use.
+fn took_every_answer(broker: &Broker, server: &OAuthServer, spawned: f64) -> bool {
+    let out = broker.client(&["status", "--json"], None);
+    let Ok(status) = serde_json::from_slice::<Json>(&out.stdout) else { return false };
+    status["oauth"]["API"]["refreshes"].as_u64() == Some(server.rotations_since(spawned) as u64)
+}
+
 fn status(broker: &Broker) -> Json {
     let out = broker.client(&["status", "--json"], None);
     assert!(out.status.success(), "STATUS failed: {}", describe(&out));
@@ -145,6 +162,7 @@ fn two_hundred_rotations_survive_kill_9_restarts_and_1password_outages() {
     let cache = dir.join("cache.bin");
     let started = Instant::now();
 
+    let mut spawned = now_unix();
     let mut broker = daemon(&dir, &fake, &server, &cache).start();
     let (addr, placeholder) = proxy_and_placeholder(&broker);
     assert!(
@@ -162,6 +180,7 @@ fn two_hundred_rotations_survive_kill_9_restarts_and_1password_outages() {
     let outage_stop = AtomicBool::new(false);
     let (kills, longest_quiesce, outages) = std::thread::scope(|scope| {
         let outages = scope.spawn(|| outage_loop(&fake, &outage_stop));
+        let _stop_outages = StopOnDrop(&outage_stop);
         let mut kills = 0;
         let mut longest_quiesce = Duration::ZERO;
         while server.rotations() < ROTATIONS || kills < KILLS {
@@ -172,13 +191,16 @@ fn two_hundred_rotations_survive_kill_9_restarts_and_1password_outages() {
                 broker.stderr()
             );
             std::thread::sleep(Duration::from_millis(fastrand::u64(200..4000)));
-            let waited = server.quiesce(QUIESCE_LIMIT).unwrap_or_else(|e| panic!("{e}\nstderr:\n{}", broker.stderr()));
+            let waited = server
+                .quiesce(QUIESCE_LIMIT, || took_every_answer(&broker, &server, spawned))
+                .unwrap_or_else(|e| panic!("{e}\nstderr:\n{}", broker.stderr()));
             longest_quiesce = longest_quiesce.max(waited);
             *app.addr.lock().unwrap() = None;
             broker.signal(libc::SIGKILL);
             broker.wait(Duration::from_secs(30));
             kills += 1;
             server.release();
+            spawned = now_unix();
             broker = daemon(&dir, &fake, &server, &cache).start();
             let (addr, again) = proxy_and_placeholder(&broker);
             assert_eq!(again, placeholder, "the placeholder changed across a restart with --cache");
@@ -191,7 +213,9 @@ fn two_hundred_rotations_survive_kill_9_restarts_and_1password_outages() {
 
     // The end: outside any exchange, the app stopped, then a graceful stop that flushes the
     // write-back queue.
-    server.quiesce(QUIESCE_LIMIT).unwrap_or_else(|e| panic!("{e}\nstderr:\n{}", broker.stderr()));
+    server
+        .quiesce(QUIESCE_LIMIT, || took_every_answer(&broker, &server, spawned))
+        .unwrap_or_else(|e| panic!("{e}\nstderr:\n{}", broker.stderr()));
     app.stop.store(true, Ordering::SeqCst);
     for thread in apps {
         thread.join().unwrap();

@@ -219,7 +219,7 @@ class Handler(BaseHTTPRequestHandler):
             k = knobs()
             while k.get("hold"):
                 busy(-1)
-                time.sleep(0.01)
+                time.sleep(0.05)
                 busy(1)
                 k = knobs()
             self.token_request(form, k)

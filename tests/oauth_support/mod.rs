@@ -198,28 +198,31 @@ impl OAuthServer {
     }
 
     /// Brings the client to a moment outside any token exchange: new token requests are held
-    /// unanswered, the running grants finish, and the newest access token has been used at
-    /// the API — which the contract allows only once its response was journaled. A client
-    /// killed now has lost no grant. Call [`OAuthServer::release`] after the kill.
+    /// unanswered, the running grants finish, and `accepted` says the client has taken every
+    /// answer it was given (e.g. STATUS counts as many refreshes as the server issued to it). A
+    /// client killed now has lost no grant. Call [`OAuthServer::release`] after the kill.
     ///
     /// With a reuse leeway of 0, a kill inside an exchange (the provider granted, the answer
     /// not yet journaled) loses the chain for any client; that is what the leeway is for.
-    pub fn quiesce(&self, limit: Duration) -> Result<Duration, String> {
+    pub fn quiesce(&self, limit: Duration, mut accepted: impl FnMut() -> bool) -> Result<Duration, String> {
         let started = Instant::now();
-        let deadline = started + limit;
         self.hold(limit)?;
-        if let Some(newest) = self.newest_access_token() {
-            let needle = format!("\"token\": \"{}\"", &newest[..8]);
-            while !self.event_text().lines().rev().any(|l| l.contains("\"event\": \"api_ok\"") && l.contains(&needle)) {
-                if Instant::now() > deadline {
-                    return Err(format!(
-                        "the newest access token was not used at the API within {limit:?} of its grant"
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(10));
+        while !accepted() {
+            if started.elapsed() > limit {
+                return Err(format!("the client had not taken the last token answer {limit:?} after it was sent"));
             }
+            std::thread::sleep(Duration::from_millis(10));
         }
         Ok(started.elapsed())
+    }
+
+    /// Refresh-token grants issued at or after `since` (Unix seconds).
+    pub fn rotations_since(&self, since: f64) -> usize {
+        self.events()
+            .iter()
+            .filter(|e| e["event"] == "issued" && e["grant"] == "refresh_token")
+            .filter(|e| e["ts"].as_f64().is_some_and(|ts| ts >= since))
+            .count()
     }
 
     /// Holds new token requests and waits until no grant is running: from now on nothing is
