@@ -78,6 +78,9 @@ def main():
         check("the access token opens the API", api(at1) == 200)
         time.sleep(1.2)
         check("an expired access token gets 401", api(at1) == 401)
+        knobs(access_ttl_s=1, api_leeway_s=30)
+        check("the API's leeway accepts an expired access token", api(at1) == 200)
+        knobs(access_ttl_s=1)
         status, body, _ = token({"grant_type": "refresh_token", "refresh_token": rt1}, basic="app:s3cret")
         check("the successor refresh token works once", status == 200)
         rt2 = body["refresh_token"]

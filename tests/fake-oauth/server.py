@@ -30,7 +30,8 @@ Environment
   FAKE_OAUTH_CONTROL optional JSON knobs, re-read on every request:
                      {"access_ttl_s": 5, "reuse_leeway_s": 0, "server_error": N, "rate_limit": N,
                       "retry_after_s": 2, "slow_ms": 0, "drop_after_issue": N,
-                      "revoke_access_tokens": N, "hold": false, "check_client": false}
+                      "revoke_access_tokens": N, "hold": false, "check_client": false,
+                      "api_leeway_s": 0}
                      server_error / rate_limit / drop_after_issue are consumed one per token
                      request. drop_after_issue issues (and records) the tokens, then closes the
                      connection without an answer: the client never learns the new refresh
@@ -43,6 +44,8 @@ Environment
                      the time it would be granted gets no answer and nothing is issued (event
                      client_gone), as a provider whose front end drops a request whose client
                      went away; without it a request from a killed client may still be granted.
+                     api_leeway_s: the API still accepts an access token this long after it
+                     expired (a resource server's clock-skew tolerance); expires_in is unchanged.
   FAKE_OAUTH_EVENTS  JSON-lines file: one line per token request and per API 401:
                      {"ts","event","client","grant","family","status"}; "event" is one of
                      issued, reuse_detected, reuse_within_leeway, invalid_grant, invalid_client,
@@ -191,7 +194,8 @@ class Handler(BaseHTTPRequestHandler):
                 save_state()
                 record("revoked")
             entry = STATE["access_tokens"].get(token)
-            valid = entry is not None and entry["expires_at"] > time.time()
+            leeway = float(knobs().get("api_leeway_s", 0) or 0)
+            valid = entry is not None and entry["expires_at"] + leeway > time.time()
             record("api_ok" if valid else "api_unauthorized", token=short(token))
         if valid:
             answer = {"ok": True, "path": self.path}
