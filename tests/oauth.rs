@@ -325,7 +325,20 @@ fn a_kill_between_the_token_response_and_1password_resumes_from_the_journal() {
 
 /// `run` with the proxy: NAME bound to the fake server's host, the child told to run `script`.
 fn run_bound(dir: &TestDir, fake: &FakeOp, server: &TokenServer, names: &[&str], script: &str) -> BrokerBuilder {
+    run_bound_with(dir, fake, server, names, &[], script)
+}
+
+/// [`run_bound`] with more options for op-bridge.
+fn run_bound_with(
+    dir: &TestDir,
+    fake: &FakeOp,
+    server: &TokenServer,
+    names: &[&str],
+    options: &[&str],
+    script: &str,
+) -> BrokerBuilder {
     let mut b = builder(dir, "run", fake)
+        .args(options.iter().copied())
         .args(["--proxy", "127.0.0.1:0", "--proxy-allow-private"])
         .args(["--cache", &dir.join("cache").display().to_string()]);
     for name in names {
@@ -558,7 +571,41 @@ EOF
     );
 }
 
-/// Counts `needle` in every readable mapping of `pid` (root reads any process's memory).
+/// Which of `tokens` (the fake server's `at_…`/`rt_…`, 35 bytes) occur in any readable
+/// mapping of `pid` (root reads any process's memory): one pass over the memory, looking at
+/// each `at_`/`rt_`.
+fn tokens_in_memory(pid: i32, tokens: &[String]) -> Vec<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let wanted: std::collections::HashSet<&[u8]> = tokens.iter().map(|t| t.as_bytes()).collect();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut found = std::collections::BTreeSet::new();
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else { continue };
+        if !perms.starts_with('r') || line.ends_with("[vvar]") || line.ends_with("[vsyscall]") {
+            continue;
+        }
+        let (start, end) = range.split_once('-').unwrap();
+        let (start, end) = (u64::from_str_radix(start, 16).unwrap(), u64::from_str_radix(end, 16).unwrap());
+        let mut buf = vec![0u8; (end - start) as usize];
+        if mem.seek(SeekFrom::Start(start)).is_err() || mem.read_exact(&mut buf).is_err() {
+            continue;
+        }
+        for i in 0..buf.len().saturating_sub(35) {
+            if buf[i + 2] == b'_'
+                && buf[i + 1] == b't'
+                && matches!(buf[i], b'a' | b'r')
+                && wanted.contains(&buf[i..i + 35])
+            {
+                found.insert(String::from_utf8_lossy(&buf[i..i + 35]).into_owned());
+            }
+        }
+    }
+    found.into_iter().collect()
+}
+
+/// Counts `needle` in every readable mapping of `pid`.
 fn copies_in_memory(pid: i32, needle: &[u8]) -> usize {
     use std::io::{Read, Seek, SeekFrom};
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
@@ -623,9 +670,9 @@ EOF
         ready = ready.display(),
         done = done.display(),
     );
-    let mut broker = run_bound(&dir, &fake, &server, &["GH"], &script)
+    let audit = dir.join("audit.jsonl").display().to_string();
+    let mut broker = run_bound_with(&dir, &fake, &server, &["GH"], &["--audit-log", &audit], &script)
         .env("OP_GH_OAUTH", "op://v/gh")
-        .args(["--audit-log", &dir.join("audit.jsonl").display().to_string()])
         .spawn();
     assert!(
         eventually(Duration::from_secs(120), || std::fs::read_to_string(&ready).is_ok_and(|p| !p.is_empty())),
@@ -636,24 +683,26 @@ EOF
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
     let tokens = server.all_tokens();
     assert!(tokens.len() >= 6, "several rotations happened: {tokens:?}");
-    let mut found = Vec::new();
+    let mut found: Vec<String> =
+        tokens_in_memory(pid, &tokens).into_iter().map(|t| format!("memory: {}", prefix(&t))).collect();
     for token in &tokens {
         let needle = token.as_bytes();
         if environ.windows(needle.len()).any(|w| w == needle) {
-            found.push(format!("environ: {token}"));
-        }
-        if copies_in_memory(pid, needle) > 0 {
-            found.push(format!("memory: {token}"));
+            found.push(format!("environ: {}", prefix(token)));
         }
     }
     let placeholder_in_child = copies_in_memory(pid, b"opb_");
+    // The scan finds a token where one is (this process holds them all).
+    assert_eq!(tokens_in_memory(std::process::id() as i32, &tokens[..1]).len(), 1, "the scan finds nothing");
     std::fs::write(&done, "").unwrap();
     assert!(broker.wait(LIMIT).success(), "{}", broker.stderr());
-    assert!(placeholder_in_child > 0, "the scan must see the placeholder the child holds, or it proves nothing");
     assert!(found.is_empty(), "tokens reached the app: {found:?}");
+    assert!(placeholder_in_child > 0, "the scan must see the placeholder the child holds, or it proves nothing");
     let codes = broker.stdout();
     assert!(codes.split_whitespace().all(|c| c == "200"), "{codes}");
-    let logs = broker.stderr() + &std::fs::read_to_string(dir.join("audit.jsonl")).unwrap_or_default();
+    let audit = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap_or_default();
+    assert!(audit.lines().count() >= 40, "one audit line per proxied request: {audit}");
+    let logs = broker.stderr() + &audit;
     for token in &tokens {
         assert!(!logs.contains(prefix(token)), "a token (or its prefix) is in a log line");
     }
