@@ -379,9 +379,11 @@ impl Refresher {
     async fn run(self: Arc<Self>) {
         loop {
             let due = self.due();
+            // A token that arrives meanwhile (a 401's refresh) makes this one moot.
+            let seen = self.store.generation(&self.spec.name);
             tokio::select! {
                 _ = crate::sleep_until(due) => {
-                    self.refresh(None).await;
+                    self.refresh(Some(seen)).await;
                 }
                 _ = self.wake.notified() => {}
             }
