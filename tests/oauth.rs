@@ -231,6 +231,10 @@ fn client_credentials_are_fetched_served_refreshed_ahead_of_expiry_and_kept_in_1
         "{}",
         broker.stderr()
     );
+    // One read-modify-write of the item per token response (never one per field).
+    let responses = status(&broker)["oauth"]["API"]["refreshes"].as_u64().unwrap() as usize;
+    let edits = fake.calls_of(&["item", "edit"]).iter().filter(|c| c["exit"] == 0).count();
+    assert!(edits >= 1 && edits <= responses + 1, "{edits} edits for {responses} responses");
     let stderr = broker.stderr();
     assert!(stderr.contains("oauth API: new access token, expires in 4s"), "{stderr}");
     for token in server.all_tokens() {
@@ -401,6 +405,8 @@ fn status_shows_a_refused_grant_as_failing() {
     assert!(s["oauth"]["GH"]["error"].as_str().unwrap().contains("invalid_grant"), "{s}");
     let out = broker.client(&["get", "GH"], None);
     assert!(!out.status.success(), "no access token to give: {}", describe(&out));
+    let out = broker.client(&["delete", "GH"], None);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("OAuth"), "{}", describe(&out));
 }
 
 /// A token the server accepts for 10 minutes, in the item with an expiry that puts its
