@@ -732,6 +732,39 @@ mod tests {
     }
 
     #[test]
+    fn an_oauth_record_is_one_sealed_write_and_a_pending_one_outlives_dropped_values() {
+        let dir = tempdir();
+        let (cache, _) = cache(&dir, "tok");
+        let journal = Journal::new(cache.clone());
+        let fields: BTreeMap<String, Zeroizing<String>> = [("refresh_token", "rt_2"), ("access_token", "at_2")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), Zeroizing::new(v.to_string())))
+            .collect();
+        let record = OAuthRecord { item: "op://v/i".into(), fields, lifetime_s: 60, seq: 2, pending: true };
+        journal.record_oauth("GH", record).unwrap();
+        let raw = std::fs::read(cache.path()).unwrap();
+        assert!(!raw.windows(4).any(|w| w == b"rt_2" || w == b"at_2"), "sealed");
+
+        // Values dropped (a revoked 1Password token): the pending record stays.
+        cache.delete();
+        let (reopened, _) = self::cache(&dir, "tok");
+        reopened.load().unwrap().unwrap();
+        let kept = Journal::new(reopened.clone()).oauth("GH").unwrap();
+        assert_eq!((kept.seq, kept.pending, kept.fields["refresh_token"].as_str()), (2, true, "rt_2"));
+        assert_eq!(kept.fields["access_token"].as_str(), "at_2", "both tokens come back together");
+
+        // Only the record a write carried is settled.
+        let journal = Journal::new(reopened.clone());
+        journal.settle_oauth("GH", 1);
+        assert!(journal.oauth("GH").unwrap().pending);
+        journal.settle_oauth("GH", 2);
+        let (again, _) = self::cache(&dir, "tok");
+        again.load().unwrap().unwrap();
+        assert!(!Journal::new(again).oauth("GH").unwrap().pending);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn no_token_means_no_cache() {
         let options =
             CacheOptions { path: "/nonexistent/cache".into(), fresh: Duration::ZERO, max_stale: Duration::ZERO };

@@ -214,16 +214,11 @@ fn client_credentials_are_fetched_served_refreshed_ahead_of_expiry_and_kept_in_1
         "{}",
         broker.stderr()
     );
+    let asked = now();
     let current = get(&broker, "API");
     assert_ne!(current, first);
-    let valid: Vec<String> = server.state()["access_tokens"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(_, t)| t["expires_at"].as_f64().unwrap() > now())
-        .map(|(k, _)| k.clone())
-        .collect();
-    assert!(valid.contains(&current), "the served token is one the server considers valid");
+    let expires = server.state()["access_tokens"][&current]["expires_at"].as_f64();
+    assert!(expires.is_some_and(|at| at > asked), "the served token was valid when it was served");
     assert_eq!(server.count("api_unauthorized"), 0);
 
     // 1Password keeps the access token and its expiry in the same item (created as fields).
@@ -236,6 +231,10 @@ fn client_credentials_are_fetched_served_refreshed_ahead_of_expiry_and_kept_in_1
         "{}",
         broker.stderr()
     );
+    // One read-modify-write of the item per token response (never one per field).
+    let responses = status(&broker)["oauth"]["API"]["refreshes"].as_u64().unwrap() as usize;
+    let edits = fake.calls_of(&["item", "edit"]).iter().filter(|c| c["exit"] == 0).count();
+    assert!(edits >= 1 && edits <= responses + 1, "{edits} edits for {responses} responses");
     let stderr = broker.stderr();
     assert!(stderr.contains("oauth API: new access token, expires in 4s"), "{stderr}");
     for token in server.all_tokens() {
@@ -271,7 +270,7 @@ fn a_refresh_token_grant_without_cache_is_refused_at_start_naming_the_option() {
 #[test]
 fn a_kill_between_the_token_response_and_1password_resumes_from_the_journal() {
     let dir = TestDir::new("oa-journal");
-    let server = TokenServer::start(&dir, json!({"access_ttl_s": 3}));
+    let server = TokenServer::start(&dir, json!({"access_ttl_s": 6}));
     let fake = FakeOp::new(
         &dir,
         json!({"v": {"gh": {"token_url": server.url(), "client_id": "app", "client_secret": "s3cret",
@@ -302,7 +301,7 @@ fn a_kill_between_the_token_response_and_1password_resumes_from_the_journal() {
     fake.control(json!({}));
     let broker = start();
     assert!(broker.stderr().contains("resuming from the journal"), "{}", broker.stderr());
-    // The 3 s token is refreshed with the journaled refresh token, never with rt_seed.
+    // The 6 s token is refreshed with the journaled refresh token, never with rt_seed.
     assert!(eventually(LIMIT, || server.count("issued") >= 3), "{}\n{:?}", broker.stderr(), server.events());
     assert_eq!(server.count("reuse_detected"), 0, "{:?}", server.events());
     assert_eq!(server.count("invalid_grant"), 0, "{:?}", server.events());
@@ -325,7 +324,20 @@ fn a_kill_between_the_token_response_and_1password_resumes_from_the_journal() {
 
 /// `run` with the proxy: NAME bound to the fake server's host, the child told to run `script`.
 fn run_bound(dir: &TestDir, fake: &FakeOp, server: &TokenServer, names: &[&str], script: &str) -> BrokerBuilder {
+    run_bound_with(dir, fake, server, names, &[], script)
+}
+
+/// [`run_bound`] with more options for op-bridge.
+fn run_bound_with(
+    dir: &TestDir,
+    fake: &FakeOp,
+    server: &TokenServer,
+    names: &[&str],
+    options: &[&str],
+    script: &str,
+) -> BrokerBuilder {
     let mut b = builder(dir, "run", fake)
+        .args(options.iter().copied())
         .args(["--proxy", "127.0.0.1:0", "--proxy-allow-private"])
         .args(["--cache", &dir.join("cache").display().to_string()]);
     for name in names {
@@ -393,6 +405,8 @@ fn status_shows_a_refused_grant_as_failing() {
     assert!(s["oauth"]["GH"]["error"].as_str().unwrap().contains("invalid_grant"), "{s}");
     let out = broker.client(&["get", "GH"], None);
     assert!(!out.status.success(), "no access token to give: {}", describe(&out));
+    let out = broker.client(&["delete", "GH"], None);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("OAuth"), "{}", describe(&out));
 }
 
 /// A token the server accepts for 10 minutes, in the item with an expiry that puts its
@@ -558,7 +572,41 @@ EOF
     );
 }
 
-/// Counts `needle` in every readable mapping of `pid` (root reads any process's memory).
+/// Which of `tokens` (the fake server's `at_…`/`rt_…`, 35 bytes) occur in any readable
+/// mapping of `pid` (root reads any process's memory): one pass over the memory, looking at
+/// each `at_`/`rt_`.
+fn tokens_in_memory(pid: i32, tokens: &[String]) -> Vec<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let wanted: std::collections::HashSet<&[u8]> = tokens.iter().map(|t| t.as_bytes()).collect();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut found = std::collections::BTreeSet::new();
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else { continue };
+        if !perms.starts_with('r') || line.ends_with("[vvar]") || line.ends_with("[vsyscall]") {
+            continue;
+        }
+        let (start, end) = range.split_once('-').unwrap();
+        let (start, end) = (u64::from_str_radix(start, 16).unwrap(), u64::from_str_radix(end, 16).unwrap());
+        let mut buf = vec![0u8; (end - start) as usize];
+        if mem.seek(SeekFrom::Start(start)).is_err() || mem.read_exact(&mut buf).is_err() {
+            continue;
+        }
+        for i in 0..buf.len().saturating_sub(35) {
+            if buf[i + 2] == b'_'
+                && buf[i + 1] == b't'
+                && matches!(buf[i], b'a' | b'r')
+                && wanted.contains(&buf[i..i + 35])
+            {
+                found.insert(String::from_utf8_lossy(&buf[i..i + 35]).into_owned());
+            }
+        }
+    }
+    found.into_iter().collect()
+}
+
+/// Counts `needle` in every readable mapping of `pid`.
 fn copies_in_memory(pid: i32, needle: &[u8]) -> usize {
     use std::io::{Read, Seek, SeekFrom};
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
@@ -623,9 +671,9 @@ EOF
         ready = ready.display(),
         done = done.display(),
     );
-    let mut broker = run_bound(&dir, &fake, &server, &["GH"], &script)
+    let audit = dir.join("audit.jsonl").display().to_string();
+    let mut broker = run_bound_with(&dir, &fake, &server, &["GH"], &["--audit-log", &audit], &script)
         .env("OP_GH_OAUTH", "op://v/gh")
-        .args(["--audit-log", &dir.join("audit.jsonl").display().to_string()])
         .spawn();
     assert!(
         eventually(Duration::from_secs(120), || std::fs::read_to_string(&ready).is_ok_and(|p| !p.is_empty())),
@@ -636,24 +684,26 @@ EOF
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
     let tokens = server.all_tokens();
     assert!(tokens.len() >= 6, "several rotations happened: {tokens:?}");
-    let mut found = Vec::new();
+    let mut found: Vec<String> =
+        tokens_in_memory(pid, &tokens).into_iter().map(|t| format!("memory: {}", prefix(&t))).collect();
     for token in &tokens {
         let needle = token.as_bytes();
         if environ.windows(needle.len()).any(|w| w == needle) {
-            found.push(format!("environ: {token}"));
-        }
-        if copies_in_memory(pid, needle) > 0 {
-            found.push(format!("memory: {token}"));
+            found.push(format!("environ: {}", prefix(token)));
         }
     }
     let placeholder_in_child = copies_in_memory(pid, b"opb_");
+    // The scan finds a token where one is (this process holds them all).
+    assert_eq!(tokens_in_memory(std::process::id() as i32, &tokens[..1]).len(), 1, "the scan finds nothing");
     std::fs::write(&done, "").unwrap();
     assert!(broker.wait(LIMIT).success(), "{}", broker.stderr());
-    assert!(placeholder_in_child > 0, "the scan must see the placeholder the child holds, or it proves nothing");
     assert!(found.is_empty(), "tokens reached the app: {found:?}");
+    assert!(placeholder_in_child > 0, "the scan must see the placeholder the child holds, or it proves nothing");
     let codes = broker.stdout();
     assert!(codes.split_whitespace().all(|c| c == "200"), "{codes}");
-    let logs = broker.stderr() + &std::fs::read_to_string(dir.join("audit.jsonl")).unwrap_or_default();
+    let audit = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap_or_default();
+    assert!(audit.lines().count() >= 40, "one audit line per proxied request: {audit}");
+    let logs = broker.stderr() + &audit;
     for token in &tokens {
         assert!(!logs.contains(prefix(token)), "a token (or its prefix) is in a log line");
     }

@@ -353,6 +353,9 @@ impl Broker {
         if self.policy.read_only {
             return Err("read-only: DELETE is refused (--read-only)".into());
         }
+        if self.oauth().owns(name) {
+            return Err(format!("{name} is an OAuth access token op-bridge keeps current; it cannot be forgotten"));
+        }
         if self.store.remove(name) { Ok(()) } else { Err(format!("{UNKNOWN_REF}{name}")) }
     }
 

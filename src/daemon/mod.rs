@@ -172,8 +172,8 @@ pub fn check_discovered_names(
     }
 }
 
-/// A missing `op` is an error only when something needs it: with no reference to resolve and
-/// no file to watch, the broker starts without one (a SET then fails with "cannot run op").
+/// A missing `op` is an error only when something needs it: with no reference to resolve, no
+/// file to watch and no OAuth item to read, the broker starts without one (a SET then fails with "cannot run op").
 pub fn settle_op_path(mut config: BrokerConfig, env: &[(String, String)]) -> BrokerConfig {
     if let BackendSpec::Op { path: path @ None, .. } = &mut config.backend {
         // PATH is searched once; the backend and `run`'s mode check use what was found.
@@ -181,6 +181,7 @@ pub fn settle_op_path(mut config: BrokerConfig, env: &[(String, String)]) -> Bro
             Ok(found) => *path = Some(found),
             Err(_)
                 if config.watches.is_empty()
+                    && config.oauth.is_empty()
                     && discover(env.iter().cloned(), &config.prefix, &config.suffix).is_empty() =>
             {
                 tracing::debug!("no 1Password CLI on PATH and nothing to resolve; starting without it");

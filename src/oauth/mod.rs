@@ -48,8 +48,10 @@ const BACKOFF: RetryPolicy =
 /// this long, is not replaced again: that refusal is not about the token's age, and each
 /// request must not become a token request.
 const REFUSED_AGAIN: Duration = Duration::from_secs(30);
-/// Token requests made at start before the broker serves anyway (the timer keeps trying).
+/// Token requests made at start before the broker serves anyway (the timer keeps trying),
+/// and the time after which no new one is started.
 const START_ATTEMPTS: u32 = 3;
+const START_BUDGET: Duration = Duration::from_secs(12);
 
 /// The item's fields, by label.
 const TOKEN_URL: &str = "token_url";
@@ -147,9 +149,12 @@ impl OAuth {
                 }
                 Err(err) => return Err(err),
             };
-            refresher.first_token().await;
-            tokio::spawn(refresher.clone().run());
             clients.insert(spec.name.clone(), refresher);
+        }
+        // Side by side: one slow endpoint does not hold up the others' first tokens.
+        futures_util::future::join_all(clients.values().map(|c| c.first_token())).await;
+        for client in clients.values() {
+            tokio::spawn(client.clone().run());
         }
         Ok(OAuth { clients })
     }
@@ -359,7 +364,11 @@ impl Refresher {
     /// At start: a token now when none is valid, retried a little before the broker serves. A
     /// token that is still valid is served at once; the timer replaces it when it is due.
     async fn first_token(&self) {
+        let deadline = Instant::now() + START_BUDGET;
         for _ in 0..START_ATTEMPTS {
+            if Instant::now() >= deadline {
+                return;
+            }
             let valid = self.tokens().expires_at.is_some_and(|at| at > SystemTime::now());
             if valid || self.due().is_none() {
                 return;
@@ -379,9 +388,11 @@ impl Refresher {
     async fn run(self: Arc<Self>) {
         loop {
             let due = self.due();
+            // A token that arrives meanwhile (a 401's refresh) makes this one moot.
+            let seen = self.store.generation(&self.spec.name);
             tokio::select! {
                 _ = crate::sleep_until(due) => {
-                    self.refresh(None).await;
+                    self.refresh(Some(seen)).await;
                 }
                 _ = self.wake.notified() => {}
             }
