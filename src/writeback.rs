@@ -878,6 +878,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_set_during_a_retry_backoff_does_not_bring_the_retry_before_the_interval() {
+        // The capture fails for good: its retry waits 2.5-5 s.
+        let (backend, _store, queue) = setup_with_interval(&[Some(ErrorKind::NotFound)], Duration::from_secs(600));
+        backend.gate.add_permits(100);
+        queue.submit("A", &field("a"), b"a1", Origin::Watch);
+        until("the failure", || queue.status()["failing"] == 1).await;
+        let generation = queue.submit("B", &field("b"), b"b1", Origin::Set).generation;
+        let outcome = queue.wait_stored(&field("b"), generation, Duration::from_secs(1)).await;
+        assert!(matches!(outcome, SetOutcome::Pending(_)), "{outcome:?}");
+        assert_eq!(backend.calls.lock().unwrap().len(), 1, "the SET cut the retry's backoff short");
+        // The retry, when it comes, carries the SET.
+        assert_eq!(queue.wait_stored(&field("b"), generation, Duration::from_secs(10)).await, SetOutcome::Stored);
+        assert_eq!(backend.calls.lock().unwrap()[1].len(), 2);
+    }
+
+    #[tokio::test]
     async fn a_flush_does_not_wait_for_the_set_interval() {
         let (backend, _store, queue) = setup_with_interval(&[], Duration::from_secs(600));
         backend.gate.add_permits(100);
