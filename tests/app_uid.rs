@@ -295,11 +295,11 @@ fn sets_waiting_in_a_gap_are_stored_by_sigterm_at_once() {
 
 /// The gap follows a write cycle of the same item only: the first SET after a quiet period,
 /// and a SET to another item right after, are stored at once (a 10-minute gap would
-/// otherwise answer 75 after the 30 s wait).
+/// otherwise answer 75 when the 8 s wait runs out).
 #[test]
 fn the_set_gap_does_not_delay_a_set_after_a_quiet_period_or_to_another_item() {
     let scene = Scene::new("au-set-quiet", set_store());
-    let broker = set_daemon(&scene, "10m", "30s");
+    let broker = set_daemon(&scene, "10m", "8s");
     let out = set_as_app(&scene, "API_KEY", "rotated");
     assert_eq!(out.status.code(), Some(0), "{}\n{}", describe(&out), broker.stderr());
     assert_eq!(stored(&scene, "OpenAI", "credential"), json!("rotated"));
