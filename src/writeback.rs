@@ -457,12 +457,13 @@ impl WriteBack {
     }
 
     /// Holds a cycle that carries only SETs until `until`, so SETs in a loop cost one write per
-    /// interval. A captured change (the watcher has its own debounce) or a flush ends the wait.
+    /// interval. A value of any other origin (a captured change has the watcher's own
+    /// debounce) or a flush ends the wait.
     async fn wait_set_interval(&self, queue: &ItemQueue, until: Instant) {
         loop {
-            let captured =
-                queue.lock().fields.values().any(|f| f.pending.as_ref().is_some_and(|p| p.origin == Origin::Watch));
-            if captured || self.flushing.is_cancelled() || Instant::now() >= until {
+            let unheld =
+                queue.lock().fields.values().any(|f| f.pending.as_ref().is_some_and(|p| p.origin != Origin::Set));
+            if unheld || self.flushing.is_cancelled() || Instant::now() >= until {
                 return;
             }
             tokio::select! {
