@@ -14,12 +14,13 @@
 //! cycle carrying only SETs starts no sooner than `set_interval` after the item's previous
 //! cycle started, so the SETs that come meanwhile share one read-modify-write. A change
 //! captured from a watched file is not held back (the watcher has its own debounce) and takes
-//! the waiting SETs with it; a flush at shutdown holds nothing back. Only a newer value for
-//! the same field ever drops one: a failed write is retried with backoff and jitter (honouring a 429's delay)
-//! until it succeeds, permanent failures included, which are reported as `failing` and logged
-//! at ERROR. The one exception is a SET, whose client is waiting: a permanent refusal is its
-//! answer, and a value from a watched file that the SET had replaced becomes pending again.
-//! On shutdown, [`WriteBack::flush`] retries without the long pauses until a deadline and
+//! the waiting SETs with it; a flush at shutdown holds nothing back.
+//!
+//! Only a newer value for the same field ever drops one: a failed write is retried with
+//! backoff and jitter (honouring a 429's delay) until it succeeds, permanent failures
+//! included, which are reported as `failing` and logged at ERROR. The one exception is a
+//! SET, whose client is waiting: a permanent refusal is its answer, and a value from a
+//! watched file that the SET had replaced becomes pending again. On shutdown, [`WriteBack::flush`] retries without the long pauses until a deadline and
 //! reports by name and target — never by value — what it could not store.
 //!
 //! With `--cache`, a [`Journal`] is attached: every accepted value is sealed to disk before
