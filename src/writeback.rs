@@ -20,8 +20,9 @@
 //! backoff and jitter (honouring a 429's delay) until it succeeds, permanent failures
 //! included, which are reported as `failing` and logged at ERROR. The one exception is a
 //! SET, whose client is waiting: a permanent refusal is its answer, and a value from a
-//! watched file that the SET had replaced becomes pending again. On shutdown, [`WriteBack::flush`] retries without the long pauses until a deadline and
-//! reports by name and target — never by value — what it could not store.
+//! watched file that the SET had replaced becomes pending again. On shutdown,
+//! [`WriteBack::flush`] retries without the long pauses until a deadline and reports by name
+//! and target — never by value — what it could not store.
 //!
 //! With `--cache`, a [`Journal`] is attached: every accepted value is sealed to disk before
 //! `submit` returns (so before a SET is acknowledged or a capture is considered taken), and
