@@ -25,8 +25,10 @@ const ROTATIONS: usize = 200;
 const KILLS: usize = 20;
 /// A guard against a hang, far above the ~2–3 minutes the soak takes.
 const SOAK_LIMIT: Duration = Duration::from_secs(480);
-/// How long a kill may wait for a token exchange to finish (see `OAuthServer::quiesce`).
-const QUIESCE_LIMIT: Duration = Duration::from_secs(30);
+/// How long token requests may be held while a kill waits for an exchange to finish (see
+/// `OAuthServer::quiesce`); past it the kill is put off and tried again later, so the hold
+/// never starves the app's token (1 s, and the API's 2 s of tolerance).
+const QUIESCE_LIMIT: Duration = Duration::from_secs(1);
 
 fn now_unix() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
@@ -186,11 +188,12 @@ fn two_hundred_rotations_survive_kill_9_restarts_and_1password_outages() {
         .collect();
 
     let outage_stop = AtomicBool::new(false);
-    let (kills, longest_quiesce, outages) = std::thread::scope(|scope| {
+    let (kills, longest_quiesce, put_off, outages) = std::thread::scope(|scope| {
         let outages = scope.spawn(|| outage_loop(&fake, &outage_stop));
         let _stop_outages = StopOnDrop(&outage_stop);
         let mut kills = 0;
         let mut longest_quiesce = Duration::ZERO;
+        let mut put_off = 0;
         while server.rotations() < ROTATIONS || kills < KILLS {
             assert!(
                 started.elapsed() < SOAK_LIMIT,
@@ -208,10 +211,14 @@ fn two_hundred_rotations_survive_kill_9_restarts_and_1password_outages() {
                 );
             }
             std::thread::sleep(Duration::from_millis(fastrand::u64(200..4000)));
-            let waited = server
-                .quiesce(QUIESCE_LIMIT, || took_every_answer(&broker, &server, spawned))
-                .unwrap_or_else(|e| panic!("{e}\nstderr:\n{}", broker.stderr()));
-            longest_quiesce = longest_quiesce.max(waited);
+            match server.quiesce(QUIESCE_LIMIT, || took_every_answer(&broker, &server, spawned)) {
+                Ok(waited) => longest_quiesce = longest_quiesce.max(waited),
+                Err(_) => {
+                    server.release();
+                    put_off += 1;
+                    continue;
+                }
+            }
             *app.addr.lock().unwrap() = None;
             broker.signal(libc::SIGKILL);
             broker.wait(Duration::from_secs(30));
@@ -224,15 +231,19 @@ fn two_hundred_rotations_survive_kill_9_restarts_and_1password_outages() {
             *app.addr.lock().unwrap() = Some(addr);
         }
         outage_stop.store(true, Ordering::SeqCst);
-        (kills, longest_quiesce, outages.join().unwrap())
+        (kills, longest_quiesce, put_off, outages.join().unwrap())
     });
     fake.control(json!({}));
 
     // The end: outside any exchange, the app stopped, then a graceful stop that flushes the
     // write-back queue.
-    server
-        .quiesce(QUIESCE_LIMIT, || took_every_answer(&broker, &server, spawned))
-        .unwrap_or_else(|e| panic!("{e}\nstderr:\n{}", broker.stderr()));
+    let quiet = eventually(SOAK_LIMIT, || {
+        server.quiesce(QUIESCE_LIMIT, || took_every_answer(&broker, &server, spawned)).is_ok() || {
+            server.release();
+            false
+        }
+    });
+    assert!(quiet, "op-bridge never took every token answer\nstderr:\n{}", broker.stderr());
     app.stop.store(true, Ordering::SeqCst);
     for thread in apps {
         thread.join().unwrap();
@@ -255,7 +266,8 @@ fn two_hundred_rotations_survive_kill_9_restarts_and_1password_outages() {
     let written = edits.iter().filter(|c| c["exit"] == 0).count();
     let failures = app.failures.lock().unwrap().clone();
     println!(
-        "soak: {rotations} rotations in {:.0} s, {kills} kills (longest wait for an exchange to finish: {} ms), \
+        "soak: {rotations} rotations in {:.0} s, {kills} kills (longest wait for an exchange to finish: {} ms; \
+         {put_off} put off as one took longer than {QUIESCE_LIMIT:?}), \
          {} outages of 1Password ({in_outage} rotations during one), 1Password writes: {written} ({} attempts), \
          app: {} answered 200, {} unanswered during restarts, {} other answers; server: {} 401s retried by the proxy, \
          {} requests from a killed op-bridge dropped unissued",
