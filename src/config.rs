@@ -200,3 +200,25 @@ fn hosts_env() -> Vec<(String, String)> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oauth_clients_come_from_prefixed_variables_and_the_option_wins() {
+        let env = vec![
+            ("APP_GH_OAUTH".to_string(), "op://Agents/GitHub App".to_string()),
+            ("APP_cal_OAUTH".to_string(), "op://Agents/Calendar".to_string()),
+            ("OP_OTHER_OAUTH".to_string(), "op://v/not-this-prefix".to_string()),
+        ];
+        let specs = oauth_specs(env, "APP_", &["GH=op://Vault2/Other item".to_string()]).unwrap();
+        let shown: Vec<(String, String)> = specs.iter().map(|s| (s.name.clone(), s.item_text())).collect();
+        assert_eq!(
+            shown,
+            [("CAL".to_string(), "op://Agents/Calendar".to_string()), ("GH".into(), "op://Vault2/Other item".into())]
+        );
+        assert!(oauth_specs(Vec::new(), "OP_", &["GH=op://v/i/field".to_string()]).is_err());
+        assert!(oauth_specs(Vec::new(), "OP_", &["op://v/i".to_string()]).is_err());
+    }
+}

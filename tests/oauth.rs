@@ -700,7 +700,7 @@ EOF
     assert!(found.is_empty(), "tokens reached the app: {found:?}");
     assert!(placeholder_in_child > 0, "the scan must see the placeholder the child holds, or it proves nothing");
     let codes = broker.stdout();
-    assert!(codes.split_whitespace().all(|c| c == "200"), "{codes}");
+    assert!(codes.split_whitespace().all(|c| c == "200"), "{codes}\n{}\n{:?}", broker.stderr(), server.events());
     let audit = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap_or_default();
     assert!(audit.lines().count() >= 40, "one audit line per proxied request: {audit}");
     let logs = broker.stderr() + &audit;

@@ -45,8 +45,8 @@ const MAX_MARGIN: Duration = Duration::from_secs(300);
 const BACKOFF: RetryPolicy =
     RetryPolicy { attempts: u32::MAX, base: Duration::from_secs(1), max: Duration::from_secs(60) };
 /// A token fetched because the API refused the previous one, and refused in turn within
-/// this long, is not replaced again: that refusal is not about the token's age, and each
-/// request must not become a token request.
+/// this long (and before its refresh is due), is not replaced again: that refusal is not
+/// about the token's age, and each request must not become a token request.
 const REFUSED_AGAIN: Duration = Duration::from_secs(30);
 /// Token requests made at start before the broker serves anyway (the timer keeps trying),
 /// and the time after which no new one is started.
@@ -420,9 +420,11 @@ impl Refresher {
 
     async fn refresh_rejected(&self, seen: u64) -> bool {
         let name = &self.spec.name;
+        // A token past its refresh point is replaced whatever refused it.
+        let not_due = self.due().is_some_and(|due| due > Instant::now());
         let refused_again =
             self.tokens().from_rejection.is_some_and(|(g, at)| g == seen && at.elapsed() < REFUSED_AGAIN);
-        if refused_again {
+        if refused_again && not_due {
             tracing::debug!(name = %name, "oauth {name}: the API refused a token fetched after a refusal; not refreshing");
             return false;
         }
