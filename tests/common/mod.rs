@@ -1,7 +1,9 @@
 //! Test harness: the built binary, the fake `op`, temp dirs, and daemons that are always
 //! killed on drop. Daemon output goes to a file (an unread pipe could block it); failures
-//! print the command, status and output.
+//! print the command, status and output. `terminal` drives op-bridge on a pseudo-terminal.
 #![allow(dead_code)]
+
+pub mod terminal;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
