@@ -317,7 +317,8 @@ fn settle_user(config: &mut BrokerConfig, args: &RunArgs) -> Result<Option<Ident
 }
 
 /// Tells once at start when the command could reach the token: in the environment of the
-/// `op` processes, by replacing `op`, or in a file it can read.
+/// `op` processes, by replacing `op`, or in a token file it can read; and when the token
+/// came from the environment, where every `docker exec` sees it.
 fn warn_of_exposure(config: &BrokerConfig, user: Option<&Identity>) {
     if let BackendSpec::Op { path, user: op_user, .. } = &config.backend
         // The file that will run: a bare name (`--op-path op`, or the placeholder when nothing
