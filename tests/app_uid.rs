@@ -8,8 +8,7 @@ mod common;
 use common::*;
 
 use std::ffi::OsStr;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -24,19 +23,6 @@ const AS_PID1: [&str; 4] = ["unshare", "--pid", "--fork", "--mount-proc"];
 fn require_root() {
     // SAFETY: a plain query.
     assert_eq!(unsafe { libc::geteuid() }, 0, "tests/app_uid.rs needs root (setpriv, unshare, chown)");
-}
-
-fn chmod(path: &Path, mode: u32) {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-}
-
-fn chown_tree(path: &Path, uid: u32, gid: u32) {
-    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).unwrap();
-    if path.is_dir() && !path.is_symlink() {
-        for entry in std::fs::read_dir(path).unwrap() {
-            chown_tree(&entry.unwrap().path(), uid, gid);
-        }
-    }
 }
 
 /// A test's files, all reachable by the app's uid: the fake `op` (a private copy), its store

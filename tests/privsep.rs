@@ -136,23 +136,6 @@ fn require_root() {
     assert_eq!(unsafe { libc::geteuid() }, 0, "tests/privsep.rs needs root (chown, setpriv, useradd)");
 }
 
-fn chown(path: &Path, uid: u32, gid: u32) {
-    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).unwrap();
-}
-
-fn chmod(path: &Path, mode: u32) {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-}
-
-fn chown_tree(path: &Path, uid: u32, gid: u32) {
-    chown(path, uid, gid);
-    if path.is_dir() && !path.is_symlink() {
-        for entry in std::fs::read_dir(path).unwrap() {
-            chown_tree(&entry.unwrap().path(), uid, gid);
-        }
-    }
-}
-
 /// One scenario's files: the fake op's store, a private copy of the fake op (its path is
 /// this test's alone, so the scanner never counts another test's `op`), python3 on PATH,
 /// the scanner and the token it looks for.

@@ -68,15 +68,6 @@ fn bash(script: &str) -> Vec<String> {
     vec!["--".into(), "bash".into(), "-c".into(), script.into()]
 }
 
-/// Children of `pid` as listed by the kernel.
-fn children_of(pid: i32) -> Vec<i32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
-}
-
 /// `(state, ppid)` from /proc/PID/stat, if the process exists.
 fn proc_state(pid: i32) -> Option<(char, i32)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
