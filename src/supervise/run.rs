@@ -1,4 +1,4 @@
-//! `op-bridge run -- CMD`: the launcher. One process resolves the secrets, serves the socket,
+//! `op-bridge run -- CMD`: the init. One process resolves the secrets, serves the socket,
 //! spawns and supervises the command, forwards signals, reaps every zombie, and on the
 //! command's exit cleans up and exits with its status.
 //!
