@@ -217,6 +217,11 @@ pub struct BrokerArgs {
     /// client then exits 75; the value stays queued and is stored when 1Password answers).
     #[arg(long, env = "OP_BRIDGE_SET_WAIT", default_value = "8s", value_parser = parse_duration)]
     pub set_wait: Duration,
+    /// Least time between the starts of two SET-driven write cycles of one 1Password item:
+    /// SETs that come within it are written together at its end (newest value wins), and a
+    /// change captured from a watched file of the item cuts it short.
+    #[arg(long, env = "OP_BRIDGE_SET_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub set_interval: Duration,
     /// Write op-bridge's pid here (removed at exit).
     #[arg(long, env = "OP_BRIDGE_PID_FILE")]
     pub pid_file: Option<PathBuf>,

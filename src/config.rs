@@ -120,6 +120,7 @@ pub fn broker_config(args: &BrokerArgs) -> Result<BrokerConfig, String> {
             allow_set_any: args.allow_set_any,
             create_items: args.create_items,
             set_wait: args.set_wait,
+            set_interval: args.set_interval,
         },
         serve: ServeOptions {
             allow_uids: args.allow_uid.clone(),

@@ -8,13 +8,21 @@
 //! cycle is simply redone on a fresh read.
 //!
 //! Each field holds at most one pending value: a newer one replaces an unsent older one (a
-//! burst of rewrites costs a handful of writes). Only a newer value for the same field ever
-//! drops one: a failed write is retried with backoff and jitter (honouring a 429's delay)
-//! until it succeeds, permanent failures included, which are reported as `failing` and logged
-//! at ERROR. The one exception is a SET, whose client is waiting: a permanent refusal is its
-//! answer, and a value from a watched file that the SET had replaced becomes pending again.
-//! On shutdown, [`WriteBack::flush`] retries without the long pauses until a deadline and
-//! reports by name and target — never by value — what it could not store.
+//! burst of rewrites costs a handful of writes), and a SET whose value was replaced so is
+//! answered by the value that replaced it. SETs are also bounded in time, since the
+//! application's uid may send them in a loop and the account allows few writes an hour: a
+//! cycle carrying only SETs starts no sooner than `set_interval` after the item's previous
+//! cycle started, so the SETs that come meanwhile share one read-modify-write. A change
+//! captured from a watched file is not held back (the watcher has its own debounce) and takes
+//! the waiting SETs with it; a flush at shutdown holds nothing back.
+//!
+//! Only a newer value for the same field ever drops one: a failed write is retried with
+//! backoff and jitter (honouring a 429's delay) until it succeeds, permanent failures
+//! included, which are reported as `failing` and logged at ERROR. The one exception is a
+//! SET, whose client is waiting: a permanent refusal is its answer, and a value from a
+//! watched file that the SET had replaced becomes pending again. On shutdown,
+//! [`WriteBack::flush`] retries without the long pauses until a deadline and reports by name
+//! and target — never by value — what it could not store.
 //!
 //! With `--cache`, a [`Journal`] is attached: every accepted value is sealed to disk before
 //! `submit` returns (so before a SET is acknowledged or a capture is considered taken), and
@@ -54,6 +62,9 @@ const GATHER: Duration = Duration::from_millis(150);
 const CONFLICT_PAUSE: Duration = Duration::from_millis(100);
 /// Longest pause between retries while flushing at shutdown.
 const FLUSH_PAUSE: Duration = Duration::from_millis(300);
+/// Most SETs remembered per field as replaced by a newer value not yet stored, and most
+/// refusals kept for waiting SETs (each entry lives only as long as its SET's wait matters).
+const HISTORY: usize = 1024;
 
 /// Who asked for a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +94,10 @@ struct FieldState {
     /// Every generation up to this one is stored (or was superseded by a stored one).
     stored: u64,
     /// SET generations refused, with the reason (their clients are told).
-    refused: Vec<(u64, String)>,
+    refused: Vec<(u64, Arc<str>)>,
+    /// SET generations replaced by a newer value before they were sent, with that value's
+    /// generation: a SET shares the fate of the value that replaced it.
+    superseded: Vec<(u64, u64)>,
     attempts: u32,
     last_error: Option<String>,
     writes: u64,
@@ -97,12 +111,30 @@ impl FieldState {
         self.pending.is_some() || self.in_flight.is_some() || self.fallback.is_some()
     }
 
+    /// Refuses SET `generation`, and every SET that a refused value had replaced.
     fn refuse(&mut self, generation: u64, reason: String) {
-        self.refused.push((generation, reason));
-        // Waiters read this within SET_WAIT; keep a short history only.
-        if self.refused.len() > 16 {
-            self.refused.remove(0);
+        let reason: Arc<str> = reason.into();
+        let mut due = vec![generation];
+        while let Some(refused) = due.pop() {
+            self.superseded.retain(|&(older, by)| {
+                if by == refused {
+                    due.push(older);
+                }
+                by != refused
+            });
+            self.refused.push((refused, reason.clone()));
         }
+        // Waiters read this within --set-wait; keep a bounded history only.
+        let excess = self.refused.len().saturating_sub(HISTORY);
+        self.refused.drain(..excess);
+    }
+
+    /// SET `older` was replaced by generation `by` before it was sent: once `by` is stored
+    /// it counts as stored (`stored` passes it), and if `by` is refused, so is `older`.
+    fn supersede(&mut self, older: u64, by: u64) {
+        self.superseded.push((older, by));
+        let excess = self.superseded.len().saturating_sub(HISTORY);
+        self.superseded.drain(..excess);
     }
 }
 
@@ -162,6 +194,8 @@ pub struct WriteBack {
     backend: Arc<dyn Backend>,
     store: Arc<SecretStore>,
     options: WriteOptions,
+    /// Least time between the starts of two SET-driven cycles of one item.
+    set_interval: Duration,
     changes_tx: broadcast::Sender<Vec<String>>,
     /// By (vault, item).
     items: Mutex<BTreeMap<(String, String), Arc<ItemQueue>>>,
@@ -175,12 +209,14 @@ impl WriteBack {
         backend: Arc<dyn Backend>,
         store: Arc<SecretStore>,
         options: WriteOptions,
+        set_interval: Duration,
         changes_tx: broadcast::Sender<Vec<String>>,
     ) -> Arc<WriteBack> {
         Arc::new(WriteBack {
             backend,
             store,
             options,
+            set_interval,
             changes_tx,
             items: Mutex::new(BTreeMap::new()),
             flushing: CancellationToken::new(),
@@ -271,6 +307,7 @@ impl WriteBack {
                 in_flight: None,
                 stored: 0,
                 refused: Vec::new(),
+                superseded: Vec::new(),
                 attempts: 0,
                 last_error: None,
                 writes: 0,
@@ -287,7 +324,7 @@ impl WriteBack {
                 Some(old) if old.origin == Origin::Watch && origin == Origin::Set => field.fallback = Some(old),
                 Some(old) => {
                     if old.origin == Origin::Set {
-                        field.refuse(old.generation, "replaced by a newer value before it was stored".into());
+                        field.supersede(old.generation, generation);
                     }
                     tracing::debug!(name, reference = %reference, "newer value replaces an unsent one");
                 }
@@ -319,7 +356,7 @@ impl WriteBack {
             let state = queue.lock();
             let field = state.fields.get(&field_key)?;
             if let Some((_, reason)) = field.refused.iter().find(|(g, _)| *g == generation) {
-                return Some(SetOutcome::Refused(reason.clone()));
+                return Some(SetOutcome::Refused(reason.to_string()));
             }
             (field.stored >= generation).then_some(SetOutcome::Stored)
         };
@@ -360,11 +397,16 @@ impl WriteBack {
     }
 
     async fn work(self: Arc<Self>, queue: Arc<ItemQueue>) {
+        // When the item's last cycle started: the next SET-driven one waits for the interval.
+        let mut last_cycle: Option<Instant> = None;
         loop {
             let idle = !queue.lock().fields.values().any(|f| f.pending.is_some());
             if idle {
                 // A submission made since the check left a permit: nothing is missed.
                 queue.wake.notified().await;
+            }
+            if let Some(last) = last_cycle {
+                self.wait_set_interval(&queue, last + self.set_interval).await;
             }
             tokio::time::sleep(GATHER).await;
             // Every field change pending right now goes into this one read-modify-write.
@@ -383,6 +425,7 @@ impl WriteBack {
             if jobs.is_empty() {
                 continue;
             }
+            last_cycle = Some(Instant::now());
             let writes: Vec<FieldWrite> = {
                 let state = queue.lock();
                 jobs.iter()
@@ -397,11 +440,38 @@ impl WriteBack {
             let pause = self.finish(&queue, jobs, result);
             queue.progress_tx.send_modify(|n| *n += 1);
             if let Some(pause) = pause {
+                let resume = Instant::now() + pause;
                 tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    _ = queue.set_wake.notified() => {}
+                    _ = tokio::time::sleep_until(resume) => {}
+                    // A SET's client is waiting: retry sooner, but no sooner than the SET
+                    // interval allows (a failing capture must not let SETs through unbounded).
+                    _ = queue.set_wake.notified() => {
+                        let sooner = last_cycle.map_or(resume, |last| resume.min(last + self.set_interval));
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(sooner) => {}
+                            _ = self.flushing.cancelled() => {}
+                        }
+                    }
                     _ = self.flushing.cancelled() => tokio::time::sleep(pause.min(FLUSH_PAUSE)).await,
                 }
+            }
+        }
+    }
+
+    /// Holds a cycle that carries only SETs until `until`, so SETs in a loop cost one write per
+    /// interval. A value of any other origin (a captured change has the watcher's own
+    /// debounce) or a flush ends the wait.
+    async fn wait_set_interval(&self, queue: &ItemQueue, until: Instant) {
+        loop {
+            let unheld =
+                queue.lock().fields.values().any(|f| f.pending.as_ref().is_some_and(|p| p.origin != Origin::Set));
+            if unheld || self.flushing.is_cancelled() || Instant::now() >= until {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => return,
+                _ = queue.wake.notified() => {}
+                _ = self.flushing.cancelled() => return,
             }
         }
     }
@@ -434,6 +504,8 @@ impl WriteBack {
                     field.writes += 1;
                     field.last_write = Some(SystemTime::now());
                     field.stored = field.stored.max(job.generation);
+                    let stored = field.stored;
+                    field.superseded.retain(|&(older, _)| older > stored);
                     if field.fallback.as_ref().is_some_and(|f| f.generation < job.generation) {
                         field.fallback = None;
                     }
@@ -479,8 +551,9 @@ impl WriteBack {
                                 field.fallback = Some(job);
                             }
                         }
-                        Some(_) if job.origin == Origin::Set => {
-                            field.refuse(job.generation, "replaced by a newer value before it was stored".into());
+                        Some(newer) if job.origin == Origin::Set => {
+                            let by = newer.generation;
+                            field.supersede(job.generation, by);
                         }
                         // A newer value replaces this one.
                         Some(_) => {}
@@ -634,11 +707,24 @@ mod tests {
     }
 
     fn setup(outcomes: &[Option<ErrorKind>]) -> (Arc<Scripted>, Arc<SecretStore>, Arc<WriteBack>) {
+        setup_with_interval(outcomes, Duration::ZERO)
+    }
+
+    fn setup_with_interval(
+        outcomes: &[Option<ErrorKind>],
+        set_interval: Duration,
+    ) -> (Arc<Scripted>, Arc<SecretStore>, Arc<WriteBack>) {
         let backend =
             Arc::new(Scripted { calls: Mutex::default(), outcomes: Mutex::default(), gate: Semaphore::new(0) });
         backend.outcomes.lock().unwrap().extend(outcomes.iter().copied());
         let store = Arc::new(SecretStore::new());
-        let queue = WriteBack::new(backend.clone(), store.clone(), WriteOptions::default(), broadcast::channel(8).0);
+        let queue = WriteBack::new(
+            backend.clone(),
+            store.clone(),
+            WriteOptions::default(),
+            set_interval,
+            broadcast::channel(8).0,
+        );
         (backend, store, queue)
     }
 
@@ -721,5 +807,103 @@ mod tests {
         assert_eq!(unwritten.len(), 1);
         assert_eq!(unwritten[0].reference, "op://v/item/a");
         assert!(!format!("{unwritten:?}").contains("v1"));
+    }
+
+    fn written(backend: &Scripted) -> Vec<Vec<u8>> {
+        backend.calls.lock().unwrap().iter().map(|c| c[0].1.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_set_replaced_before_it_was_sent_is_answered_by_the_value_that_replaced_it() {
+        let (backend, _store, queue) = setup(&[]);
+        queue.submit("A", &field("a"), b"a1", Origin::Set);
+        until("the first write", || backend.calls.lock().unwrap().len() == 1).await;
+        let replaced = queue.submit("A", &field("a"), b"a2", Origin::Set).generation;
+        let newest = queue.submit("A", &field("a"), b"a3", Origin::Set).generation;
+        backend.gate.add_permits(10);
+        let limit = Duration::from_secs(5);
+        assert_eq!(queue.wait_stored(&field("a"), replaced, limit).await, SetOutcome::Stored);
+        assert_eq!(queue.wait_stored(&field("a"), newest, limit).await, SetOutcome::Stored);
+        assert_eq!(written(&backend), vec![b"a1".to_vec(), b"a3".to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn a_set_replaced_by_a_refused_one_is_refused_too() {
+        let (backend, _store, queue) = setup(&[None, Some(ErrorKind::NotFound)]);
+        queue.submit("A", &field("a"), b"a1", Origin::Set);
+        until("the first write", || backend.calls.lock().unwrap().len() == 1).await;
+        let first = queue.submit("A", &field("a"), b"a2", Origin::Set).generation;
+        let second = queue.submit("A", &field("a"), b"a3", Origin::Set).generation;
+        let newest = queue.submit("A", &field("a"), b"a4", Origin::Set).generation;
+        backend.gate.add_permits(10);
+        let limit = Duration::from_secs(5);
+        for generation in [first, second, newest] {
+            let outcome = queue.wait_stored(&field("a"), generation, limit).await;
+            assert!(matches!(outcome, SetOutcome::Refused(_)), "generation {generation}: {outcome:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn sets_within_the_interval_share_one_write_at_its_end() {
+        let (backend, store, queue) = setup_with_interval(&[], Duration::from_secs(3));
+        backend.gate.add_permits(100);
+        let first = queue.submit("A", &field("a"), b"a1", Origin::Set).generation;
+        assert_eq!(queue.wait_stored(&field("a"), first, Duration::from_secs(5)).await, SetOutcome::Stored);
+        // Each SET waits briefly and is told it is not stored yet, as a client with a short
+        // --set-wait would be.
+        let mut generations = Vec::new();
+        for value in [&b"a2"[..], b"a3", b"a4"] {
+            let generation = queue.submit("A", &field("a"), value, Origin::Set).generation;
+            let outcome = queue.wait_stored(&field("a"), generation, Duration::from_millis(200)).await;
+            assert!(matches!(outcome, SetOutcome::Pending(_)), "{outcome:?}");
+            generations.push(generation);
+        }
+        for generation in generations {
+            assert_eq!(queue.wait_stored(&field("a"), generation, Duration::from_secs(10)).await, SetOutcome::Stored);
+        }
+        assert_eq!(written(&backend), vec![b"a1".to_vec(), b"a4".to_vec()]);
+        assert_eq!(store.with_value("A", |v| v.to_vec()).unwrap(), b"a4");
+    }
+
+    #[tokio::test]
+    async fn a_capture_takes_the_sets_waiting_for_the_interval_with_it() {
+        let (backend, _store, queue) = setup_with_interval(&[], Duration::from_secs(600));
+        backend.gate.add_permits(100);
+        let first = queue.submit("A", &field("a"), b"a1", Origin::Set).generation;
+        assert_eq!(queue.wait_stored(&field("a"), first, Duration::from_secs(5)).await, SetOutcome::Stored);
+        let waiting = queue.submit("A", &field("a"), b"a2", Origin::Set).generation;
+        queue.submit("B", &field("b"), b"b1", Origin::Watch);
+        // Within 10 s, not 600: the capture is not held back, and the SET goes with it.
+        assert_eq!(queue.wait_stored(&field("a"), waiting, Duration::from_secs(10)).await, SetOutcome::Stored);
+        let calls = backend.calls.lock().unwrap().clone();
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        assert_eq!(calls[1].len(), 2, "one read-modify-write for the SET and the capture: {calls:?}");
+    }
+
+    #[tokio::test]
+    async fn a_set_during_a_retry_backoff_does_not_bring_the_retry_before_the_interval() {
+        // The capture fails for good: its retry waits 2.5-5 s.
+        let (backend, _store, queue) = setup_with_interval(&[Some(ErrorKind::NotFound)], Duration::from_secs(600));
+        backend.gate.add_permits(100);
+        queue.submit("A", &field("a"), b"a1", Origin::Watch);
+        until("the failure", || queue.status()["failing"] == 1).await;
+        let generation = queue.submit("B", &field("b"), b"b1", Origin::Set).generation;
+        let outcome = queue.wait_stored(&field("b"), generation, Duration::from_secs(1)).await;
+        assert!(matches!(outcome, SetOutcome::Pending(_)), "{outcome:?}");
+        assert_eq!(backend.calls.lock().unwrap().len(), 1, "the SET cut the retry's backoff short");
+        // The retry, when it comes, carries the SET.
+        assert_eq!(queue.wait_stored(&field("b"), generation, Duration::from_secs(10)).await, SetOutcome::Stored);
+        assert_eq!(backend.calls.lock().unwrap()[1].len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_flush_does_not_wait_for_the_set_interval() {
+        let (backend, _store, queue) = setup_with_interval(&[], Duration::from_secs(600));
+        backend.gate.add_permits(100);
+        let first = queue.submit("A", &field("a"), b"a1", Origin::Set).generation;
+        assert_eq!(queue.wait_stored(&field("a"), first, Duration::from_secs(5)).await, SetOutcome::Stored);
+        queue.submit("A", &field("a"), b"a2", Origin::Set);
+        assert!(queue.flush(Instant::now() + Duration::from_secs(10)).await.is_empty());
+        assert_eq!(written(&backend), vec![b"a1".to_vec(), b"a2".to_vec()]);
     }
 }

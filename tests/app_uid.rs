@@ -193,6 +193,114 @@ fn the_app_under_user_cannot_signal_a_root_op_bridge() {
     assert_eq!(scene.backend_calls(), 1, "{}", describe(&output));
 }
 
+// ---------------------------------------------------------------- SET and the write quota
+
+/// A root daemon serving the app's uid, with `set_interval` between SET-driven write cycles of
+/// an item (through its environment variable) and `set_wait` for a SET's answer. A second
+/// secret, OTHER, lives in another item.
+fn set_daemon(scene: &Scene, set_interval: &str, set_wait: &str) -> Broker {
+    let mut cmd = scene.command(&[], &["daemon", "--allow-uid", "1000", "--set-wait", set_wait]);
+    cmd.env("OP_BRIDGE_SET_INTERVAL", set_interval).env("OP_OTHER_REF", "op://AI/Other/token");
+    let stderr_path = scene.dir.join("daemon.stderr");
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(scene.dir.join("daemon.stdout")).unwrap())
+        .stderr(std::fs::File::create(&stderr_path).unwrap());
+    let mut broker = Broker {
+        child: cmd.spawn().unwrap(),
+        socket: scene.socket(),
+        stderr_path,
+        stdout_path: scene.dir.join("daemon.stdout"),
+    };
+    broker.wait_ready(LIMIT);
+    broker
+}
+
+fn set_store() -> Json {
+    json!({"AI": {"OpenAI": {"credential": "v0"}, "Other": {"token": "t0"}}})
+}
+
+/// `op-bridge set NAME -` as the app's uid, the value on stdin.
+fn set_as_app(scene: &Scene, name: &str, value: &str) -> Output {
+    let mut cmd = Command::new(AS_APP[0]);
+    cmd.args(&AS_APP[1..]).arg(bin()).args(["set", name, "-", "--socket"]).arg(scene.socket()).env_clear();
+    run_with_input(cmd, Some(value.as_bytes()), LIMIT)
+}
+
+fn stored(scene: &Scene, item: &str, field: &str) -> Json {
+    scene.fake.read_store()["AI"][item][field].clone()
+}
+
+/// `op item get` and `op item edit` calls so far (the read and the write of a cycle).
+fn item_calls(scene: &Scene) -> (usize, usize) {
+    (scene.fake.calls_of(&["item", "get"]).len(), scene.fake.calls_of(&["item", "edit"]).len())
+}
+
+/// 20 SETs in a row cost a read-modify-write per `--set-interval`, not one each; each is
+/// answered stored (0) or accepted and not stored yet (75), and the last one lands.
+#[test]
+fn twenty_sets_in_a_row_from_the_app_cost_a_few_writes() {
+    let scene = Scene::new("au-set-flood", set_store());
+    let broker = set_daemon(&scene, "12s", "300ms");
+    let mut codes = Vec::new();
+    for n in 1..=20 {
+        let out = set_as_app(&scene, "API_KEY", &format!("value-{n}"));
+        assert!(matches!(out.status.code(), Some(0 | 75)), "SET {n}: {}\n{}", describe(&out), broker.stderr());
+        codes.push(out.status.code().unwrap());
+    }
+    // Memory follows once 1Password has stored the value (and the fake has logged the edit).
+    let served = || client_as_app(&scene, &["get", "API_KEY"]).stdout == b"value-20";
+    assert!(eventually(LIMIT, served), "the 20th value is not served\n{}", broker.stderr());
+    assert_eq!(stored(&scene, "OpenAI", "credential"), json!("value-20"), "{}", broker.stderr());
+    let (reads, writes) = item_calls(&scene);
+    eprintln!("measured: 20 SETs in a row (exit codes {codes:?}) cost {reads} item reads and {writes} item writes");
+    assert!(writes <= 4 && reads <= 4, "20 SETs cost {reads} reads and {writes} writes\n{}", broker.stderr());
+}
+
+/// SETs held in a gap are stored by a stop at once, not at the gap's end.
+#[test]
+fn sets_waiting_in_a_gap_are_stored_by_sigterm_at_once() {
+    let scene = Scene::new("au-set-stop", set_store());
+    let mut broker = set_daemon(&scene, "10m", "300ms");
+    let first = set_as_app(&scene, "API_KEY", "first");
+    assert!(matches!(first.status.code(), Some(0 | 75)), "{}\n{}", describe(&first), broker.stderr());
+    let landed = eventually(LIMIT, || stored(&scene, "OpenAI", "credential") == json!("first"));
+    assert!(landed, "the first SET never reached 1Password\n{}", broker.stderr());
+    for value in ["second", "third"] {
+        let out = set_as_app(&scene, "API_KEY", value);
+        assert_eq!(
+            out.status.code(),
+            Some(75),
+            "the gap did not hold {value}: {}\n{}",
+            describe(&out),
+            broker.stderr()
+        );
+    }
+    // Held by the gap (unbounded, the write would be done by now).
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(stored(&scene, "OpenAI", "credential"), json!("first"), "{}", broker.stderr());
+    broker.signal(libc::SIGTERM);
+    // The gap is 10 minutes: an exit within the limit did not wait it out.
+    let status = broker.wait(LIMIT);
+    assert_eq!(status.code(), Some(0), "{}", broker.stderr());
+    assert_eq!(stored(&scene, "OpenAI", "credential"), json!("third"), "{}", broker.stderr());
+    assert_eq!(item_calls(&scene).1, 2, "one write for the first SET, one at the stop\n{}", broker.stderr());
+}
+
+/// The gap follows a write cycle of the same item only: the first SET after a quiet period,
+/// and a SET to another item right after, are stored at once (a 10-minute gap would
+/// otherwise answer 75 when the 8 s wait runs out).
+#[test]
+fn the_set_gap_does_not_delay_a_set_after_a_quiet_period_or_to_another_item() {
+    let scene = Scene::new("au-set-quiet", set_store());
+    let broker = set_daemon(&scene, "10m", "8s");
+    let out = set_as_app(&scene, "API_KEY", "rotated");
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", describe(&out), broker.stderr());
+    assert_eq!(stored(&scene, "OpenAI", "credential"), json!("rotated"));
+    let out = set_as_app(&scene, "OTHER", "other-rotated");
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", describe(&out), broker.stderr());
+    assert_eq!(stored(&scene, "Other", "token"), json!("other-rotated"));
+}
+
 // ---------------------------------------------------------------- signals during start-up
 
 /// SIGUSR1 sent while the secrets are still being resolved reaches the command once it

@@ -18,6 +18,9 @@ use crate::writeback::{Origin, SetOutcome, WriteBack};
 /// How long a SET waits for its write to reach the backend before answering that it is
 /// still being retried (below the client's default 10 s timeout).
 pub const DEFAULT_SET_WAIT: Duration = Duration::from_secs(8);
+/// Least time between the starts of two SET-driven write cycles of one item: short enough
+/// that a second SET in a row is still stored within [`DEFAULT_SET_WAIT`].
+pub const DEFAULT_SET_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Policy switches of the broker.
 #[derive(Debug, Clone)]
@@ -30,11 +33,19 @@ pub struct BrokerPolicy {
     pub create_items: bool,
     /// How long a SET waits for 1Password before answering "accepted, not stored yet".
     pub set_wait: Duration,
+    /// Least time between the starts of two SET-driven write cycles of one item.
+    pub set_interval: Duration,
 }
 
 impl Default for BrokerPolicy {
     fn default() -> BrokerPolicy {
-        BrokerPolicy { read_only: false, allow_set_any: false, create_items: false, set_wait: DEFAULT_SET_WAIT }
+        BrokerPolicy {
+            read_only: false,
+            allow_set_any: false,
+            create_items: false,
+            set_wait: DEFAULT_SET_WAIT,
+            set_interval: DEFAULT_SET_INTERVAL,
+        }
     }
 }
 
@@ -101,7 +112,8 @@ impl Broker {
         let store = Arc::new(SecretStore::new());
         let changes_tx = broadcast::channel(16).0;
         let options = WriteOptions { create_item: policy.create_items };
-        let writeback = WriteBack::new(backend.clone(), store.clone(), options, changes_tx.clone());
+        let writeback =
+            WriteBack::new(backend.clone(), store.clone(), options, policy.set_interval, changes_tx.clone());
         Broker {
             store,
             writeback,
