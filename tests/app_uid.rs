@@ -7,8 +7,8 @@
 mod common;
 use common::*;
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::ffi::OsStr;
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -23,19 +23,6 @@ const AS_PID1: [&str; 4] = ["unshare", "--pid", "--fork", "--mount-proc"];
 fn require_root() {
     // SAFETY: a plain query.
     assert_eq!(unsafe { libc::geteuid() }, 0, "tests/app_uid.rs needs root (setpriv, unshare, chown)");
-}
-
-fn chmod(path: &Path, mode: u32) {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-}
-
-fn chown_tree(path: &Path, uid: u32, gid: u32) {
-    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).unwrap();
-    if path.is_dir() && !path.is_symlink() {
-        for entry in std::fs::read_dir(path).unwrap() {
-            chown_tree(&entry.unwrap().path(), uid, gid);
-        }
-    }
 }
 
 /// A test's files, all reachable by the app's uid: the fake `op` (a private copy), its store
@@ -71,18 +58,24 @@ impl Scene {
         self.dir.join("s.sock")
     }
 
-    /// `PREFIX… op-bridge ARGS…` with the fake's environment and one secret, API_KEY.
+    /// `PREFIX… op-bridge ARGS…` with the scene's environment (see [`Scene::program`]).
     fn command(&self, prefix: &[&str], args: &[&str]) -> Command {
         let mut cmd = match prefix.split_first() {
             Some((program, rest)) => {
-                let mut cmd = Command::new(program);
+                let mut cmd = self.program(program);
                 cmd.args(rest).arg(bin());
                 cmd
             }
-            None => Command::new(bin()),
+            None => self.program(bin()),
         };
-        cmd.args(args)
-            .env_clear()
+        cmd.args(args);
+        cmd
+    }
+
+    /// `program` with nothing inherited but the fake's environment and one secret, API_KEY.
+    fn program(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.env_clear()
             .env("PATH", &self.path_env)
             .env("HOME", "/")
             .env("OP_API_KEY_REF", "op://AI/OpenAI/credential")
@@ -591,17 +584,8 @@ sys.exit(7)
 
 fn on_a_terminal(scene: &Scene, script: &str, input: &[(&str, &str)]) -> Output {
     std::fs::write(scene.dir.join("pty_run.py"), PTY_RUN).unwrap();
-    let mut cmd = Command::new("/usr/bin/python3");
-    cmd.arg(scene.dir.join("pty_run.py"))
-        .arg(script)
-        .env_clear()
-        .env("PATH", &scene.path_env)
-        .env("HOME", "/")
-        .env("OP_API_KEY_REF", "op://AI/OpenAI/credential")
-        .env("OP_BRIDGE_OP_PATH", &scene.fake_op)
-        .env("OP_BRIDGE_SOCKET", scene.socket())
-        .envs(scene.fake.env())
-        .envs(input.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let mut cmd = scene.program("/usr/bin/python3");
+    cmd.arg(scene.dir.join("pty_run.py")).arg(script).envs(input.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     run_with_timeout(cmd, LIMIT)
 }
 
@@ -645,81 +629,11 @@ fn ctrl_c_reaches_the_command_under_user_through_its_terminal() {
 
 /// An interactive root bash on a pseudo-terminal runs `op-bridge run --user 1000` as a job:
 /// Ctrl-Z gives the prompt back, `fg` resumes the command, which then reads a line.
-const PTY_JOB_CONTROL: &str = r#"
-import os, pty, select, sys, time
-pid, fd = pty.fork()
-if pid == 0:
-    os.environ["PS1"] = "PROMPT> "
-    os.execvp("bash", ["bash", "--norc", "--noprofile", "-i"])
-out = b""
-def wait_for(needle, start, limit=20):
-    global out
-    deadline = time.time() + limit
-    while time.time() < deadline:
-        at = out.find(needle, start)
-        if at >= 0:
-            return at + len(needle)
-        r, _, _ = select.select([fd], [], [], 0.1)
-        if r:
-            try:
-                out += os.read(fd, 4096)
-            except OSError:
-                return -1
-    return -1
-def kill_session():
-    # Everything on this terminal: bash (the session leader), op-bridge and its command.
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == pid:
-                    os.kill(int(entry), 9)
-            except OSError:
-                pass
-def report(step, at):
-    print(step, at >= 0, flush=True)
-    if at < 0:
-        print("OUTPUT", repr(out.decode(errors="replace")), flush=True)
-        kill_session()
-        sys.exit(0)
-    return at
-at = report("PROMPT", wait_for(b"PROMPT> ", 0))
-os.write(fd, os.environ["JOB"].encode() + b"\n")
-at = report("READY", wait_for(b"READY\r\n", at))
-time.sleep(0.3)
-os.write(fd, b"\x1a")
-at = report("STOPPED_PROMPT", wait_for(b"PROMPT> ", at))
-os.write(fd, b"fg\n")
-time.sleep(0.5)
-os.write(fd, b"hello\n")
-at = report("RESUMED", wait_for(b"GOT hello", at))
-at = report("PROMPT_AGAIN", wait_for(b"PROMPT> ", at))
-os.write(fd, b"echo EXIT=$?\n")
-at = report("EXIT0", wait_for(b"EXIT=0", at))
-os.write(fd, b"exit\n")
-os.waitpid(pid, 0)
-print("OUTPUT", repr(out.decode(errors="replace")), flush=True)
-"#;
-
 #[test]
 fn ctrl_z_and_fg_work_for_the_command_under_user() {
     let scene = Scene::new("au-ctrlz", store("v1"));
-    std::fs::write(scene.dir.join("job.py"), PTY_JOB_CONTROL).unwrap();
     let job = format!(r#"{bin} run --user 1000 -- sh -c 'echo READY; read x; echo "GOT $x"'"#, bin = bin().display());
-    let mut cmd = Command::new("/usr/bin/python3");
-    cmd.arg(scene.dir.join("job.py"))
-        .env_clear()
-        .env("PATH", &scene.path_env)
-        .env("HOME", "/")
-        .env("OP_API_KEY_REF", "op://AI/OpenAI/credential")
-        .env("OP_BRIDGE_OP_PATH", &scene.fake_op)
-        .env("OP_BRIDGE_SOCKET", scene.socket())
-        .envs(scene.fake.env())
-        .env("JOB", job);
-    let output = run_with_timeout(cmd, Duration::from_secs(90));
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    for step in ["PROMPT", "READY", "STOPPED_PROMPT", "RESUMED", "PROMPT_AGAIN", "EXIT0"] {
-        assert!(stdout.contains(&format!("{step} True")), "step {step} failed\n{}", describe(&output));
-    }
+    terminal::assert_ctrl_z_and_fg_work(&scene.dir, scene.program("/usr/bin/python3"), &job);
 }
 
 /// A window change on the real terminal reaches the command under `--user` on its own pty.

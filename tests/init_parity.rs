@@ -19,15 +19,6 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Children of `pid` as listed by the kernel.
-fn children_of(pid: i32) -> Vec<i32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
-}
-
 /// A daemon whose only secret takes 30 s to resolve (the fake `op` sleeps).
 fn slow_daemon(dir: &TestDir) -> (Broker, FakeOp) {
     let fake = FakeOp::new(dir, json!({"vault": {"item": {"a": "one"}}}));

@@ -136,23 +136,6 @@ fn require_root() {
     assert_eq!(unsafe { libc::geteuid() }, 0, "tests/privsep.rs needs root (chown, setpriv, useradd)");
 }
 
-fn chown(path: &Path, uid: u32, gid: u32) {
-    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).unwrap();
-}
-
-fn chmod(path: &Path, mode: u32) {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-}
-
-fn chown_tree(path: &Path, uid: u32, gid: u32) {
-    chown(path, uid, gid);
-    if path.is_dir() && !path.is_symlink() {
-        for entry in std::fs::read_dir(path).unwrap() {
-            chown_tree(&entry.unwrap().path(), uid, gid);
-        }
-    }
-}
-
 /// One scenario's files: the fake op's store, a private copy of the fake op (its path is
 /// this test's alone, so the scanner never counts another test's `op`), python3 on PATH,
 /// the scanner and the token it looks for.
@@ -238,10 +221,22 @@ impl Scene {
     }
 }
 
-/// Held while a scanner runs. Two scanners of the same uid would read each other's memory,
-/// and with it each other's needle: the one scanned second would then "find" the first's
-/// token in the second's heap.
-static SCANNING: Mutex<()> = Mutex::new(());
+/// Waits until no other scanner runs, on the whole machine, and returns the lock (an flock,
+/// released when the file is dropped). Two scanners of the same uid would read each other's
+/// memory, and with it each other's needle: the one scanned second would then "find" the
+/// first's token in the second's heap. A scanner in another test process (a second `cargo
+/// test`, another checkout's) counts as much as one in another thread of this one.
+fn scanning() -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let path = std::env::temp_dir().join("opb-privsep-scanner.lock");
+    let lock = std::fs::OpenOptions::new().create(true).append(true).open(&path).unwrap();
+    // SAFETY: flock on a descriptor owned by `lock`, which outlives the call.
+    while unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        let err = std::io::Error::last_os_error();
+        assert_eq!(err.kind(), std::io::ErrorKind::Interrupted, "flock {}: {err}", path.display());
+    }
+    lock
+}
 
 /// `key=value` lines of the child's stdout.
 fn field(output: &Output, key: &str) -> String {
@@ -281,7 +276,7 @@ fn a_command_run_with_user_never_finds_the_token_yet_reads_its_secrets() {
     let socket = private.join("s.sock");
     let child = scene.child_script(&scene.fake_op);
     let user = format!("{APP}:{APP}");
-    let scanning = SCANNING.lock().unwrap_or_else(|e| e.into_inner());
+    let scanning = scanning();
     let output = scene.run(&[], &socket, &scene.fake_op, &["--user", &user], &["sh", child.to_str().unwrap()]);
     drop(scanning);
     let shown = describe(&output);
@@ -338,7 +333,7 @@ fn same_uid_run(tag: &str, mode: u32) -> (Output, Json) {
     let child = scene.child_script(&op);
     let socket = scene.dir.join("s.sock");
     let setpriv = ["setpriv", "--reuid", "1000", "--regid", "1000", "--clear-groups"];
-    let scanning = SCANNING.lock().unwrap_or_else(|e| e.into_inner());
+    let scanning = scanning();
     let output = scene.run(&setpriv, &socket, &op, &[], &["sh", child.to_str().unwrap()]);
     drop(scanning);
     assert_eq!(output.status.code(), Some(0), "{}", describe(&output));

@@ -123,11 +123,34 @@ fn status(broker: &Broker) -> Json {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// GET NAME's answer, as text.
+fn get(broker: &Broker, name: &str) -> String {
+    String::from_utf8(broker.client(&["get", name], None).stdout).unwrap()
+}
+
 /// Runs `op-bridge run … -- sh -c SCRIPT` to completion; returns (status, stdout, stderr).
 fn run_child(builder: BrokerBuilder, script: &str) -> (std::process::ExitStatus, String, String) {
     let out = run_with_timeout(builder.args(["--", "sh", "-c", script]).command(), Duration::from_secs(120));
     (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
+
+/// [`run_child`] for a command that must succeed; returns its stdout and stderr.
+fn run_ok(builder: BrokerBuilder, script: &str) -> (String, String) {
+    let (code, stdout, stderr) = run_child(builder, script);
+    assert!(code.success(), "the command failed: {code:?}\n{stdout}\n{stderr}");
+    (stdout, stderr)
+}
+
+/// A test's directory, a random key, and the fake upstream that expects that key.
+fn scene(tag: &str) -> (TestDir, String, Upstream) {
+    let dir = TestDir::new(tag);
+    let key = random_key();
+    let upstream = Upstream::start(&dir, &key);
+    (dir, key, upstream)
+}
+
+/// The egress proxy on an ephemeral loopback port, allowed to reach the upstream on loopback.
+const PROXY: [&str; 3] = ["--proxy", "127.0.0.1:0", "--proxy-allow-private"];
 
 fn places(record: &Json) -> Vec<String> {
     record["key_at"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect()
@@ -135,9 +158,7 @@ fn places(record: &Json) -> Vec<String> {
 
 #[test]
 fn clients_send_placeholders_and_the_upstream_gets_the_value() {
-    let dir = TestDir::new("px-subst");
-    let key = random_key();
-    let upstream = Upstream::start(&dir, &key);
+    let (dir, key, upstream) = scene("px-subst");
     let py = python();
     let script = format!(
         r#"set -e
@@ -162,12 +183,8 @@ EOF
         env = dir.join("child.env").display(),
         port = upstream.port,
     );
-    let broker = builder(&dir, "run", &key, &upstream)
-        .args(["--proxy", "127.0.0.1:0", "--proxy-allow-private"])
-        .arg("--export")
-        .arg("API");
-    let (code, stdout, stderr) = run_child(broker, &script);
-    assert!(code.success(), "child failed: {code:?}\n{stdout}\n{stderr}");
+    let broker = builder(&dir, "run", &key, &upstream).args(PROXY).arg("--export").arg("API");
+    run_ok(broker, &script);
 
     let received = upstream.received();
     let by_tag = |tag: &str| {
@@ -218,12 +235,9 @@ EOF
 
 #[test]
 fn get_exec_provider_status_and_allow_raw() {
-    let dir = TestDir::new("px-get");
-    let key = random_key();
-    let upstream = Upstream::start(&dir, &key);
+    let (dir, key, upstream) = scene("px-get");
     let broker = builder(&dir, "daemon", &key, &upstream).start();
-    let got = broker.client(&["get", "API"], None);
-    let placeholder = String::from_utf8(got.stdout).unwrap();
+    let placeholder = get(&broker, "API");
     assert!(placeholder.starts_with("opb_"), "{placeholder}");
     assert_eq!(broker.client(&["get", "op://v/api/key"], None).stdout, placeholder.as_bytes());
     let exec =
@@ -242,7 +256,7 @@ fn get_exec_provider_status_and_allow_raw() {
 
     // A fixed prefix for tools that check a key's shape.
     let broker = builder(&dir, "daemon", &key, &upstream).args(["--placeholder-prefix", "API=sk-proj-"]).start();
-    let prefixed = String::from_utf8(broker.client(&["get", "API"], None).stdout).unwrap();
+    let prefixed = get(&broker, "API");
     assert!(prefixed.starts_with("sk-proj-opb_") && prefixed.len() == "sk-proj-".len() + 36, "{prefixed}");
     drop(broker);
 
@@ -261,9 +275,7 @@ fn get_exec_provider_status_and_allow_raw() {
 
 #[test]
 fn placeholders_survive_a_restart_with_cache() {
-    let dir = TestDir::new("px-cache");
-    let key = random_key();
-    let upstream = Upstream::start(&dir, &key);
+    let (dir, key, upstream) = scene("px-cache");
     let cache = dir.join("cache.bin").display().to_string();
     let start = || {
         builder(&dir, "daemon", &key, &upstream)
@@ -291,16 +303,14 @@ fn proxy_addr(broker: &Broker) -> String {
 
 #[test]
 fn openai_sdk_through_a_route_with_no_proxy_environment() {
-    let dir = TestDir::new("px-route");
-    let key = random_key();
-    let upstream = Upstream::start(&dir, &key);
+    let (dir, key, upstream) = scene("px-route");
     let broker = builder(&dir, "daemon", &key, &upstream)
-        .args(["--proxy", "127.0.0.1:0", "--proxy-allow-private"])
+        .args(PROXY)
         .arg("--route")
         .arg(format!("openai=https://localhost:{}/v1", upstream.port))
         .start();
     let addr = proxy_addr(&broker);
-    let placeholder = String::from_utf8(broker.client(&["get", "API"], None).stdout).unwrap();
+    let placeholder = get(&broker, "API");
     let script = r#"
 import os, sys, openai
 client = openai.OpenAI(api_key=os.environ["KEY"], base_url=os.environ["BASE"], max_retries=0)
@@ -331,9 +341,7 @@ print("".join(c.choices[0].delta.content or "" for c in chunks if c.choices))
 
 #[test]
 fn refusals_unbound_placeholder_credential_and_private_addresses() {
-    let dir = TestDir::new("px-refuse");
-    let key = random_key();
-    let upstream = Upstream::start(&dir, &key);
+    let (dir, key, upstream) = scene("px-refuse");
     let script = format!(
         r#"
 base="https://localhost:{port}"
@@ -355,17 +363,8 @@ EOF
         py = python(),
         port = upstream.port
     );
-    let broker = builder(&dir, "run", &key, &upstream).args([
-        "--proxy",
-        "127.0.0.1:0",
-        "--proxy-allow-private",
-        "--export",
-        "API",
-        "--export",
-        "OTHER",
-    ]);
-    let (code, stdout, stderr) = run_child(broker, &script);
-    assert!(code.success(), "{stdout}\n{stderr}");
+    let broker = builder(&dir, "run", &key, &upstream).args(PROXY).args(["--export", "API", "--export", "OTHER"]);
+    let (stdout, stderr) = run_ok(broker, &script);
     // curl prints 000 for a CONNECT answered 407 (the tunnel failed), or the 407 itself.
     for (tag, expect) in
         [("unbound", "403"), ("unbound-body", "403"), ("plain-http", "403"), ("streamed-unbound", "403")]
@@ -400,8 +399,7 @@ echo "tunnel $(curl -sS -o /dev/null -w '%{{http_code}}' --noproxy '' "https://1
         port = upstream.port
     );
     let broker = builder(&dir, "run", &key, &upstream).args(["--proxy", "127.0.0.1:0", "--export", "API"]);
-    let (code, stdout, stderr) = run_child(broker, &script);
-    assert!(code.success(), "{stdout}\n{stderr}");
+    let (stdout, stderr) = run_ok(broker, &script);
     assert!(stdout.lines().any(|l| l == "name 403"), "{stdout}\n{stderr}");
     // A tunnel refused before it is established: curl reports 403 or 000.
     assert!(stdout.lines().any(|l| l == "tunnel 403" || l == "tunnel 000"), "{stdout}");
@@ -412,9 +410,7 @@ echo "tunnel $(curl -sS -o /dev/null -w '%{{http_code}}' --noproxy '' "https://1
 
 #[test]
 fn sse_streams_event_by_event_and_echoes_are_reversed() {
-    let dir = TestDir::new("px-sse");
-    let key = random_key();
-    let upstream = Upstream::start(&dir, &key);
+    let (dir, key, upstream) = scene("px-sse");
     let script = format!(
         r#"set -e
 "{py}" - <<'EOF'
@@ -438,15 +434,8 @@ EOF
         py = python(),
         port = upstream.port
     );
-    let broker = builder(&dir, "run", &key, &upstream).args([
-        "--proxy",
-        "127.0.0.1:0",
-        "--proxy-allow-private",
-        "--export",
-        "API",
-    ]);
-    let (code, stdout, stderr) = run_child(broker, &script);
-    assert!(code.success(), "{stdout}\n{stderr}");
+    let broker = builder(&dir, "run", &key, &upstream).args(PROXY).args(["--export", "API"]);
+    let (stdout, stderr) = run_ok(broker, &script);
     for line in ["first-before-last True", "echo-header True", "echo-body True"] {
         assert!(stdout.lines().any(|l| l == line), "{line}: {stdout}\n{stderr}");
     }
@@ -461,16 +450,14 @@ fn peak_rss_kib(pid: i32) -> u64 {
 
 #[test]
 fn large_upload_and_download_stream_with_bounded_memory() {
-    let dir = TestDir::new("px-large");
-    let key = random_key();
-    let upstream = Upstream::start(&dir, &key);
+    let (dir, key, upstream) = scene("px-large");
     let broker = builder(&dir, "daemon", &key, &upstream)
-        .args(["--proxy", "127.0.0.1:0", "--proxy-allow-private"])
+        .args(PROXY)
         .arg("--route")
         .arg(format!("up=https://localhost:{}", upstream.port))
         .start();
     let addr = proxy_addr(&broker);
-    let placeholder = String::from_utf8(broker.client(&["get", "API"], None).stdout).unwrap();
+    let placeholder = get(&broker, "API");
     let before = peak_rss_kib(broker.pid());
     let script = r#"
 import os, hashlib, requests
@@ -536,9 +523,7 @@ fn the_childs_memory_never_holds_the_value_after_100_requests() {
         eprintln!("skipped: reading another process's memory needs root");
         return;
     }
-    let dir = TestDir::new("px-mem");
-    let key = random_key();
-    let upstream = Upstream::start(&dir, &key);
+    let (dir, key, upstream) = scene("px-mem");
     let ready = dir.join("ready");
     let done = dir.join("done");
     let script = format!(
@@ -560,9 +545,8 @@ EOF
         ready = ready.display(),
         done = done.display(),
     );
-    let builder = builder(&dir, "run", &key, &upstream)
-        .args(["--proxy", "127.0.0.1:0", "--proxy-allow-private", "--export", "API"])
-        .args(["--", "sh", "-c", &script]);
+    let builder =
+        builder(&dir, "run", &key, &upstream).args(PROXY).args(["--export", "API"]).args(["--", "sh", "-c", &script]);
     let mut broker = builder.spawn();
     assert!(
         eventually(Duration::from_secs(120), || std::fs::read_to_string(&ready).is_ok_and(|p| !p.is_empty())),
@@ -592,11 +576,8 @@ fn nix_is_root() -> bool {
 
 #[test]
 fn daemon_users_get_the_environment_from_proxy_env() {
-    let dir = TestDir::new("px-env");
-    let key = random_key();
-    let upstream = Upstream::start(&dir, &key);
-    let broker =
-        builder(&dir, "daemon", &key, &upstream).args(["--proxy", "127.0.0.1:0", "--proxy-allow-private"]).start();
+    let (dir, key, upstream) = scene("px-env");
+    let broker = builder(&dir, "daemon", &key, &upstream).args(PROXY).start();
     let out = broker.client(&["proxy-env"], None);
     assert!(out.status.success(), "{}", describe(&out));
     let exports = String::from_utf8(out.stdout).unwrap();
@@ -623,24 +604,15 @@ fn daemon_users_get_the_environment_from_proxy_env() {
 
 #[test]
 fn unbound_hosts_are_tunnelled_or_refused_with_egress_bound_only() {
-    let dir = TestDir::new("px-egress");
-    let key = random_key();
-    let upstream = Upstream::start(&dir, &key);
+    let (dir, key, upstream) = scene("px-egress");
     // 127.0.0.1 is not bound (API is bound to localhost): a tunnel, untouched, so the
     // upstream sees the placeholder, never the value.
     let script = format!(
         r#"echo "tunnel $(curl -sS -o /dev/null -w '%{{http_code}}' --noproxy '' "https://127.0.0.1:{port}/echo" -H "Authorization: Bearer $API")""#,
         port = upstream.port
     );
-    let broker = builder(&dir, "run", &key, &upstream).args([
-        "--proxy",
-        "127.0.0.1:0",
-        "--proxy-allow-private",
-        "--export",
-        "API",
-    ]);
-    let (code, stdout, stderr) = run_child(broker, &script);
-    assert!(code.success(), "{stdout}\n{stderr}");
+    let broker = builder(&dir, "run", &key, &upstream).args(PROXY).args(["--export", "API"]);
+    let (stdout, stderr) = run_ok(broker, &script);
     assert!(stdout.lines().any(|l| l == "tunnel 200"), "{stdout}\n{stderr}");
     let received = upstream.received();
     assert_eq!(received.len(), 1);
@@ -649,17 +621,8 @@ fn unbound_hosts_are_tunnelled_or_refused_with_egress_bound_only() {
     assert!(audit.iter().any(|l| l["note"] == "tunnel" && l["status"] == 200), "{audit:#?}");
 
     let dir = TestDir::new("px-egress2");
-    let broker = builder(&dir, "run", &key, &upstream).args([
-        "--proxy",
-        "127.0.0.1:0",
-        "--proxy-allow-private",
-        "--egress",
-        "bound-only",
-        "--export",
-        "API",
-    ]);
-    let (code, stdout, stderr) = run_child(broker, &script);
-    assert!(code.success(), "{stdout}\n{stderr}");
+    let broker = builder(&dir, "run", &key, &upstream).args(PROXY).args(["--egress", "bound-only", "--export", "API"]);
+    let (stdout, _) = run_ok(broker, &script);
     assert!(stdout.lines().any(|l| l == "tunnel 000" || l == "tunnel 403"), "{stdout}");
     assert_eq!(upstream.received().len(), 1, "the refused tunnel reached the upstream");
     assert!(audit_lines(&dir).iter().any(|l| l["note"] == "egress bound-only" && l["status"] == 403));
@@ -668,12 +631,8 @@ fn unbound_hosts_are_tunnelled_or_refused_with_egress_bound_only() {
 #[test]
 fn the_proxy_is_bounded_header_size_and_connections() {
     use std::io::{Read, Write};
-    let dir = TestDir::new("px-bounds");
-    let key = random_key();
-    let upstream = Upstream::start(&dir, &key);
-    let broker = builder(&dir, "daemon", &key, &upstream)
-        .args(["--proxy", "127.0.0.1:0", "--proxy-allow-private", "--proxy-max-connections", "2"])
-        .start();
+    let (dir, key, upstream) = scene("px-bounds");
+    let broker = builder(&dir, "daemon", &key, &upstream).args(PROXY).args(["--proxy-max-connections", "2"]).start();
     let addr = proxy_addr(&broker);
     // A request head past 64 KiB is answered with an error and the connection closed.
     let mut stream = std::net::TcpStream::connect(&addr).unwrap();
@@ -713,9 +672,7 @@ fn the_proxy_is_bounded_header_size_and_connections() {
 
 #[test]
 fn upstream_tls_is_verified() {
-    let dir = TestDir::new("px-verify");
-    let key = random_key();
-    let upstream = Upstream::start(&dir, &key);
+    let (dir, key, upstream) = scene("px-verify");
     // op-bridge does not trust the upstream's test CA here (no SSL_CERT_FILE for it): the
     // intercepted request fails with 502 and nothing is sent.
     let script = format!(
@@ -727,9 +684,9 @@ fn upstream_tls_is_verified() {
         .arg(vault(&dir, &key))
         .env("OP_API_REF", "op://v/api/key")
         .env("OP_API_HOSTS", format!("localhost:{}", upstream.port))
-        .args(["--proxy", "127.0.0.1:0", "--proxy-allow-private", "--export", "API"]);
-    let (code, stdout, stderr) = run_child(broker, &script);
-    assert!(code.success(), "{stdout}\n{stderr}");
+        .args(PROXY)
+        .args(["--export", "API"]);
+    let (stdout, stderr) = run_ok(broker, &script);
     assert!(stdout.lines().any(|l| l == "code 502"), "{stdout}\n{stderr}");
     assert!(upstream.received().is_empty(), "{:#?}", upstream.received());
 }
@@ -737,9 +694,7 @@ fn upstream_tls_is_verified() {
 #[test]
 fn idle_connections_are_closed_and_the_proxy_listens_on_loopback_only() {
     use std::io::Read;
-    let dir = TestDir::new("px-idle");
-    let key = random_key();
-    let upstream = Upstream::start(&dir, &key);
+    let (dir, key, upstream) = scene("px-idle");
     let broker =
         builder(&dir, "daemon", &key, &upstream).args(["--proxy", "127.0.0.1:0", "--proxy-idle-timeout", "1s"]).start();
     let addr = proxy_addr(&broker);
@@ -761,12 +716,8 @@ fn idle_connections_are_closed_and_the_proxy_listens_on_loopback_only() {
 #[test]
 fn an_idle_tunnel_is_closed() {
     use std::io::{Read, Write};
-    let dir = TestDir::new("px-tunidle");
-    let key = random_key();
-    let upstream = Upstream::start(&dir, &key);
-    let broker = builder(&dir, "daemon", &key, &upstream)
-        .args(["--proxy", "127.0.0.1:0", "--proxy-allow-private", "--proxy-idle-timeout", "1s"])
-        .start();
+    let (dir, key, upstream) = scene("px-tunidle");
+    let broker = builder(&dir, "daemon", &key, &upstream).args(PROXY).args(["--proxy-idle-timeout", "1s"]).start();
     let env: Json = serde_json::from_slice(&broker.client(&["proxy-env", "--json"], None).stdout).unwrap();
     let url = env["HTTPS_PROXY"].as_str().unwrap();
     let (credential, addr) = url.trim_start_matches("http://").split_once('@').unwrap();

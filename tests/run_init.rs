@@ -68,15 +68,6 @@ fn bash(script: &str) -> Vec<String> {
     vec!["--".into(), "bash".into(), "-c".into(), script.into()]
 }
 
-/// Children of `pid` as listed by the kernel.
-fn children_of(pid: i32) -> Vec<i32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
-}
-
 /// `(state, ppid)` from /proc/PID/stat, if the process exists.
 fn proc_state(pid: i32) -> Option<(char, i32)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -1030,80 +1021,19 @@ fn a_terminal_shows_only_the_programs_output() {
     assert_eq!(shown, r"'one\r\ntwo\r\ntwo\r\none\r\n'", "{}", describe(&output));
 }
 
-/// An interactive bash on a pseudo-terminal: runs op-bridge as a job, presses Ctrl-Z once
-/// the command is reading, expects the prompt back, then `fg` and a line for the command.
-const PTY_JOB_CONTROL: &str = r#"
-import os, pty, select, sys, time
-pid, fd = pty.fork()
-if pid == 0:
-    os.environ["PS1"] = "PROMPT> "
-    os.execvp("bash", ["bash", "--norc", "--noprofile", "-i"])
-out = b""
-def wait_for(needle, start, limit=20):
-    global out
-    deadline = time.time() + limit
-    while time.time() < deadline:
-        at = out.find(needle, start)
-        if at >= 0:
-            return at + len(needle)
-        r, _, _ = select.select([fd], [], [], 0.1)
-        if r:
-            try:
-                out += os.read(fd, 4096)
-            except OSError:
-                return -1
-    return -1
-def kill_session():
-    # Everything on this terminal: bash (the session leader), op-bridge and its command.
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == pid:
-                    os.kill(int(entry), 9)
-            except OSError:
-                pass
-def report(step, at):
-    print(step, at >= 0, flush=True)
-    if at < 0:
-        print("OUTPUT", repr(out.decode(errors="replace")), flush=True)
-        kill_session()
-        sys.exit(0)
-    return at
-at = report("PROMPT", wait_for(b"PROMPT> ", 0))
-os.write(fd, os.environ["JOB"].encode() + b"\n")
-at = report("READY", wait_for(b"READY\r\n", at))
-time.sleep(0.3)
-os.write(fd, b"\x1a")
-at = report("STOPPED_PROMPT", wait_for(b"PROMPT> ", at))
-os.write(fd, b"fg\n")
-time.sleep(0.5)
-os.write(fd, b"hello\n")
-at = report("RESUMED", wait_for(b"GOT hello", at))
-at = report("PROMPT_AGAIN", wait_for(b"PROMPT> ", at))
-os.write(fd, b"echo EXIT=$?\n")
-at = report("EXIT0", wait_for(b"EXIT=0", at))
-os.write(fd, b"exit\n")
-os.waitpid(pid, 0)
-print("OUTPUT", repr(out.decode(errors="replace")), flush=True)
-"#;
-
+/// Ctrl-Z on the terminal gives the shell its prompt back; `fg` resumes the command.
 #[test]
 fn ctrl_z_returns_the_prompt_and_fg_resumes() {
     let dir = TestDir::new("ctrlz");
-    std::fs::write(dir.join("job.py"), PTY_JOB_CONTROL).unwrap();
     let backend = write_vault(&dir, EMPTY_VAULT);
     let job = format!(
         r#"{bin} run --socket {dir}/s.sock {backend} -- sh -c 'echo READY; read x; echo "GOT $x"'"#,
         bin = bin().display(),
         dir = dir.path().display()
     );
-    let mut cmd = Command::new("python3");
-    cmd.arg(dir.join("job.py")).env("JOB", job).env_remove("OP_BRIDGE_SOCKET");
-    let output = run_with_timeout(cmd, Duration::from_secs(90));
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    for step in ["PROMPT", "READY", "STOPPED_PROMPT", "RESUMED", "PROMPT_AGAIN", "EXIT0"] {
-        assert!(stdout.contains(&format!("{step} True")), "step {step} failed\n{}", describe(&output));
-    }
+    let mut python = Command::new("python3");
+    python.env_remove("OP_BRIDGE_SOCKET");
+    terminal::assert_ctrl_z_and_fg_work(&dir, python, &job);
 }
 
 #[test]

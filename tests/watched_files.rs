@@ -14,7 +14,7 @@
 mod common;
 use common::*;
 
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -29,14 +29,6 @@ const RUN_LIMIT: Duration = Duration::from_secs(90);
 fn require_root() {
     // SAFETY: a plain query.
     assert_eq!(unsafe { libc::geteuid() }, 0, "tests/watched_files.rs needs root (chown, setpriv, unshare)");
-}
-
-fn chown(path: &Path, uid: u32, gid: u32) {
-    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).unwrap();
-}
-
-fn chmod(path: &Path, mode: u32) {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
 fn mkfifo(path: &Path) {

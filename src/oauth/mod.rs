@@ -460,11 +460,15 @@ impl Refresher {
             (GrantKind::RefreshToken, Some(token)) => Grant::RefreshToken(token.as_str()),
             _ => Grant::ClientCredentials,
         };
+        // The lifetime counts from when the request was sent, not from when the answer came:
+        // the endpoint started the clock in between, and a late answer must not make op-bridge
+        // think the token lives longer than it does.
+        let sent = SystemTime::now();
         let answer = self.http.request(&self.settings, grant).await;
         drop(presented);
         match answer {
             Ok(response) => {
-                self.accept(response);
+                self.accept(response, sent);
                 true
             }
             Err(TokenError::Refused(why)) => {
@@ -514,10 +518,10 @@ impl Refresher {
     }
 
     /// A token response: journaled, then used, then queued for 1Password.
-    fn accept(&self, response: client::TokenResponse) {
+    fn accept(&self, response: client::TokenResponse, sent: SystemTime) {
         let name = &self.spec.name;
         let lifetime = Duration::from_secs(response.expires_in.unwrap_or(DEFAULT_LIFETIME.as_secs()).max(1));
-        let expires_at = SystemTime::now() + lifetime;
+        let expires_at = sent + lifetime;
         let refresh_token = match self.grant {
             // Providers that do not rotate keep the one they were given.
             GrantKind::RefreshToken => response.refresh_token.or_else(|| self.tokens().refresh_token.clone()),

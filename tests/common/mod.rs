@@ -1,7 +1,9 @@
 //! Test harness: the built binary, the fake `op`, temp dirs, and daemons that are always
 //! killed on drop. Daemon output goes to a file (an unread pipe could block it); failures
-//! print the command, status and output.
+//! print the command, status and output. `terminal` drives op-bridge on a pseudo-terminal.
 #![allow(dead_code)]
+
+pub mod terminal;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -322,4 +324,35 @@ pub fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(25));
     }
     check()
+}
+
+// ---------------------------------------------------------------- files and processes (as root)
+
+/// `chown` without following a link.
+pub fn chown(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).unwrap();
+}
+
+pub fn chmod(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// [`chown`] of `path` and everything below it (links themselves, never their targets).
+pub fn chown_tree(path: &Path, uid: u32, gid: u32) {
+    chown(path, uid, gid);
+    if path.is_dir() && !path.is_symlink() {
+        for entry in std::fs::read_dir(path).unwrap() {
+            chown_tree(&entry.unwrap().path(), uid, gid);
+        }
+    }
+}
+
+/// Children of `pid` as listed by the kernel.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
 }
