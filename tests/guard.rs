@@ -9,7 +9,7 @@ mod common;
 mod core_support;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -381,28 +381,6 @@ fn many_large_frames_stay_within_the_budget_and_ping_still_answers() {
 
 // ---------------------------------------------------------------- 6. no lingering copies
 
-/// Counts occurrences of `needle` in every readable mapping of `pid` (root reads the memory
-/// of a non-dumpable process through /proc/PID/mem with CAP_SYS_PTRACE).
-fn copies_in_memory(pid: i32, needle: &[u8]) -> usize {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
-    let mut count = 0;
-    for line in maps.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if !fields[1].starts_with('r') || line.ends_with("[vvar]") || line.ends_with("[vsyscall]") {
-            continue;
-        }
-        let (start, end) = fields[0].split_once('-').unwrap();
-        let (start, end) = (u64::from_str_radix(start, 16).unwrap(), u64::from_str_radix(end, 16).unwrap());
-        let mut region = vec![0u8; (end - start) as usize];
-        if mem.read_exact_at(&mut region, start).is_err() {
-            continue;
-        }
-        count += region.windows(needle.len()).filter(|w| *w == needle).count();
-    }
-    count
-}
-
 #[test]
 fn no_copy_of_a_value_remains_after_gets_and_delete() {
     needs_root!("no_copy_of_a_value_remains_after_gets_and_delete");
@@ -431,11 +409,11 @@ fn no_copy_of_a_value_remains_after_gets_and_delete() {
     let out = broker.client(&["get"], Some(batch));
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains(&value), "{}", describe(&out));
 
-    let held = copies_in_memory(broker.pid(), value.as_bytes());
+    let held = memory::copies_in_memory(broker.pid(), value.as_bytes());
     assert!(held >= 1, "the scan must find the value while it is held, or it proves nothing");
     let out = broker.client(&["delete", "API"], None);
     assert!(out.status.success(), "{}", describe(&out));
-    let left = copies_in_memory(broker.pid(), value.as_bytes());
+    let left = memory::copies_in_memory(broker.pid(), value.as_bytes());
     eprintln!("measured: copies of the value in op-bridge's memory: {held} while held, {left} after DELETE");
     assert_eq!(left, 0, "{left} copies of the value remain in op-bridge's memory after DELETE");
 }

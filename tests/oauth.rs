@@ -576,57 +576,16 @@ EOF
 /// mapping of `pid` (root reads any process's memory): one pass over the memory, looking at
 /// each `at_`/`rt_`.
 fn tokens_in_memory(pid: i32, tokens: &[String]) -> Vec<String> {
-    use std::io::{Read, Seek, SeekFrom};
     let wanted: std::collections::HashSet<&[u8]> = tokens.iter().map(|t| t.as_bytes()).collect();
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
     let mut found = std::collections::BTreeSet::new();
-    for line in maps.lines() {
-        let mut fields = line.split_whitespace();
-        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else { continue };
-        if !perms.starts_with('r') || line.ends_with("[vvar]") || line.ends_with("[vsyscall]") {
-            continue;
-        }
-        let (start, end) = range.split_once('-').unwrap();
-        let (start, end) = (u64::from_str_radix(start, 16).unwrap(), u64::from_str_radix(end, 16).unwrap());
-        let mut buf = vec![0u8; (end - start) as usize];
-        if mem.seek(SeekFrom::Start(start)).is_err() || mem.read_exact(&mut buf).is_err() {
-            continue;
-        }
-        for i in 0..buf.len().saturating_sub(35) {
-            if buf[i + 2] == b'_'
-                && buf[i + 1] == b't'
-                && matches!(buf[i], b'a' | b'r')
-                && wanted.contains(&buf[i..i + 35])
-            {
-                found.insert(String::from_utf8_lossy(&buf[i..i + 35]).into_owned());
+    memory::each_mapping(pid, |region| {
+        for window in region.windows(35) {
+            if window[2] == b'_' && window[1] == b't' && matches!(window[0], b'a' | b'r') && wanted.contains(window) {
+                found.insert(String::from_utf8_lossy(window).into_owned());
             }
         }
-    }
+    });
     found.into_iter().collect()
-}
-
-/// Counts `needle` in every readable mapping of `pid`.
-fn copies_in_memory(pid: i32, needle: &[u8]) -> usize {
-    use std::io::{Read, Seek, SeekFrom};
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
-    let mut count = 0;
-    for line in maps.lines() {
-        let mut fields = line.split_whitespace();
-        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else { continue };
-        if !perms.starts_with('r') || line.ends_with("[vvar]") || line.ends_with("[vsyscall]") {
-            continue;
-        }
-        let (start, end) = range.split_once('-').unwrap();
-        let (start, end) = (u64::from_str_radix(start, 16).unwrap(), u64::from_str_radix(end, 16).unwrap());
-        let mut buf = vec![0u8; (end - start) as usize];
-        if mem.seek(SeekFrom::Start(start)).is_err() || mem.read_exact(&mut buf).is_err() {
-            continue;
-        }
-        count += buf.windows(needle.len()).filter(|w| *w == needle).count();
-    }
-    count
 }
 
 fn is_root() -> bool {
@@ -692,7 +651,7 @@ EOF
             found.push(format!("environ: {}", prefix(token)));
         }
     }
-    let placeholder_in_child = copies_in_memory(pid, b"opb_");
+    let placeholder_in_child = memory::copies_in_memory(pid, b"opb_");
     // The scan finds a token where one is (this process holds them all).
     assert_eq!(tokens_in_memory(std::process::id() as i32, &tokens[..1]).len(), 1, "the scan finds nothing");
     std::fs::write(&done, "").unwrap();

@@ -494,29 +494,6 @@ print("ok")
     assert!(places(&received[0]).contains(&"body".to_string()), "{:?}", received[0]);
 }
 
-/// Counts `needle` in every readable mapping of `pid` (root reads any process's memory).
-fn copies_in_memory(pid: i32, needle: &[u8]) -> usize {
-    use std::io::{Read, Seek, SeekFrom};
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
-    let mut count = 0;
-    for line in maps.lines() {
-        let mut fields = line.split_whitespace();
-        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else { continue };
-        if !perms.starts_with('r') || line.ends_with("[vvar]") || line.ends_with("[vsyscall]") {
-            continue;
-        }
-        let (start, end) = range.split_once('-').unwrap();
-        let (start, end) = (u64::from_str_radix(start, 16).unwrap(), u64::from_str_radix(end, 16).unwrap());
-        let mut buf = vec![0u8; (end - start) as usize];
-        if mem.seek(SeekFrom::Start(start)).is_err() || mem.read_exact(&mut buf).is_err() {
-            continue;
-        }
-        count += buf.windows(needle.len()).filter(|w| *w == needle).count();
-    }
-    count
-}
-
 #[test]
 fn the_childs_memory_never_holds_the_value_after_100_requests() {
     if !nix_is_root() {
@@ -554,8 +531,8 @@ EOF
         broker.stderr()
     );
     let pid: i32 = std::fs::read_to_string(&ready).unwrap().trim().parse().unwrap();
-    let in_child = copies_in_memory(pid, key.as_bytes());
-    let placeholder_in_child = copies_in_memory(pid, b"opb_");
+    let in_child = memory::copies_in_memory(pid, key.as_bytes());
+    let placeholder_in_child = memory::copies_in_memory(pid, b"opb_");
     std::fs::write(&done, "").unwrap();
     broker.wait(LIMIT);
     let received = upstream.received();
