@@ -114,7 +114,12 @@ fn client_as_app(scene: &Scene, args: &[&str]) -> Output {
 
 /// A root daemon serving the app's uid, with a client interval of `interval`.
 fn daemon_for_app(scene: &Scene, interval: &str) -> Broker {
-    let mut cmd = scene.command(&[], &["daemon", "--allow-uid", "1000", "--refresh-min-interval", interval]);
+    let cmd = scene.command(&[], &["daemon", "--allow-uid", "1000", "--refresh-min-interval", interval]);
+    start_daemon(scene, cmd)
+}
+
+/// Starts `cmd` (a root daemon of `scene`) with its output in the scene's directory.
+fn start_daemon(scene: &Scene, mut cmd: Command) -> Broker {
     let stderr_path = scene.dir.join("daemon.stderr");
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::fs::File::create(scene.dir.join("daemon.stdout")).unwrap())
@@ -201,18 +206,7 @@ fn the_app_under_user_cannot_signal_a_root_op_bridge() {
 fn set_daemon(scene: &Scene, set_interval: &str, set_wait: &str) -> Broker {
     let mut cmd = scene.command(&[], &["daemon", "--allow-uid", "1000", "--set-wait", set_wait]);
     cmd.env("OP_BRIDGE_SET_INTERVAL", set_interval).env("OP_OTHER_REF", "op://AI/Other/token");
-    let stderr_path = scene.dir.join("daemon.stderr");
-    cmd.stdin(std::process::Stdio::null())
-        .stdout(std::fs::File::create(scene.dir.join("daemon.stdout")).unwrap())
-        .stderr(std::fs::File::create(&stderr_path).unwrap());
-    let mut broker = Broker {
-        child: cmd.spawn().unwrap(),
-        socket: scene.socket(),
-        stderr_path,
-        stdout_path: scene.dir.join("daemon.stdout"),
-    };
-    broker.wait_ready(LIMIT);
-    broker
+    start_daemon(scene, cmd)
 }
 
 fn set_store() -> Json {
