@@ -243,6 +243,31 @@ fn client_credentials_are_fetched_served_refreshed_ahead_of_expiry_and_kept_in_1
     }
 }
 
+#[test]
+fn token_auth_post_sends_the_client_in_form_fields_and_basic_is_the_default() {
+    let dir = TestDir::new("oa-post");
+    let server = TokenServer::start(&dir, json!({"access_ttl_s": 30}));
+    // The same client twice: once as its item says (form fields), once with the default
+    // (HTTP Basic), which this server refuses for a client registered for form fields.
+    let client = |auth: Option<&str>| {
+        let mut item = json!({"token_url": server.url(), "client_id": "poster", "client_secret": "p0st"});
+        if let Some(auth) = auth {
+            item["token_auth"] = json!(auth);
+        }
+        item
+    };
+    let fake = FakeOp::new(&dir, json!({"v": {"posted": client(Some("post")), "basic": client(None)}}));
+    let broker = builder(&dir, "daemon", &fake)
+        .env("OP_POSTED_OAUTH", "op://v/posted")
+        .env("OP_BASIC_OAUTH", "op://v/basic")
+        .start();
+    assert!(get(&broker, "POSTED").starts_with("at_"));
+    let failing = eventually(LIMIT, || status(&broker)["oauth"]["BASIC"]["state"] == "failing");
+    assert!(failing, "{}", broker.stderr());
+    assert_eq!(server.count("issued"), 1, "{:?}", server.events());
+    assert_eq!(server.count("invalid_client"), 1, "{:?}", server.events());
+}
+
 /// The first 12 characters of a token (the fake server's tokens are `at_`/`rt_` + 32).
 fn prefix(token: &str) -> &str {
     token.get(..12).unwrap_or(token)
