@@ -47,14 +47,6 @@ const MAX_MESSAGE: usize = 300;
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
 /// Largest `/health` answer read.
 const MAX_HEALTH_BODY: usize = 64 * 1024;
-/// Where distributions keep the system's CA bundle (the first one found is used).
-const SYSTEM_BUNDLES: &[&str] = &[
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-    "/etc/ssl/ca-bundle.pem",
-    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
-    "/etc/ssl/cert.pem",
-];
 
 /// How to reach a Connect server.
 pub struct ConnectOptions {
@@ -860,7 +852,7 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 /// private CA for Connect must not cost the public roots a proxy may need.
 pub(crate) fn load_roots() -> Result<Vec<CertificateDer<'static>>, ConnectSetupError> {
     let mut roots = Vec::new();
-    if let Some(path) = SYSTEM_BUNDLES.iter().find(|p| std::path::Path::new(p).is_file()) {
+    if let Some(path) = super::tls::SYSTEM_BUNDLES.iter().find(|p| std::path::Path::new(p).is_file()) {
         match std::fs::read(path).map(|pem| pem_certificates(&pem)) {
             Ok(Ok(certs)) => roots.extend(certs),
             Ok(Err(err)) => tracing::warn!("ignoring the system CA bundle {path}: {err}"),

@@ -26,15 +26,6 @@ use super::hosts::is_private;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
 
-/// System CA bundles, the first found is used (the same list as the Connect backend's).
-const SYSTEM_BUNDLES: &[&str] = &[
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-    "/etc/ssl/ca-bundle.pem",
-    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
-    "/etc/ssl/cert.pem",
-];
-
 /// A destination refused because it is a private address.
 #[derive(Debug, thiserror::Error)]
 #[error("{0} resolves only to loopback, private, link-local or metadata addresses (see --proxy-allow-private)")]
@@ -63,7 +54,7 @@ pub fn load_roots() -> Result<(RootCertStore, Vec<u8>), String> {
         }
         Ok(())
     };
-    if let Some(path) = SYSTEM_BUNDLES.iter().map(std::path::Path::new).find(|p| p.is_file()) {
+    if let Some(path) = crate::backend::tls::SYSTEM_BUNDLES.iter().map(std::path::Path::new).find(|p| p.is_file()) {
         add(path, false)?;
     }
     if let Some(path) = std::env::var_os("SSL_CERT_FILE").filter(|p| !p.is_empty()) {
