@@ -9,43 +9,12 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 use common::*;
 use serde_json::{Value as Json, json};
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The test CA and the leaf for localhost (made once, shared with the proxy tests).
-fn certs() -> &'static Path {
-    static CERTS: OnceLock<PathBuf> = OnceLock::new();
-    CERTS.get_or_init(|| {
-        let dir = std::env::temp_dir().join("opb-proxy-test-certs");
-        let out = Command::new("python3")
-            .arg(repo().join("tests/fake-upstream/server.py"))
-            .arg("--make-certs")
-            .arg(&dir)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "make-certs: {}", String::from_utf8_lossy(&out.stderr));
-        dir
-    })
-}
-
-/// The clients' python (the venv with requests), as the proxy tests make it.
-fn python() -> &'static str {
-    static PYTHON: OnceLock<String> = OnceLock::new();
-    PYTHON.get_or_init(|| {
-        let out = Command::new("bash").arg(repo().join("tests/fake-upstream/setup.sh")).output().unwrap();
-        assert!(out.status.success(), "setup.sh failed: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim().to_string()
-    })
-}
 
 /// The fake OAuth server over https, killed on drop.
 struct TokenServer {
@@ -83,13 +52,13 @@ impl TokenServer {
         .unwrap();
         std::fs::write(&control, knobs.to_string()).unwrap();
         let child = Command::new("python3")
-            .arg(repo().join("tests/fake-oauth/server.py"))
+            .arg(fixtures::repo().join("tests/fake-oauth/server.py"))
             .env("FAKE_OAUTH_STATE", &state)
             .env("FAKE_OAUTH_CONTROL", &control)
             .env("FAKE_OAUTH_EVENTS", &events)
             .env("FAKE_OAUTH_PORT_FILE", &port_file)
-            .env("FAKE_OAUTH_CERT", certs().join("leaf.pem"))
-            .env("FAKE_OAUTH_KEY", certs().join("leaf.key"))
+            .env("FAKE_OAUTH_CERT", fixtures::shared_certs().join("leaf.pem"))
+            .env("FAKE_OAUTH_KEY", fixtures::shared_certs().join("leaf.key"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -177,7 +146,7 @@ fn item(fake: &FakeOp, title: &str) -> Json {
 fn builder(dir: &TestDir, mode: &str, fake: &FakeOp) -> BrokerBuilder {
     BrokerBuilder::new(dir, mode)
         .fake_op(fake)
-        .env("SSL_CERT_FILE", certs().join("ca.pem").display().to_string())
+        .env("SSL_CERT_FILE", fixtures::shared_certs().join("ca.pem").display().to_string())
         .env("OP_SERVICE_ACCOUNT_TOKEN", "ops_test_token_for_the_cache_key")
         .env("OP_BRIDGE_LOG_LEVEL", "info")
 }
@@ -464,7 +433,7 @@ while not os.path.exists("{stop}"):
     time.sleep(0.2)
 EOF
 "#,
-        py = python(),
+        py = fixtures::python(),
         stop = stop.display(),
         host = server.host(),
     )
@@ -576,7 +545,7 @@ for method in ("POST", "GET"):
     print(method, r.status_code, r.json().get("body", ""), flush=True)
 EOF
 "#,
-        py = python(),
+        py = fixtures::python(),
         host = server.host(),
     );
     let out = run_with_timeout(
@@ -650,7 +619,7 @@ while not os.path.exists("{done}"):
     time.sleep(0.05)
 EOF
 "#,
-        py = python(),
+        py = fixtures::python(),
         host = server.host(),
         ready = ready.display(),
         done = done.display(),

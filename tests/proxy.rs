@@ -7,9 +7,8 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::*;
@@ -17,21 +16,6 @@ use serde_json::{Value as Json, json};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The clients' python (the venv with requests, httpx and openai).
-fn python() -> &'static str {
-    static PYTHON: OnceLock<String> = OnceLock::new();
-    PYTHON.get_or_init(|| {
-        let out = Command::new("bash").arg(repo().join("tests/fake-upstream/setup.sh")).output().unwrap();
-        assert!(out.status.success(), "setup.sh failed: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim().to_string()
-    })
-}
-
-/// A random key per test, so a memory scan finds nothing left over from another.
 fn random_key() -> String {
     format!("sk-real-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
 }
@@ -49,7 +33,7 @@ impl Upstream {
         let log = dir.join("upstream.jsonl");
         let certs = std::env::temp_dir().join("opb-proxy-test-certs");
         let mut child = Command::new("python3")
-            .arg(repo().join("tests/fake-upstream/server.py"))
+            .arg(fixtures::repo().join("tests/fake-upstream/server.py"))
             .arg("--certs")
             .arg(&certs)
             .arg("--log")
@@ -159,7 +143,7 @@ fn places(record: &Json) -> Vec<String> {
 #[test]
 fn clients_send_placeholders_and_the_upstream_gets_the_value() {
     let (dir, key, upstream) = scene("px-subst");
-    let py = python();
+    let py = fixtures::python();
     let script = format!(
         r#"set -e
 env > "{env}"
@@ -321,7 +305,7 @@ print("".join(c.choices[0].delta.content or "" for c in chunks if c.choices))
 "#;
     // A clean environment: no proxy variables, no CA bundle; only the base URL and the
     // placeholder.
-    let mut cmd = Command::new(python());
+    let mut cmd = Command::new(fixtures::python());
     cmd.args(["-c", script])
         .env_clear()
         .env("KEY", &placeholder)
@@ -360,7 +344,7 @@ r = requests.post("https://localhost:{port}/upload?tag=streamed-unbound", data=b
 print("streamed-unbound", r.status_code)
 EOF
 "#,
-        py = python(),
+        py = fixtures::python(),
         port = upstream.port
     );
     let broker = builder(&dir, "run", &key, &upstream).args(PROXY).args(["--export", "API", "--export", "OTHER"]);
@@ -431,7 +415,7 @@ print("echo-header", r.headers.get("x-echoed-key") == key)
 print("echo-body", r.json()["key"] == key)
 EOF
 "#,
-        py = python(),
+        py = fixtures::python(),
         port = upstream.port
     );
     let broker = builder(&dir, "run", &key, &upstream).args(PROXY).args(["--export", "API"]);
@@ -479,7 +463,7 @@ with requests.get(base + "/download?bytes=%d" % size, headers={"Authorization": 
 assert n == size, n
 print("ok")
 "#;
-    let mut cmd = Command::new(python());
+    let mut cmd = Command::new(fixtures::python());
     cmd.args(["-c", script])
         .env("KEY", &placeholder)
         .env("BASE", format!("http://{addr}/up"))
@@ -517,7 +501,7 @@ while not os.path.exists("{done}"):
     time.sleep(0.05)
 EOF
 "#,
-        py = python(),
+        py = fixtures::python(),
         port = upstream.port,
         ready = ready.display(),
         done = done.display(),

@@ -3,6 +3,7 @@
 //! print the command, status and output. `terminal` drives op-bridge on a pseudo-terminal.
 #![allow(dead_code)]
 
+pub mod fixtures;
 pub mod memory;
 pub mod terminal;
 

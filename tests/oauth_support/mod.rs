@@ -46,13 +46,7 @@ impl OAuthServer {
     /// refresh token.
     pub fn start(dir: &Path, knobs: Json) -> OAuthServer {
         let certs = dir.join("certs");
-        let made = Command::new("python3")
-            .arg(repo().join("tests/fake-upstream/server.py"))
-            .arg("--make-certs")
-            .arg(&certs)
-            .output()
-            .expect("python3 runs the fake upstream's certificate maker");
-        assert!(made.status.success(), "making certificates failed: {}", String::from_utf8_lossy(&made.stderr));
+        super::common::fixtures::make_certs(&certs);
         let seed = format!("rt_seed_{:016x}", fastrand::u64(..));
         let state = dir.join("oauth-state.json");
         let seeded = json!({
