@@ -111,32 +111,6 @@ fn script(path: &Path, args: &[&str], limit: Duration) {
     assert!(out.status.success(), "{} failed\n{}", path.display(), describe(&out));
 }
 
-/// The crt-static binary (as docker/Dockerfile builds it), built once into `<target>/static`
-/// — the same place tests/static_binary.rs builds it, so a run builds it once.
-fn static_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("OP_BRIDGE_STATIC_BIN") {
-        return PathBuf::from(path);
-    }
-    let exe = std::env::current_exe().unwrap();
-    let target_dir = exe.ancestors().nth(3).unwrap().join("static");
-    let triple = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--bin", "op-bridge", "--target", &triple])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .arg("--manifest-path")
-        .arg(repo().join("Cargo.toml"))
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env("CARGO_PROFILE_DEV_DEBUG", "0")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("CARGO_BUILD_TARGET")
-        .env_remove("CARGO_TARGET_DIR");
-    let out = run_with_timeout(cmd, Duration::from_secs(1800));
-    assert!(out.status.success(), "static build failed\n{}", describe(&out));
-    target_dir.join(triple).join("debug/op-bridge")
-}
-
 fn copy_into(from: &Path, to: &Path, mode: u32) {
     std::fs::create_dir_all(to.parent().unwrap()).unwrap();
     std::fs::copy(from, to).unwrap_or_else(|e| panic!("copy {} → {}: {e}", from.display(), to.display()));
@@ -182,9 +156,9 @@ fn start_engine() -> Engine {
         copy_into(&repo().join("docker").join(file), &ctx.join("docker").join(file), 0o644);
     }
     copy_into(&repo().join(".dockerignore"), &ctx.join(".dockerignore"), 0o644);
-    let binary = static_binary();
+    let binary = fixtures::static_binary();
     eprintln!("containers: static binary ready after {:?}", started.elapsed());
-    copy_into(&binary, &ctx.join("docker/dist/op-bridge"), 0o755);
+    copy_into(binary, &ctx.join("docker/dist/op-bridge"), 0o755);
     copy_into(&repo().join("tests/fake-op/op"), &ctx.join("docker/dist/op"), 0o755);
     engine
 }

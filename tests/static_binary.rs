@@ -14,40 +14,9 @@
 mod common;
 use common::*;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-
-/// The crt-static binary, built once per test run.
-fn static_binary() -> &'static Path {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        if let Some(path) = std::env::var_os("OP_BRIDGE_STATIC_BIN") {
-            return PathBuf::from(path);
-        }
-        // <target>/debug/deps/static_binary-HASH → <target>/static
-        let exe = std::env::current_exe().unwrap();
-        let target_dir = exe.ancestors().nth(3).unwrap().join("static");
-        let triple = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--bin", "op-bridge", "--target", &triple])
-            .arg("--target-dir")
-            .arg(&target_dir)
-            .arg("--manifest-path")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
-            // The explicit --target keeps build scripts and proc macros (host code) dynamic.
-            .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .env("CARGO_PROFILE_DEV_DEBUG", "0")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .env_remove("CARGO_BUILD_TARGET")
-            .env_remove("CARGO_TARGET_DIR");
-        let out = run_with_timeout(cmd, Duration::from_secs(1800));
-        assert!(out.status.success(), "static build failed\n{}", describe(&out));
-        target_dir.join(triple).join("debug/op-bridge")
-    })
-}
 
 /// `env -i unshare --mount --fork --kill-child chroot ROOT ARGS…`
 fn in_empty_root(root: &Path, args: &[&str]) -> Command {
@@ -61,7 +30,7 @@ fn in_empty_root(root: &Path, args: &[&str]) -> Command {
 /// A temp dir holding only a copy of the static binary, as `/op-bridge`.
 fn empty_root(tag: &str) -> TestDir {
     let root = TestDir::new(tag);
-    std::fs::copy(static_binary(), root.join("op-bridge")).unwrap();
+    std::fs::copy(fixtures::static_binary(), root.join("op-bridge")).unwrap();
     root
 }
 
@@ -84,7 +53,7 @@ fn has_interpreter(elf: &[u8]) -> bool {
 
 #[test]
 fn binary_is_statically_linked() {
-    let binary = static_binary();
+    let binary = fixtures::static_binary();
     let elf = std::fs::read(binary).unwrap();
     assert!(!has_interpreter(&elf), "{} has an ELF interpreter", binary.display());
     assert!(has_interpreter(&std::fs::read(bin()).unwrap()), "the check must see the ordinary build as dynamic");
